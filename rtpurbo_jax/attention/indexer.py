@@ -1,0 +1,61 @@
+"""The 16-d token indexer of each retrieval head: W_q, W_k of shape (r, head_dim).
+
+Score s(t, j) = (W_q q_pre_t) . (W_k k_pre_j), float32, no scale, where q_pre / k_pre are
+the head's query and key after any q/k norm and before RoPE. W_k belongs to the query head,
+so every retrieval query head has its own r-wide compressed key stream.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+class IndexerParam(nnx.Param):
+  """Indexer weights: the only parameters stage 1 trains; frozen in stage 2."""
+
+
+def rotary_init(num_heads: int, r: int, head_dim: int, dtype=jnp.float32) -> np.ndarray:
+  """W for the r lowest-frequency rotary channels, scaled by head_dim^-1/4 on each side so
+  that W_q q . W_k k approximates q.k / sqrt(head_dim) on those channels.
+
+  In the rotate-half layout channel i pairs with i + head_dim/2 at frequency
+  theta^(-2i/head_dim); the lowest frequencies are the last r/2 of each half.
+  Returns [num_heads, r, head_dim].
+  """
+  if r > head_dim or r % 2:
+    raise ValueError(f"indexer_dim={r} must be even and <= head_dim={head_dim}")
+  half = head_dim // 2
+  dims = list(range(half - r // 2, half)) + list(range(head_dim - r // 2, head_dim))
+  w = np.zeros((r, head_dim), np.float32)
+  w[np.arange(r), dims] = head_dim ** -0.25
+  return np.broadcast_to(w, (num_heads, r, head_dim)).astype(dtype)
+
+
+def pca_init(q_pre: np.ndarray, k_pre: np.ndarray, r: int) -> np.ndarray:
+  """W from the top-r principal directions of the pre-RoPE queries and keys of one head.
+
+  q_pre, k_pre: [tokens, head_dim]. Uses the eigenvectors of the summed (uncentred) second
+  moments; both sides get the same projection, scaled like `rotary_init`.
+  Returns [r, head_dim].
+  """
+  q = np.asarray(q_pre, np.float64)
+  k = np.asarray(k_pre, np.float64)
+  d = q.shape[-1]
+  cov = q.T @ q / max(len(q), 1) + k.T @ k / max(len(k), 1)
+  _, vecs = np.linalg.eigh(cov)
+  top = vecs[:, ::-1][:, :r].T  # [r, d]
+  return (top * d ** -0.25).astype(np.float32)
+
+
+def project(w: jax.Array, x_pre: jax.Array) -> jax.Array:
+  """Compress pre-RoPE vectors. w: [heads, r, d]; x_pre: [batch, seq, heads, d] ->
+  [batch, seq, heads, r] float32."""
+  return jnp.einsum("hrd,bshd->bshr", w.astype(jnp.float32), x_pre.astype(jnp.float32))
+
+
+def scores(qi: jax.Array, ki: jax.Array) -> jax.Array:
+  """qi: [batch, q_len, heads, r], ki: [batch, kv_len, heads, r] -> [batch, heads, q_len, kv_len]."""
+  return jnp.einsum("bqhr,bkhr->bhqk", qi.astype(jnp.float32), ki.astype(jnp.float32))

@@ -1,0 +1,295 @@
+"""MixedHeadAttention: the one attention module of every decoder layer.
+
+Per layer, query heads are retrieval or local (HeadPlan). Modes (DESIGN.md §1):
+  dense      every head causal over the full history;
+  rtpurbo    local heads: sinks + window; retrieval heads: dense in prefill (or indexer-sparse
+             with `sparse_prefill`), indexer top-p over blocks in decode;
+  streaming  every head local;
+  topk       as rtpurbo, but decode keeps a fixed number of blocks per retrieval head.
+Below `seqlen_threshold` tokens of context every head runs dense.
+
+Shapes: x [batch, seq, embed]; q/k/v [batch, seq, heads, head_dim]; caches as in cache.py.
+Attention math goes through `pallas_kernels.ops` (accelerator kernels or jnp references).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pallas_kernels import ops
+from rtpurbo_jax.attention import cache as cache_lib
+from rtpurbo_jax.attention import indexer as indexer_lib
+from rtpurbo_jax.attention.plan import LayerHeads
+from rtpurbo_jax.config import ModelConfig, SparseConfig
+from rtpurbo_jax.models.layers import RMSNorm, apply_rope, param
+
+
+class SelectionStats(nnx.Intermediate):
+  """Sown by decode steps: fraction of causal blocks each retrieval head read."""
+
+
+def _head_groups(heads: LayerHeads, mode: str, num_heads: int):
+  """(local query heads, selected query heads, dense query heads) for a mode."""
+  every = tuple(range(num_heads))
+  if mode == "dense":
+    return (), (), every
+  if mode == "streaming":
+    return every, (), ()
+  return heads.local, heads.retrieval, ()
+
+
+class MixedHeadAttention(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, sparse: SparseConfig, heads: LayerHeads, *, dtype,
+               rngs: nnx.Rngs, init_std: float = 0.02):
+    self.cfg = cfg
+    self.sparse = sparse
+    self.heads = heads
+    self.layout = cache_lib.layout_for(heads, sparse.mode, cfg.num_kv_heads)
+    e, h, k, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    init = nnx.initializers.normal(init_std)
+    zeros = nnx.initializers.zeros
+    self.q_proj = param(rngs, init, (e, h, d), dtype, ("embed", "heads", None))
+    self.k_proj = param(rngs, init, (e, k, d), dtype, ("embed", "kv_heads", None))
+    self.v_proj = param(rngs, init, (e, k, d), dtype, ("embed", "kv_heads", None))
+    self.o_proj = param(rngs, init, (h, d, e), dtype, ("heads", None, "embed"))
+    if cfg.qkv_bias:
+      self.q_bias = param(rngs, zeros, (h, d), dtype, ("heads", None))
+      self.k_bias = param(rngs, zeros, (k, d), dtype, ("kv_heads", None))
+      self.v_bias = param(rngs, zeros, (k, d), dtype, ("kv_heads", None))
+    if cfg.qk_norm:
+      self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, axis_name=None)
+      self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, axis_name=None)
+    n_ret = len(heads.retrieval)
+    if n_ret:
+      w = indexer_lib.rotary_init(n_ret, sparse.indexer_dim, d)
+      self.indexer_wq = IndexerVar(w, ("heads", None, None))
+      self.indexer_wk = IndexerVar(w, ("heads", None, None))
+
+  # -- projections -----------------------------------------------------------
+
+  def project_qkv(self, x, positions, inv_freq):
+    """Returns q_pre, k_pre (pre-RoPE, post-norm), q, k (RoPE applied), v."""
+    q = jnp.einsum("bse,ehd->bshd", x, self.q_proj.value)
+    k = jnp.einsum("bse,ekd->bskd", x, self.k_proj.value)
+    v = jnp.einsum("bse,ekd->bskd", x, self.v_proj.value)
+    if self.cfg.qkv_bias:
+      q, k, v = q + self.q_bias.value, k + self.k_bias.value, v + self.v_bias.value
+    if self.cfg.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
+    return q, k, apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+
+  def indexer_qk(self, q_pre, k_pre):
+    """Compressed queries/keys of the retrieval heads: [batch, seq, n_retrieval, r] each."""
+    ret = self.heads.retrieval
+    kv = tuple(self.heads.kv_of(h) for h in ret)
+    qi = indexer_lib.project(self.indexer_wq.value, q_pre[:, :, jnp.asarray(ret)])
+    ki = indexer_lib.project(self.indexer_wk.value, k_pre[:, :, jnp.asarray(kv)])
+    return qi, ki
+
+  # -- forward -----------------------------------------------------------------
+
+  def __call__(self, x, positions, inv_freq, *, cache: cache_lib.LayerCache | None = None,
+               valid=None, sparse_queries=None):
+    """x: [batch, seq, embed]; positions: [batch, seq] int32.
+
+    valid: [batch, seq] bool, False for padding (None = all real, positions 0..seq-1).
+    sparse_queries: [batch, seq] bool, queries at which retrieval heads select blocks by
+      indexer top-p as a decode step would (stage 2 labels, sparse evaluation); no-cache only.
+    Returns (y [batch, seq, embed], new cache or None).
+    """
+    q_pre, k_pre, q, k, v = self.project_qkv(x, positions, inv_freq)
+    if cache is None:
+      out = self._self_attention(q_pre, k_pre, q, k, v, positions, valid, sparse_queries)
+      new_cache = None
+    else:
+      out, new_cache = self._cached_attention(q_pre, k_pre, q, k, v, positions, valid, cache)
+    y = jnp.einsum("bshd,hde->bse", out.astype(x.dtype), self.o_proj.value)
+    return y, new_cache
+
+  def _sparse_active(self, positions, valid):
+    """[batch] bool: context long enough for the sparse rules (else dense fallback)."""
+    length = jnp.max(jnp.where(valid, positions + 1, 0), axis=1)
+    return length >= self.sparse.seqlen_threshold
+
+  def _self_attention(self, q_pre, k_pre, q, k, v, positions, valid, sparse_queries):
+    """Attention of a whole sequence over itself (training, scoring, calibration)."""
+    sp, cfg = self.sparse, self.cfg
+    b, s, h, d = q.shape
+    local, selected, dense = _head_groups(self.heads, sp.mode, h)
+    contiguous = valid is None
+    if valid is None:
+      valid = jnp.ones((b, s), bool)
+    active = self._sparse_active(positions, valid)
+    k_pos = jnp.where(valid, positions, -1)
+    out = jnp.zeros(q.shape, q.dtype)
+    static_sparse = s >= sp.seqlen_threshold
+
+    def kv_of(hs):
+      return tuple(self.heads.kv_of(i) for i in hs)
+
+    if local:
+      idx = jnp.asarray(local)
+      if contiguous and static_sparse:
+        o, _ = ops.window_attention(q[:, :, idx], k, v, kv_of(local), sinks=sp.sinks,
+                                    window=sp.window)
+      elif contiguous:
+        o, _ = ops.causal_attention(q[:, :, idx], k, v, kv_of(local))
+      else:
+        o, _ = ops.masked_attention(q[:, :, idx], k, v, positions, k_pos, kv_of(local),
+                                    sinks=sp.sinks, window=sp.window, sparse_active=active,
+                                    chunk=sp.chunk_size)
+      out = out.at[:, :, idx].set(o)
+    full = dense + (selected if sparse_queries is None and not sp.sparse_prefill else ())
+    if full:
+      idx = jnp.asarray(full)
+      if contiguous:
+        o, _ = ops.causal_attention(q[:, :, idx], k, v, kv_of(full))
+      else:
+        o, _ = ops.masked_attention(q[:, :, idx], k, v, positions, k_pos, kv_of(full),
+                                    chunk=sp.chunk_size)
+      out = out.at[:, :, idx].set(o)
+    if selected and (sparse_queries is not None or sp.sparse_prefill):
+      o = self._selected_prefill(q_pre, k_pre, q, k, v, positions, valid, k_pos, active,
+                                 sparse_queries, contiguous and static_sparse)
+      out = out.at[:, :, jnp.asarray(selected)].set(o)
+    return out
+
+  def _selected_prefill(self, q_pre, k_pre, q, k, v, positions, valid, k_pos, active,
+                        sparse_queries, use_kernel):
+    """Retrieval heads with indexer selection inside one sequence."""
+    sp = self.sparse
+    ret = self.heads.retrieval
+    kv = tuple(self.heads.kv_of(i) for i in ret)
+    qi, ki = self.indexer_qk(q_pre, k_pre)
+    b, s = positions.shape
+    bs = sp.block_size
+    s_pad = -(-s // bs) * bs
+    pad = ((0, 0), (0, s_pad - s), (0, 0), (0, 0))
+    q_ret = q[:, :, jnp.asarray(ret)]
+    if sparse_queries is None and use_kernel:
+      mask = ops.prefill_select(jnp.pad(qi, pad), jnp.pad(ki, pad), top_p=sp.top_p,
+                                block_size=bs)
+      o, _ = ops.sparse_prefill(jnp.pad(q_ret, pad), jnp.pad(k, pad), jnp.pad(v, pad), kv,
+                                mask, block_size=bs)
+      return o[:, :s]
+    if sparse_queries is None:
+      sparse_queries = valid
+    mask = per_query_selection(qi, ki, positions, k_pos, sp, s_pad)  # [b, h, s, nb]
+    use = (sparse_queries & active[:, None])[:, None, :, None]
+    mask = mask | ~use
+    o, _ = ops.masked_attention(q_ret, k, v, positions, k_pos, kv, key_block_mask=mask,
+                                block_size=bs, chunk=sp.chunk_size)
+    return o
+
+  def _cached_attention(self, q_pre, k_pre, q, k, v, positions, valid, cache):
+    """Prefill chunk or decode step against the mixed cache."""
+    sp, cfg, lay = self.sparse, self.cfg, self.layout
+    b, s, h, d = q.shape
+    if valid is None:
+      valid = jnp.ones((b, s), bool)
+    local, selected, dense = _head_groups(self.heads, sp.mode, h)
+    ck = None
+    if lay.indexed:
+      qi, ck = self.indexer_qk(q_pre, k_pre)
+    ring_before = (cache.ring_k, cache.ring_v, cache.ring_pos)
+    new = cache_lib.write(cache, lay, k, v, ck, positions, valid, sp)
+    active = self._sparse_active(positions, valid)
+    t = new.max_len
+    full_pos = jnp.where(jnp.arange(t)[None] < new.length[:, None], jnp.arange(t)[None], -1)
+    full_k, full_v = jnp.swapaxes(new.full_k, 1, 2), jnp.swapaxes(new.full_v, 1, 2)
+    out = jnp.zeros(q.shape, q.dtype)
+    decode = s == 1
+
+    # Local heads whose KV head keeps a ring: the ring as it was, plus the new tokens.
+    ring_local = tuple(i for i in local if self.heads.kv_of(i) in lay.ring_kv)
+    if ring_local:
+        rk, rv, rpos = ring_before
+        sel = jnp.asarray(lay.ring_kv)
+        keys = jnp.concatenate([jnp.swapaxes(rk, 1, 2), k[:, :, sel].astype(rk.dtype)], axis=1)
+        vals = jnp.concatenate([jnp.swapaxes(rv, 1, 2), v[:, :, sel].astype(rv.dtype)], axis=1)
+        kpos = jnp.concatenate([rpos, jnp.where(valid, positions, -1)], axis=1)
+        kvh = tuple(lay.ring_kv.index(self.heads.kv_of(i)) for i in ring_local)
+        o, _ = ops.masked_attention(q[:, :, jnp.asarray(ring_local)], keys, vals, positions,
+                                    kpos, kvh, sinks=sp.sinks, window=sp.window,
+                                    sparse_active=active, chunk=sp.chunk_size)
+        out = out.at[:, :, jnp.asarray(ring_local)].set(o)
+    full_local = tuple(i for i in local if i not in ring_local)
+    groups = [(full_local, dict(sinks=sp.sinks, window=sp.window, sparse_active=active))]
+    groups.append((dense, {}))
+    if not decode or sp.mode not in ("rtpurbo", "topk"):
+      groups.append((selected, {}))  # paper mode: retrieval heads dense in prefill
+    for heads_, rule in groups:
+      if not heads_:
+        continue
+      kvh = tuple(lay.full_kv.index(self.heads.kv_of(i)) for i in heads_)
+      o, _ = ops.masked_attention(q[:, :, jnp.asarray(heads_)], full_k, full_v, positions,
+                                  full_pos, kvh, chunk=sp.chunk_size, **rule)
+      out = out.at[:, :, jnp.asarray(heads_)].set(o)
+    if decode and selected and sp.mode in ("rtpurbo", "topk"):
+      lengths = new.length
+      qcur = qi[:, 0]  # [b, n_ret, r]
+      if sp.mode == "topk":
+        mask = ops.topk_select(qcur, new.ckeys, lengths, k_tokens=sp.topk_tokens,
+                               block_size=sp.block_size)
+      else:
+        mask = ops.topp_select(qcur, new.ckeys, lengths, top_p=sp.top_p,
+                               block_size=sp.block_size, selector=sp.selector)
+      mask = mask | ~active[:, None, None]
+      self.sow(SelectionStats, "selected_fraction", _selected_fraction(mask, lengths, sp))
+      kvh = tuple(lay.full_kv.index(self.heads.kv_of(i)) for i in selected)
+      o, _ = ops.sparse_decode(q[:, 0, jnp.asarray(selected)], new.full_k, new.full_v, kvh,
+                               mask, lengths, block_size=sp.block_size)
+      out = out.at[:, 0, jnp.asarray(selected)].set(o)
+    return out, new
+
+
+class IndexerVar(indexer_lib.IndexerParam):
+  """An indexer weight annotated with logical axes."""
+
+  def __init__(self, value, axes):
+    super().__init__(jnp.asarray(value), out_sharding=axes, eager_sharding=False)
+
+
+def _selected_fraction(mask, lengths, sp: SparseConfig):
+  """Mean over batch of the per-head fraction of causal blocks selected: [n_ret]."""
+  causal_blocks = (lengths + sp.block_size - 1) // sp.block_size  # [b]
+  frac = jnp.sum(mask, axis=-1) / jnp.maximum(causal_blocks[:, None], 1)
+  return jnp.mean(frac, axis=0)
+
+
+def per_query_selection(qi, ki, positions, k_pos, sp: SparseConfig, s_pad: int):
+  """Decode-style block top-p for every query of a sequence, chunked over queries.
+
+  qi, ki: [batch, seq, heads, r]; positions / k_pos as in masked attention.
+  Returns bool [batch, heads, seq, s_pad // block_size].
+  """
+  from pallas_kernels import reference as ref
+
+  b, s, h, r = qi.shape
+  bs = sp.block_size
+  nb = s_pad // bs
+  ki_p = jnp.pad(ki, ((0, 0), (0, s_pad - s), (0, 0), (0, 0)))
+  kpos_p = jnp.pad(k_pos, ((0, 0), (0, s_pad - s)), constant_values=-1)
+  chunk = min(sp.chunk_size, s)
+  n_chunks = -(-s // chunk)
+  qi_p = jnp.pad(qi, ((0, 0), (0, n_chunks * chunk - s), (0, 0), (0, 0)))
+  pos_p = jnp.pad(positions, ((0, 0), (0, n_chunks * chunk - s)), constant_values=0)
+  select = ref.SELECTORS[sp.selector]
+
+  def one(i):
+    qc = jax.lax.dynamic_slice_in_dim(qi_p, i * chunk, chunk, axis=1)
+    pc = jax.lax.dynamic_slice_in_dim(pos_p, i * chunk, chunk, axis=1)
+    sc = indexer_lib.scores(qc, ki_p)  # [b, h, c, s_pad]
+    vis = (kpos_p[:, None, None, :] >= 0) & (kpos_p[:, None, None, :] <= pc[:, None, :, None])
+    lm, ok = ref.block_logmass(sc, jnp.broadcast_to(vis, sc.shape), bs)
+    own = jnp.broadcast_to((pc // bs)[:, None, :], lm.shape[:-1])
+    if sp.mode == "topk":
+      return ref.topk_from_block_logmass(lm, ok, own, -(-sp.topk_tokens // bs))
+    return select(lm, ok, own, sp.top_p)
+
+  m = jax.lax.map(one, jnp.arange(n_chunks))  # [n, b, h, c, nb]
+  m = jnp.moveaxis(m, 0, 2).reshape(b, h, n_chunks * chunk, nb)
+  return m[:, :, :s]
