@@ -72,11 +72,11 @@ class MixedHeadAttention(nnx.Module):
 
   def project_qkv(self, x, positions, inv_freq):
     """Returns q_pre, k_pre (pre-RoPE, post-norm), q, k (RoPE applied), v."""
-    q = jnp.einsum("bse,ehd->bshd", x, self.q_proj.value)
-    k = jnp.einsum("bse,ekd->bskd", x, self.k_proj.value)
-    v = jnp.einsum("bse,ekd->bskd", x, self.v_proj.value)
+    q = jnp.einsum("bse,ehd->bshd", x, self.q_proj[...])
+    k = jnp.einsum("bse,ekd->bskd", x, self.k_proj[...])
+    v = jnp.einsum("bse,ekd->bskd", x, self.v_proj[...])
     if self.cfg.qkv_bias:
-      q, k, v = q + self.q_bias.value, k + self.k_bias.value, v + self.v_bias.value
+      q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
     if self.cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     return q, k, apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
@@ -85,8 +85,8 @@ class MixedHeadAttention(nnx.Module):
     """Compressed queries/keys of the retrieval heads: [batch, seq, n_retrieval, r] each."""
     ret = self.heads.retrieval
     kv = tuple(self.heads.kv_of(h) for h in ret)
-    qi = indexer_lib.project(self.indexer_wq.value, q_pre[:, :, jnp.asarray(ret)])
-    ki = indexer_lib.project(self.indexer_wk.value, k_pre[:, :, jnp.asarray(kv)])
+    qi = indexer_lib.project(self.indexer_wq[...], q_pre[:, :, jnp.asarray(ret)])
+    ki = indexer_lib.project(self.indexer_wk[...], k_pre[:, :, jnp.asarray(kv)])
     return qi, ki
 
   # -- forward -----------------------------------------------------------------
@@ -106,7 +106,7 @@ class MixedHeadAttention(nnx.Module):
       new_cache = None
     else:
       out, new_cache = self._cached_attention(q_pre, k_pre, q, k, v, positions, valid, cache)
-    y = jnp.einsum("bshd,hde->bse", out.astype(x.dtype), self.o_proj.value)
+    y = jnp.einsum("bshd,hde->bse", out.astype(x.dtype), self.o_proj[...])
     return y, new_cache
 
   def _sparse_active(self, positions, valid):

@@ -32,7 +32,7 @@ class RMSNorm(nnx.Module):
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     # HF Llama/Qwen cast back to the input dtype before multiplying by the weight.
-    return y.astype(x.dtype) * self.scale.value.astype(x.dtype)
+    return y.astype(x.dtype) * self.scale[...].astype(x.dtype)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> jnp.ndarray:
@@ -77,6 +77,6 @@ class MLP(nnx.Module):
     self.down = param(rngs, init, (m, e), dtype, ("mlp", "embed"))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    g = x @ self.gate.value
-    u = x @ self.up.value
-    return (jax.nn.silu(g) * u) @ self.down.value
+    g = x @ self.gate[...]
+    u = x @ self.up[...]
+    return (jax.nn.silu(g) * u) @ self.down[...]

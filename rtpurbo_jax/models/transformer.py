@@ -78,7 +78,7 @@ class Transformer(nnx.Module):
         positions = cache[0].length[:, None] + jnp.arange(s, dtype=jnp.int32)[None]
       else:
         positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    x = jnp.take(self.embed.value, input_ids, axis=0)
+    x = jnp.take(self.embed[...], input_ids, axis=0)
     inv_freq = self.inv_freq()
     new_cache = [] if cache is not None else None
     for i, layer in enumerate(self.layers):
@@ -89,7 +89,7 @@ class Transformer(nnx.Module):
     return self.final_norm(x), new_cache
 
   def logits_from_hidden(self, h):
-    w = self.embed.value.T if self.cfg.tie_embeddings else self.lm_head.value
+    w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
     return jnp.einsum("bse,ev->bsv", h, w, preferred_element_type=jnp.float32)
 
   def __call__(self, input_ids, *, positions=None, valid=None, cache=None, sparse_queries=None):

@@ -1,0 +1,105 @@
+"""`to_rtpurbo`: rebuild a model with a head plan, an indexer and a sparse mode.
+
+The backbone weights are shared by value with the source model (no copy of the arrays);
+indexer weights come from `indexer`, from the source model when its plan matches, or from
+the rotary initialisation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+from flax import nnx
+
+from rtpurbo_jax.attention.indexer import IndexerParam, rotary_init
+from rtpurbo_jax.attention.plan import HeadPlan
+from rtpurbo_jax.config import ConfigError, SparseConfig
+from rtpurbo_jax.models.transformer import Transformer
+
+IndexerWeights = dict[int, tuple]  # layer -> (W_q [n_ret, r, d], W_k [n_ret, r, d])
+
+
+def backbone_state(model: Transformer):
+  """Every parameter except the indexer."""
+  return nnx.state(model, nnx.All(nnx.Param, nnx.Not(IndexerParam)))
+
+
+def indexer_weights(model: Transformer) -> IndexerWeights:
+  """{layer: (W_q, W_k)} for layers with retrieval heads."""
+  out = {}
+  for i, layer in enumerate(model.layers):
+    attn = layer.attn
+    if attn.heads.retrieval:
+      out[i] = (attn.indexer_wq[...], attn.indexer_wk[...])
+  return out
+
+
+def set_indexer(model: Transformer, weights: IndexerWeights) -> None:
+  for i, layer in enumerate(model.layers):
+    attn = layer.attn
+    n = len(attn.heads.retrieval)
+    if not n:
+      if i in weights and len(weights[i][0]):
+        raise ConfigError(f"indexer has weights for layer {i}, which has no retrieval heads")
+      continue
+    if i not in weights:
+      raise ConfigError(f"indexer has no weights for layer {i} ({n} retrieval heads)")
+    wq, wk = weights[i]
+    want = attn.indexer_wq[...].shape
+    for name, w in (("W_q", wq), ("W_k", wk)):
+      if tuple(w.shape) != tuple(want):
+        raise ConfigError(f"indexer {name} of layer {i} has shape {tuple(w.shape)}, "
+                          f"expected {tuple(want)} (retrieval heads x indexer_dim x head_dim)")
+    attn.indexer_wq[...] = jnp.asarray(wq, attn.indexer_wq[...].dtype)
+    attn.indexer_wk[...] = jnp.asarray(wk, attn.indexer_wk[...].dtype)
+
+
+def rebuild(model: Transformer, *, plan: HeadPlan | None = None,
+            sparse: SparseConfig | None = None) -> Transformer:
+  """A new Transformer with another plan / sparse config and the same backbone weights.
+
+  Built abstractly (no second copy of the backbone is allocated); the indexer is the
+  source model's when the plan and width match, otherwise the rotary initialisation.
+  """
+  plan = plan or model.plan
+  sparse = sparse or model.sparse
+  plan.check(model.cfg)
+  new = nnx.eval_shape(lambda: Transformer(model.cfg, sparse=sparse, plan=plan,
+                                           dtype=model.dtype, rngs=nnx.Rngs(0)))
+  nnx.update(new, backbone_state(model))
+  same = plan == model.plan and sparse.indexer_dim == model.sparse.indexer_dim
+  ws = indexer_weights(model) if same else {}
+  for i, layer in enumerate(new.layers):
+    n = len(layer.attn.heads.retrieval)
+    if n and i not in ws:
+      w = rotary_init(n, sparse.indexer_dim, model.cfg.head_dim)
+      ws[i] = (w, w)
+  for i, layer in enumerate(new.layers):
+    if i in ws:
+      layer.attn.indexer_wq.set_value(jnp.asarray(ws[i][0], jnp.float32))
+      layer.attn.indexer_wk.set_value(jnp.asarray(ws[i][1], jnp.float32))
+  return new
+
+
+def to_rtpurbo(model: Transformer, plan: HeadPlan, indexer: IndexerWeights | None = None, *,
+               window: int | None = None, sinks: int = 4, top_p: float = 0.9,
+               block_size: int = 64, seqlen_threshold: int = 16384, mode: str = "rtpurbo",
+               **sparse_overrides) -> Transformer:
+  """Return the RTPurbo version of `model` (same `__call__`; works with `generate`).
+
+  Args:
+    plan: retrieval/local heads (e.g. from `calibrate`).
+    indexer: {layer: (W_q, W_k)}; default: the source model's (same plan) or rotary init.
+    window: local-head window (default: the source model's sparse config, 8192).
+    mode: "rtpurbo" | "dense" | "streaming" | "topk".
+  """
+  base = model.sparse
+  sparse = dataclasses.replace(
+      base, mode=mode, window=base.window if window is None else window, sinks=sinks,
+      top_p=top_p, block_size=block_size, seqlen_threshold=seqlen_threshold,
+      **sparse_overrides)
+  new = rebuild(model, plan=plan, sparse=sparse)
+  if indexer is not None:
+    set_indexer(new, indexer)
+  return new
