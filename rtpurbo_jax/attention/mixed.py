@@ -203,31 +203,48 @@ class MixedHeadAttention(nnx.Module):
     out = jnp.zeros(q.shape, q.dtype)
     decode = s == 1
 
-    # Local heads whose KV head keeps a ring: the ring as it was, plus the new tokens.
     ring_local = tuple(i for i in local if self.heads.kv_of(i) in lay.ring_kv)
-    if ring_local:
+    full_local = tuple(i for i in local if i not in ring_local)
+    ring_kvh = tuple(lay.ring_kv.index(self.heads.kv_of(i)) for i in ring_local)
+    full_kvh = lambda hs: tuple(lay.full_kv.index(self.heads.kv_of(i)) for i in hs)
+    window_rule = dict(sinks=sp.sinks, window=sp.window, sparse_active=active)
+
+    def put(out, hs, o):
+      return out.at[:, :, jnp.asarray(hs)].set(o.reshape(b, s, len(hs), d))
+
+    if decode:
+      # The new token is already in the ring; eviction only drops positions outside the window.
+      if ring_local:
+        o, _ = ops.ring_decode(q[:, 0, jnp.asarray(ring_local)], new.ring_k, new.ring_v,
+                               new.ring_pos, ring_kvh, positions[:, 0], **window_rule)
+        out = put(out, ring_local, o)
+      if full_local:
+        o, _ = ops.ring_decode(q[:, 0, jnp.asarray(full_local)], new.full_k, new.full_v,
+                               full_pos, full_kvh(full_local), positions[:, 0], **window_rule)
+        out = put(out, full_local, o)
+    else:
+      if ring_local:
+        # A chunk may evict ring entries its own early queries need: attend over the ring as it
+        # was plus the new tokens.
         rk, rv, rpos = ring_before
         sel = jnp.asarray(lay.ring_kv)
         keys = jnp.concatenate([jnp.swapaxes(rk, 1, 2), k[:, :, sel].astype(rk.dtype)], axis=1)
         vals = jnp.concatenate([jnp.swapaxes(rv, 1, 2), v[:, :, sel].astype(rv.dtype)], axis=1)
         kpos = jnp.concatenate([rpos, jnp.where(valid, positions, -1)], axis=1)
-        kvh = tuple(lay.ring_kv.index(self.heads.kv_of(i)) for i in ring_local)
         o, _ = ops.masked_attention(q[:, :, jnp.asarray(ring_local)], keys, vals, positions,
-                                    kpos, kvh, sinks=sp.sinks, window=sp.window,
-                                    sparse_active=active, chunk=sp.chunk_size)
-        out = out.at[:, :, jnp.asarray(ring_local)].set(o)
-    full_local = tuple(i for i in local if i not in ring_local)
-    groups = [(full_local, dict(sinks=sp.sinks, window=sp.window, sparse_active=active))]
-    groups.append((dense, {}))
-    if not decode or sp.mode not in ("rtpurbo", "topk"):
-      groups.append((selected, {}))  # paper mode: retrieval heads dense in prefill
-    for heads_, rule in groups:
-      if not heads_:
-        continue
-      kvh = tuple(lay.full_kv.index(self.heads.kv_of(i)) for i in heads_)
-      o, _ = ops.masked_attention(q[:, :, jnp.asarray(heads_)], full_k, full_v, positions,
-                                  full_pos, kvh, chunk=sp.chunk_size, **rule)
-      out = out.at[:, :, jnp.asarray(heads_)].set(o)
+                                    kpos, ring_kvh, chunk=sp.chunk_size, **window_rule)
+        out = put(out, ring_local, o)
+      if full_local:
+        o, _ = ops.masked_attention(q[:, :, jnp.asarray(full_local)], full_k, full_v, positions,
+                                    full_pos, full_kvh(full_local), chunk=sp.chunk_size,
+                                    **window_rule)
+        out = put(out, full_local, o)
+    # Dense heads, and retrieval heads outside decode (paper mode: dense in prefill).
+    dense_now = dense + (selected if not decode or sp.mode not in ("rtpurbo", "topk") else ())
+    if dense_now:
+      o, _ = ops.masked_attention(q[:, :, jnp.asarray(dense_now)], full_k, full_v, positions,
+                                  full_pos, full_kvh(dense_now), chunk=sp.chunk_size)
+      out = put(out, dense_now, o)
     if decode and selected and sp.mode in ("rtpurbo", "topk"):
       lengths = new.length
       qcur = qi[:, 0]  # [b, n_ret, r]
@@ -239,10 +256,9 @@ class MixedHeadAttention(nnx.Module):
                                block_size=sp.block_size, selector=sp.selector)
       mask = mask | ~active[:, None, None]
       self.sow(SelectionStats, "selected_fraction", _selected_fraction(mask, lengths, sp))
-      kvh = tuple(lay.full_kv.index(self.heads.kv_of(i)) for i in selected)
-      o, _ = ops.sparse_decode(q[:, 0, jnp.asarray(selected)], new.full_k, new.full_v, kvh,
-                               mask, lengths, block_size=sp.block_size)
-      out = out.at[:, 0, jnp.asarray(selected)].set(o)
+      o, _ = ops.sparse_decode(q[:, 0, jnp.asarray(selected)], new.full_k, new.full_v,
+                               full_kvh(selected), mask, lengths, block_size=sp.block_size)
+      out = put(out, selected, o)
     return out, new
 
 
