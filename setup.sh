@@ -6,8 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 find_python() {
-  local candidates=("${PYTHON:-}" python3.13 python3.12 python3 python
-                    /root/.pyenv/versions/3.13.0/bin/python /root/.pyenv/versions/3.12.1/bin/python)
+  local candidates=("${PYTHON:-}" python3.12 python3.13 python3 python
+                    "$HOME"/.pyenv/versions/3.1[2-9]*/bin/python)
   local c
   for c in "${candidates[@]}"; do
     [ -n "$c" ] || continue

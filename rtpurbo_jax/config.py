@@ -189,6 +189,8 @@ def run_config():
       "stages": "calibrate,stage1,stage2",
       "workdir": "workdir",
   })
+  # Locked: a config file or a --config.x=v override naming an unknown key is an error.
+  c.lock()
   return c
 
 

