@@ -186,12 +186,64 @@ def run_config():
       "batch": 1,
   })
   c.train = ml_collections.ConfigDict({
-      "stages": "calibrate,stage1,stage2",
+      "stages": "calibrate,stage1,stage2",  # any of calibrate, stage1, stage2, lm, in order
       "workdir": "workdir",
+      "log_every": 10,
+      "checkpoint_every": 100,
+      "keep_checkpoints": 3,
+      "async_checkpoint": True,
+      "progress": True,
+      "remat": True,  # per-layer rematerialisation in stage 2 / lm
+      "save_final": True,  # write <workdir>/final (HF format + headwise_config + indexer)
+      "calibrate": {"length": 4096, "needle_len": 64, "seed": 0},
+      # PAPER.md §5: one long sequence per step; KL over query chunks, optional subsampling.
+      "stage1": _train_stage(steps=600, lr=1e-3, warmup=100, schedule="cosine", batch_size=1,
+                             seq_len=32768, query_chunk=256, query_fraction=1.0,
+                             query_min_pos=0),
+      # PAPER.md §5: top-10 KL on label tokens, global batch 8 by accumulation.
+      "stage2": _train_stage(steps=600, lr=3e-6, warmup=200, schedule="constant",
+                             batch_size=8, seq_len=32768, topk=10, label_tokens=300,
+                             max_examples=0, teacher_batch=1, position_chunk=512),
+      "lm": _train_stage(steps=1000, lr=1e-5, warmup=100, schedule="cosine", batch_size=8,
+                         seq_len=4096, position_chunk=512),
+  })
+  c.data = ml_collections.ConfigDict({
+      "train_files": "",  # comma-separated .txt / .jsonl paths or globs
+      "stage2_files": "",  # "" = train_files
+      "filler_files": "",  # calibration filler text; "" = Shakespeare (rtpurbo_jax.assets)
+      "tokenizer": "",  # "" = the model's; "byte"; "hash:<vocab>"; a tokenizer folder
+      "text_key": "text",
+      "prompt_key": "prompt",
+      "response_key": "response",
+      "add_eos": True,
+      "seed": 0,
+  })
+  # `python -m rtpurbo_jax.eval`: sizes like "4K", comma-separated lists.
+  c.eval = ml_collections.ConfigDict({
+      "lengths": "2K,4K",
+      "modes": "dense,rtpurbo,streaming,topk",
+      "tasks": "passkey,niah_single,niah_multikey,variable_tracking,common_words",
+      "samples": 2,  # per task and length; sample i sits at depths[i % len(depths)]
+      "depths": "0.1,0.5,0.9",
+      "seed": 0,
+      "out_dir": "eval_results",
+      "ppl_length": "",  # "" = every eval length; else sizes, e.g. "8K"
+      "ppl_samples": 1,  # held-out windows per length
+      "sparsity_queries": 32,
+      "batch": 1,
   })
   # Locked: a config file or a --config.x=v override naming an unknown key is an error.
   c.lock()
   return c
+
+
+def _train_stage(**overrides) -> dict:
+  """One training stage's knobs: AdamW + warmup schedule (PAPER.md §5) and batch shape."""
+  d = {"steps": 600, "lr": 1e-3, "warmup": 100, "schedule": "cosine", "min_lr_ratio": 0.0,
+       "weight_decay": 0.01, "clip": 1.0, "b1": 0.9, "b2": 0.999, "eps": 1e-8,
+       "batch_size": 1, "micro_batch": 1, "seq_len": 4096}
+  d.update(overrides)
+  return d
 
 
 def _schema_default(field: dataclasses.Field) -> Any:

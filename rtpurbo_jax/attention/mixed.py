@@ -92,12 +92,14 @@ class MixedHeadAttention(nnx.Module):
   # -- forward -----------------------------------------------------------------
 
   def __call__(self, x, positions, inv_freq, *, cache: cache_lib.LayerCache | None = None,
-               valid=None, sparse_queries=None):
+               valid=None, sparse_queries=None, contiguous=False):
     """x: [batch, seq, embed]; positions: [batch, seq] int32.
 
     valid: [batch, seq] bool, False for padding (None = all real, positions 0..seq-1).
     sparse_queries: [batch, seq] bool, queries at which retrieval heads select blocks by
       indexer top-p as a decode step would (stage 2 labels, sparse evaluation); no-cache only.
+    contiguous: static; with a cache, positions are p0 + arange(seq) in every row (one p0) and
+      padding only sits at the right end of a row: prefill takes the bounded fast path.
     Returns (y [batch, seq, embed], new cache or None).
     """
     q_pre, k_pre, q, k, v = self.project_qkv(x, positions, inv_freq)
@@ -105,7 +107,8 @@ class MixedHeadAttention(nnx.Module):
       out = self._self_attention(q_pre, k_pre, q, k, v, positions, valid, sparse_queries)
       new_cache = None
     else:
-      out, new_cache = self._cached_attention(q_pre, k_pre, q, k, v, positions, valid, cache)
+      out, new_cache = self._cached_attention(q_pre, k_pre, q, k, v, positions, valid, cache,
+                                              contiguous)
     y = jnp.einsum("bshd,hde->bse", out.astype(x.dtype), self.o_proj[...])
     return y, new_cache
 
@@ -184,8 +187,15 @@ class MixedHeadAttention(nnx.Module):
                                 block_size=bs, chunk=sp.chunk_size)
     return o
 
-  def _cached_attention(self, q_pre, k_pre, q, k, v, positions, valid, cache):
-    """Prefill chunk or decode step against the mixed cache."""
+  def _cached_attention(self, q_pre, k_pre, q, k, v, positions, valid, cache, contiguous=False):
+    """Prefill chunk or decode step against the mixed cache.
+
+    With `contiguous` (a prefill chunk at positions p0..p0+s-1, right padding only), heads that
+    read the full cache go through `ops.causal_attention` (q_offset=p0, a traced scalar) and
+    `_local_prefill_fast` instead of `ops.masked_attention` over all `max_len` slots, whose
+    memory is O(s x max_len). Keys beyond a valid query's position are hidden by causality, so
+    padding and unwritten slots never reach a valid query.
+    """
     sp, cfg, lay = self.sparse, self.cfg, self.layout
     b, s, h, d = q.shape
     if valid is None:
@@ -234,14 +244,23 @@ class MixedHeadAttention(nnx.Module):
         o, _ = ops.masked_attention(q[:, :, jnp.asarray(ring_local)], keys, vals, positions,
                                     kpos, ring_kvh, chunk=sp.chunk_size, **window_rule)
         out = put(out, ring_local, o)
-      if full_local:
+      if full_local and contiguous:
+        o = self._local_prefill_fast(q[:, :, jnp.asarray(full_local)], new.full_k, new.full_v,
+                                     full_kvh(full_local), positions[0, 0], active)
+        out = put(out, full_local, o)
+      elif full_local:
         o, _ = ops.masked_attention(q[:, :, jnp.asarray(full_local)], full_k, full_v, positions,
                                     full_pos, full_kvh(full_local), chunk=sp.chunk_size,
                                     **window_rule)
         out = put(out, full_local, o)
     # Dense heads, and retrieval heads outside decode (paper mode: dense in prefill).
     dense_now = dense + (selected if not decode or sp.mode not in ("rtpurbo", "topk") else ())
-    if dense_now:
+    if dense_now and contiguous and not decode:
+      o, _ = ops.causal_attention(q[:, :, jnp.asarray(dense_now)], full_k, full_v,
+                                  full_kvh(dense_now), q_offset=positions[0, 0],
+                                  chunk=sp.chunk_size)
+      out = put(out, dense_now, o)
+    elif dense_now:
       o, _ = ops.masked_attention(q[:, :, jnp.asarray(dense_now)], full_k, full_v, positions,
                                   full_pos, full_kvh(dense_now), chunk=sp.chunk_size)
       out = put(out, dense_now, o)
@@ -262,6 +281,52 @@ class MixedHeadAttention(nnx.Module):
     return out, new
 
 
+  def _local_prefill_fast(self, q, k_cache, v_cache, kv_heads, p0, active):
+    """Local heads of a contiguous chunk over the full cache, in bounded memory.
+
+    q: [batch, s, heads, head_dim] at positions p0..p0+s-1 (p0 traced); k_cache, v_cache:
+    [batch, n_full_kv, max_len, head_dim], the chunk already written; active: [batch] bool.
+    Two disjoint parts, merged by log-sum-exp:
+      window: keys t - window < j <= t, read from a static-length slice [start, start + L),
+        L = window - 1 + s, through `ops.window_attention` (sinks=0, shifted q_offset);
+      prefix: keys j <= t - window that are sinks (j < sinks) or, below the threshold
+        (inactive rows), any such key: `masked_attention` over the first P slots with query
+        positions shifted by -window. P = sinks when every row is active, else
+        max(sinks, seqlen_threshold), picked by lax.cond so both branches stay small.
+    Returns [batch, s, heads, head_dim].
+    """
+    sp = self.sparse
+    b, s = q.shape[:2]
+    t = k_cache.shape[2]
+    span = min(t, sp.window - 1 + s)
+    start = jnp.clip(p0 - sp.window + 1, 0, t - span)
+    kw = jnp.swapaxes(jax.lax.dynamic_slice_in_dim(k_cache, start, span, axis=2), 1, 2)
+    vw = jnp.swapaxes(jax.lax.dynamic_slice_in_dim(v_cache, start, span, axis=2), 1, 2)
+    window = ops.window_attention(q, kw, vw, kv_heads, sinks=0, window=sp.window,
+                                  q_offset=p0 - start, chunk=sp.chunk_size)
+    q_shift = p0 + jnp.arange(s, dtype=jnp.int32)[None] - sp.window  # j <= t - window
+
+    def prefix(n):
+      n = min(t, n)
+      if n == 0:
+        return (jnp.zeros(q.shape, q.dtype), jnp.full((b, s, q.shape[2]), -jnp.inf))
+      kp = jnp.swapaxes(k_cache[:, :, :n], 1, 2)
+      vp = jnp.swapaxes(v_cache[:, :, :n], 1, 2)
+      kpos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+      # window=0 leaves exactly "j < sinks, or inactive" on top of j <= t - window.
+      return ops.masked_attention(q, kp, vp, jnp.broadcast_to(q_shift, (b, s)), kpos, kv_heads,
+                                  sinks=sp.sinks, window=0, sparse_active=active,
+                                  chunk=sp.chunk_size)
+
+    wide = max(sp.sinks, sp.seqlen_threshold)
+    if min(t, wide) == min(t, sp.sinks):
+      pre = prefix(sp.sinks)
+    else:
+      pre = jax.lax.cond(jnp.all(active), lambda: prefix(sp.sinks), lambda: prefix(wide))
+    out, _ = ops.merge_attention([window, pre])
+    return out
+
+
 class IndexerVar(indexer_lib.IndexerParam):
   """An indexer weight annotated with logical axes."""
 
@@ -279,7 +344,8 @@ def _selected_fraction(mask, lengths, sp: SparseConfig):
 def per_query_selection(qi, ki, positions, k_pos, sp: SparseConfig, s_pad: int):
   """Decode-style block top-p for every query of a sequence, chunked over queries.
 
-  qi, ki: [batch, seq, heads, r]; positions / k_pos as in masked attention.
+  qi: [batch, seq, heads, r], ki: [batch, kv_len, heads, r] (kv_len may differ from seq: a
+  subset of queries); positions [batch, seq] / k_pos [batch, kv_len] as in masked attention.
   Returns bool [batch, heads, seq, s_pad // block_size].
   """
   from pallas_kernels import reference as ref
@@ -287,8 +353,8 @@ def per_query_selection(qi, ki, positions, k_pos, sp: SparseConfig, s_pad: int):
   b, s, h, r = qi.shape
   bs = sp.block_size
   nb = s_pad // bs
-  ki_p = jnp.pad(ki, ((0, 0), (0, s_pad - s), (0, 0), (0, 0)))
-  kpos_p = jnp.pad(k_pos, ((0, 0), (0, s_pad - s)), constant_values=-1)
+  ki_p = jnp.pad(ki, ((0, 0), (0, s_pad - ki.shape[1]), (0, 0), (0, 0)))
+  kpos_p = jnp.pad(k_pos, ((0, 0), (0, s_pad - k_pos.shape[1])), constant_values=-1)
   chunk = min(sp.chunk_size, s)
   n_chunks = -(-s // chunk)
   qi_p = jnp.pad(qi, ((0, 0), (0, n_chunks * chunk - s), (0, 0), (0, 0)))

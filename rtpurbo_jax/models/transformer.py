@@ -35,9 +35,10 @@ class DecoderLayer(nnx.Module):
     self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
     self.mlp = MLP(cfg, dtype, rngs, init_std)
 
-  def __call__(self, x, positions, inv_freq, *, cache=None, valid=None, sparse_queries=None):
+  def __call__(self, x, positions, inv_freq, *, cache=None, valid=None, sparse_queries=None,
+               contiguous=False):
     h, new_cache = self.attn(self.input_norm(x), positions, inv_freq, cache=cache, valid=valid,
-                             sparse_queries=sparse_queries)
+                             sparse_queries=sparse_queries, contiguous=contiguous)
     x = x + h
     x = x + self.mlp(self.post_attn_norm(x))
     return x, new_cache
@@ -70,8 +71,13 @@ class Transformer(nnx.Module):
     return rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
 
   def hidden_states(self, input_ids, *, positions=None, valid=None, cache=None,
-                    sparse_queries=None):
-    """Final-norm hidden states [batch, seq, embed] and the new cache (or None)."""
+                    sparse_queries=None, contiguous=False):
+    """Final-norm hidden states [batch, seq, embed] and the new cache (or None).
+
+    contiguous (static): with a cache, promises that every row's positions are p0 + arange(seq)
+    for one shared p0 and that padding (valid False) only sits at the right end of a row; the
+    attention then takes its fast prefill path (see MixedHeadAttention._cached_attention).
+    """
     b, s = input_ids.shape
     if positions is None:
       if cache is not None:
@@ -83,7 +89,7 @@ class Transformer(nnx.Module):
     new_cache = [] if cache is not None else None
     for i, layer in enumerate(self.layers):
       x, c = layer(x, positions, inv_freq, cache=None if cache is None else cache[i],
-                   valid=valid, sparse_queries=sparse_queries)
+                   valid=valid, sparse_queries=sparse_queries, contiguous=contiguous)
       if cache is not None:
         new_cache.append(c)
     return self.final_norm(x), new_cache
@@ -92,10 +98,11 @@ class Transformer(nnx.Module):
     w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
     return jnp.einsum("bse,ev->bsv", h, w, preferred_element_type=jnp.float32)
 
-  def __call__(self, input_ids, *, positions=None, valid=None, cache=None, sparse_queries=None):
+  def __call__(self, input_ids, *, positions=None, valid=None, cache=None, sparse_queries=None,
+               contiguous=False):
     """Logits [batch, seq, vocab] (float32); with `cache`, returns (logits, new_cache)."""
     h, new_cache = self.hidden_states(input_ids, positions=positions, valid=valid, cache=cache,
-                                      sparse_queries=sparse_queries)
+                                      sparse_queries=sparse_queries, contiguous=contiguous)
     logits = self.logits_from_hidden(h)
     return logits if cache is None else (logits, new_cache)
 
