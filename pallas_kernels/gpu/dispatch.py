@@ -1,0 +1,106 @@
+"""GPU entry points for `pallas_kernels.ops` (backend "gpu").
+
+Each function has the reference's signature and returns `NotImplemented` for inputs it
+does not handle (the jnp reference then runs). Choices, measured on an H200
+(benchmarks/NOTES.md):
+  causal_attention   cuDNN flash attention; Pallas flash kernel where cuDNN does not apply
+                     (q_offset != 0, fp32) or in interpret mode.
+  window_attention   WINDOW_IMPL: "cudnn_chunked" (two causal cuDNN calls over window-sized
+                     chunks + LSE-merged sinks), "cudnn" (cuDNN's sliding-window mask) or
+                     "pallas" (one flash kernel with the sink + window rule).
+  topp_select        block-LSE kernel + register top-p kernel (exact or histogram).
+  sparse_decode      mask -> block lists, split-KV decode kernel.
+  ring_decode        visible ring blocks -> block list, same decode kernel (GQA-grouped).
+  prefill_select     pooled block-LSE tile kernel + register top-p kernel.
+  sparse_prefill     mask -> block lists, block-sparse flash kernel.
+Interpret mode (`RTPURBO_INTERPRET=1`) runs every Pallas kernel on the CPU; cuDNN is skipped.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from pallas_kernels.gpu import common
+from pallas_kernels.gpu import cudnn_attention as cudnn
+from pallas_kernels.gpu import decode as decode_k
+from pallas_kernels.gpu import prefill_select as prefill_select_k
+from pallas_kernels.gpu import sparse_prefill as sparse_prefill_k
+from pallas_kernels.gpu import topp_select as topp_select_k
+from pallas_kernels.gpu import window_attention as flash_k
+
+# Set from the H200 measurements (benchmarks/NOTES.md): the faster of the two.
+WINDOW_IMPL = "cudnn"
+
+
+def _pallas_ok() -> bool:
+  """Pallas Triton kernels can run: on a CUDA device, or in the interpreter."""
+  return common.interpret_flag(None) or jax.default_backend() in ("gpu", "cuda")
+
+
+def _cudnn_ok() -> bool:
+  return not common.interpret_flag(None) and jax.default_backend() in ("gpu", "cuda")
+
+
+def causal_attention(q, k, v, kv_heads, *, q_offset: int = 0, chunk: int = 512):
+  kv_heads = tuple(int(x) for x in kv_heads)
+  if _cudnn_ok() and cudnn.supported(q, k, v, kv_heads, q_offset):
+    return cudnn.causal_attention(q, k, v, kv_heads)
+  if _pallas_ok() and flash_k.supported(q, k, v, kv_heads):
+    return flash_k.causal_attention(q, k, v, kv_heads, q_offset=q_offset)
+  return NotImplemented
+
+
+def window_attention(q, k, v, kv_heads, *, sinks: int, window: int, q_offset: int = 0,
+                     chunk: int = 512):
+  kv_heads = tuple(int(x) for x in kv_heads)
+  if (WINDOW_IMPL.startswith("cudnn") and _cudnn_ok()
+      and cudnn.supported(q, k, v, kv_heads, q_offset)):
+    return cudnn.window_attention(q, k, v, kv_heads, sinks=sinks, window=window,
+                                  chunked=WINDOW_IMPL == "cudnn_chunked")
+  if _pallas_ok() and flash_k.supported(q, k, v, kv_heads):
+    return flash_k.window_attention(q, k, v, kv_heads, sinks=sinks, window=window,
+                                    q_offset=q_offset)
+  return NotImplemented
+
+
+def topp_select(qi, ckeys, lengths, *, top_p: float, block_size: int = 64,
+                selector: str = "exact"):
+  if not (_pallas_ok() and topp_select_k.supported(qi, ckeys, lengths, block_size=block_size)):
+    return NotImplemented
+  return topp_select_k.topp_select(qi, ckeys, lengths, top_p=top_p, block_size=block_size,
+                                   selector=selector)
+
+
+def sparse_decode(q, k_cache, v_cache, kv_heads, block_mask, lengths, *, block_size: int = 64):
+  kv_heads = tuple(int(x) for x in kv_heads)
+  if not (_pallas_ok() and decode_k.supported(q, k_cache, v_cache, kv_heads,
+                                              block_size=block_size)
+          and block_mask.shape == (q.shape[0], q.shape[1], k_cache.shape[2] // block_size)
+          and k_cache.shape[2] % block_size == 0):
+    return NotImplemented
+  return decode_k.sparse_decode(q, k_cache, v_cache, kv_heads, block_mask, lengths,
+                                block_size=block_size)
+
+
+def ring_decode(q, ring_k, ring_v, ring_pos, kv_heads, q_pos, *, sinks: int, window: int,
+                sparse_active=None):
+  kv_heads = tuple(int(x) for x in kv_heads)
+  if not (_pallas_ok() and decode_k.supported(q, ring_k, ring_v, kv_heads, block_size=64)
+          and ring_pos.shape == (q.shape[0], ring_k.shape[2])):
+    return NotImplemented
+  return decode_k.ring_decode(q, ring_k, ring_v, ring_pos, kv_heads, q_pos, sinks=sinks,
+                              window=window, sparse_active=sparse_active)
+
+
+def prefill_select(qi, ki, *, top_p: float, block_size: int = 64):
+  if not (_pallas_ok() and prefill_select_k.supported(qi, ki, block_size=block_size)):
+    return NotImplemented
+  return prefill_select_k.prefill_select(qi, ki, top_p=top_p, block_size=block_size)
+
+
+def sparse_prefill(q, k, v, kv_heads, block_mask, *, block_size: int = 64, chunk: int = 512):
+  kv_heads = tuple(int(x) for x in kv_heads)
+  if not (_pallas_ok() and sparse_prefill_k.supported(q, k, v, kv_heads, block_mask,
+                                                      block_size=block_size)):
+    return NotImplemented
+  return sparse_prefill_k.sparse_prefill(q, k, v, kv_heads, block_mask, block_size=block_size)

@@ -1,0 +1,351 @@
+"""GPU kernels (Pallas, Triton lowering) vs `pallas_kernels.reference`, on the CPU.
+
+Every kernel runs in the Pallas interpreter (`interpret=True`) on small shapes and fresh
+random inputs. The interpreter fills kernel outputs with NaN (floats) / INT_MIN (ints)
+before the call (checked by `test_interpreter_poisons_outputs`), so an element a kernel
+fails to write shows up as a NaN or a wrong index against the oracle.
+
+`test_compiles_for_sm90` lowers each Triton kernel for an abstract NVIDIA H200 and compiles
+it with the `triton` package to an sm_90 cubin, without a GPU.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental import pallas as pl
+
+from pallas_kernels import reference as ref
+from pallas_kernels.gpu import compact
+from pallas_kernels.gpu import cudnn_attention
+from pallas_kernels.gpu import decode
+from pallas_kernels.gpu import prefill_select as prefill_select_k
+from pallas_kernels.gpu import sparse_prefill as sparse_prefill_k
+from pallas_kernels.gpu import topp_rows
+from pallas_kernels.gpu import topp_select as topp_select_k
+from pallas_kernels.gpu import window_attention as flash
+
+KV_MIXED = (1, 0, 1, 1)  # 4 query heads on 2 KV heads, groups of unequal size
+RNG = np.random.default_rng()
+
+
+def _key():
+  return jax.random.PRNGKey(int(RNG.integers(0, 2**31 - 1)))
+
+
+def _normal(shape, dtype=jnp.float32, scale=1.0):
+  return (jax.random.normal(_key(), shape, jnp.float32) * scale).astype(dtype)
+
+
+def _close(got, want, tol):
+  got = np.asarray(jnp.asarray(got, jnp.float32))
+  want = np.asarray(jnp.asarray(want, jnp.float32))
+  assert got.shape == want.shape
+  fin = np.isfinite(want)
+  np.testing.assert_array_equal(np.isfinite(got), fin)  # -inf LSE where no key is visible
+  np.testing.assert_allclose(got[fin], want[fin], rtol=tol, atol=tol)
+
+
+def test_interpreter_poisons_outputs():
+  """The premise of the write checks: unwritten outputs come back as NaN / INT_MIN."""
+
+  def kernel(o_ref, i_ref):
+    o_ref[0] = 1.0
+    i_ref[0] = 1
+
+  o, i = pl.pallas_call(kernel, out_shape=[jax.ShapeDtypeStruct((4,), jnp.float32),
+                                           jax.ShapeDtypeStruct((4,), jnp.int32)],
+                        interpret=True)()
+  assert o[0] == 1.0 and np.all(np.isnan(o[1:]))
+  assert i[0] == 1 and np.all(np.asarray(i[1:]) == np.iinfo(np.int32).min)
+
+
+# ---------------------------------------------------------------------------
+# Prefill attention.
+
+
+@pytest.mark.parametrize("b,sq,kv_len,q_offset,sinks,window", [
+    (2, 200, 200, 0, 4, 50),    # S not a multiple of the tile, sinks outside the window
+    (1, 100, 170, 70, 3, 64),   # a later chunk: queries at 70.., keys 0..169
+    (1, 96, 96, 0, 4, 1000),    # window wider than the sequence = causal
+])
+def test_window_attention(b, sq, kv_len, q_offset, sinks, window):
+  q = _normal((b, sq, 4, 32))
+  k, v = _normal((b, kv_len, 2, 32)), _normal((b, kv_len, 2, 32))
+  got = flash.window_attention(q, k, v, KV_MIXED, sinks=sinks, window=window,
+                               q_offset=q_offset, block_q=32, block_k=16, interpret=True)
+  want = flash.reference(q, k, v, KV_MIXED, sinks=sinks, window=window, q_offset=q_offset)
+  _close(got[0], want[0], 2e-5)
+  _close(got[1], want[1], 2e-5)
+
+
+def test_causal_attention_bf16():
+  q = _normal((2, 130, 4, 64), jnp.bfloat16)
+  k, v = _normal((2, 130, 2, 64), jnp.bfloat16), _normal((2, 130, 2, 64), jnp.bfloat16)
+  out, lse = flash.causal_attention(q, k, v, KV_MIXED, block_q=64, block_k=32, interpret=True)
+  want_out, want_lse = flash.reference_causal(q, k, v, KV_MIXED)
+  assert out.dtype == jnp.bfloat16
+  _close(out, want_out, 2e-2)
+  _close(lse, want_lse, 1e-4)
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_cudnn_path_logic(chunked, monkeypatch):
+  """GQA regrouping, sink merge and window chunking of the cuDNN path, with XLA attention
+  standing in for cuDNN (same calls, same LSE contract)."""
+  monkeypatch.setattr(cudnn_attention, "IMPLEMENTATION", "xla")
+  q = _normal((2, 300, 4, 16))
+  k, v = _normal((2, 300, 2, 16)), _normal((2, 300, 2, 16))
+  got = cudnn_attention.window_attention(q, k, v, KV_MIXED, sinks=4, window=64, chunked=chunked)
+  want = ref.window_attention(q, k, v, KV_MIXED, sinks=4, window=64)
+  _close(got[0], want[0], 2e-5)
+  _close(got[1], want[1], 2e-5)
+  got = cudnn_attention.causal_attention(q, k, v, KV_MIXED)
+  want = ref.causal_attention(q, k, v, KV_MIXED)
+  _close(got[0], want[0], 2e-5)
+  _close(got[1], want[1], 2e-5)
+
+
+# ---------------------------------------------------------------------------
+# Block lists and top-p.
+
+
+def test_compact_rows():
+  mask = jax.random.bernoulli(_key(), 0.3, (3, 4, 100))
+  mask = mask.at[0, 0].set(False).at[0, 1].set(True)  # empty and full rows
+  lists, counts = compact.compact_rows(mask, interpret=True)
+  want_lists, want_counts = compact.reference(mask)
+  np.testing.assert_array_equal(lists, want_lists)
+  np.testing.assert_array_equal(counts, want_counts)
+
+
+def _ambiguous_blocks(lm, n_valid, p, cut=1e-5):
+  """float64 oracle of exact top-p: blocks whose prefix mass lies within `cut` of p
+  (float32 summation order may put them either side)."""
+  lm = np.asarray(lm, np.float64)
+  amb = np.zeros(lm.shape, bool)
+  for r in range(lm.shape[0]):
+    nv = int(n_valid[r])
+    if nv == 0:
+      continue
+    x = lm[r, :nv]
+    m = np.exp(x - x.max())
+    m /= m.sum()
+    order = sorted(range(nv), key=lambda j: (-m[j], j))
+    before = np.cumsum(m[order]) - m[order]
+    amb[r, np.asarray(order)] = np.abs(before - p) < cut
+  return amb
+
+
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 1.0])
+def test_topp_rows(top_p):
+  rows, n = 24, 150
+  lm = _normal((rows, n), scale=3.0)
+  lm = lm.at[:, 7].set(lm[:, 8])  # exact ties: lower index first
+  n_valid = jax.random.randint(_key(), (rows,), 0, n + 1).at[0].set(0).at[1].set(n)
+  own = jnp.maximum(n_valid - 1, 0) // 2
+  exact = topp_rows.select_rows(lm, n_valid, own, top_p=top_p, interpret=True)
+  want = topp_rows.reference(lm, n_valid, own, top_p=top_p)
+  amb = _ambiguous_blocks(lm, n_valid, top_p)
+  diff = np.asarray(exact != want)
+  assert not np.any(diff & ~amb), np.argwhere(diff & ~amb)
+  hist = topp_rows.select_rows(lm, n_valid, own, top_p=top_p, selector="histogram",
+                               interpret=True)
+  want_hist = topp_rows.reference(lm, n_valid, own, top_p=top_p, selector="histogram")
+  np.testing.assert_array_equal(hist, want_hist)
+  assert not np.any(np.asarray(want & ~hist & ~amb))  # superset of the exact set
+  valid = np.arange(n)[None, :] < np.asarray(n_valid)[:, None]
+  assert not np.any(np.asarray(exact) & ~valid)
+
+
+@pytest.mark.parametrize("selector", ["exact", "histogram"])
+def test_topp_select_decode(selector):
+  b, h, t, r = 3, 2, 512, 16
+  qi = _normal((b, h, r), scale=2.0)
+  ck = _normal((b, h, t, r))
+  lengths = jnp.asarray([512, 77, 1], jnp.int32)  # full, ragged, a single key
+  for top_p in (0.8, 1.0):
+    got = topp_select_k.topp_select(qi, ck, lengths, top_p=top_p, selector=selector,
+                                    interpret=True)
+    want = topp_select_k.reference(qi, ck, lengths, top_p=top_p, selector=selector)
+    np.testing.assert_array_equal(got, want)
+  assert bool(jnp.all(got == (jnp.arange(t // 64)[None, None] < (lengths[:, None, None] + 63)
+                              // 64)))  # p = 1: every block with a key
+
+
+def test_prefill_select():
+  b, s, h, r = 2, 320, 2, 8  # r < 16: padded inside
+  qi, ki = _normal((b, s, h, r), scale=1.5), _normal((b, s, h, r))
+  for top_p in (0.6, 1.0):
+    got = prefill_select_k.prefill_select(qi, ki, top_p=top_p, interpret=True)
+    want = prefill_select_k.reference(qi, ki, top_p=top_p)
+    np.testing.assert_array_equal(got, want)
+
+
+# ---------------------------------------------------------------------------
+# Sparse attention.
+
+
+def _masks(b, h, nb):
+  causal = jnp.tril(jnp.ones((nb, nb), bool))
+  rand = jax.random.bernoulli(_key(), 0.4, (b, h, nb, nb)) | jnp.eye(nb, dtype=bool)
+  return {"everything": jnp.broadcast_to(causal, (b, h, nb, nb)),
+          "own_block": jnp.broadcast_to(jnp.eye(nb, dtype=bool), (b, h, nb, nb)),
+          "random": rand & causal}
+
+
+@pytest.mark.parametrize("which", ["everything", "own_block", "random"])
+def test_sparse_prefill(which):
+  b, s, d = 2, 256, 32
+  q = _normal((b, s, 4, d))
+  k, v = _normal((b, s, 2, d)), _normal((b, s, 2, d))
+  mask = _masks(b, 4, s // 64)[which]
+  got = sparse_prefill_k.sparse_prefill(q, k, v, KV_MIXED, mask, interpret=True)
+  want = sparse_prefill_k.reference(q, k, v, KV_MIXED, mask)
+  _close(got[0], want[0], 2e-5)
+  _close(got[1], want[1], 2e-5)
+  if which == "everything":  # selecting every causal block is dense causal attention
+    dense = ref.causal_attention(q, k, v, KV_MIXED)
+    _close(got[0], dense[0], 2e-5)
+
+
+@pytest.mark.parametrize("kv_heads", [(0, 1, 2), (1, 0, 1, 1)])
+def test_sparse_decode(kv_heads):
+  """Singleton groups and a GQA group whose heads select different blocks."""
+  b, t, d = 2, 320, 32
+  hq, hk = len(kv_heads), max(kv_heads) + 1
+  q = _normal((b, hq, d))
+  kc, vc = _normal((b, hk, t, d)), _normal((b, hk, t, d))
+  lengths = jnp.asarray([320, 130], jnp.int32)  # ragged, not multiples of 64
+  nb = t // 64
+  own = jax.nn.one_hot((lengths - 1) // 64, nb, dtype=bool)[:, None]
+  causal = jnp.arange(nb)[None, None] <= ((lengths - 1) // 64)[:, None, None]
+  masks = {"random": jax.random.bernoulli(_key(), 0.5, (b, hq, nb)) & causal | own,
+           "everything": jnp.broadcast_to(causal, (b, hq, nb)),
+           "own_block": jnp.broadcast_to(own, (b, hq, nb))}
+  if len(set(kv_heads)) == len(kv_heads):
+    masks = {"random": masks["random"]}
+  for name, mask in masks.items():
+    got = decode.sparse_decode(q, kc, vc, kv_heads, mask, lengths, interpret=True)
+    want = decode.reference(q, kc, vc, kv_heads, mask, lengths)
+    _close(got[0], want[0], 2e-5)
+    _close(got[1], want[1], 2e-5)
+    if name == "everything":
+      dense = ref.masked_attention(q[:, None], jnp.swapaxes(kc, 1, 2), jnp.swapaxes(vc, 1, 2),
+                                   (lengths - 1)[:, None],
+                                   jnp.broadcast_to(jnp.arange(t), (b, t)), kv_heads)
+      _close(got[0], dense[0][:, 0], 2e-5)
+
+
+def _ring_positions(q_pos, capacity, sinks):
+  ring = capacity - sinks
+  pos = np.full((capacity,), -1, np.int32)
+  p = np.arange(max(sinks, q_pos + 1 - ring), q_pos + 1)
+  pos[sinks + (p - sinks) % ring] = p
+  pos[:min(sinks, q_pos + 1)] = np.arange(min(sinks, q_pos + 1))
+  return pos
+
+
+def test_ring_decode():
+  """A wrapped ring (capacity not a multiple of 64), a young ring, dense fallback."""
+  b, c, d, sinks, window = 3, 200, 32, 4, 90
+  q = _normal((b, 4, d))
+  rk, rv = _normal((b, 2, c, d)), _normal((b, 2, c, d))
+  q_pos = jnp.asarray([450, 120, 150], jnp.int32)
+  ring_pos = jnp.asarray(np.stack([_ring_positions(int(p), c, sinks) for p in q_pos]))
+  active = jnp.asarray([True, True, False])
+  got = decode.ring_decode(q, rk, rv, ring_pos, KV_MIXED, q_pos, sinks=sinks, window=window,
+                           sparse_active=active, interpret=True)
+  want = decode.reference_ring(q, rk, rv, ring_pos, KV_MIXED, q_pos, sinks=sinks,
+                               window=window, sparse_active=active)
+  _close(got[0], want[0], 2e-5)
+  _close(got[1], want[1], 2e-5)
+
+
+def test_ring_decode_full_cache():
+  """Local heads reading the full cache: positions arange, only the window is visited."""
+  b, t, d = 2, 448, 32
+  q = _normal((b, 4, d))
+  kc, vc = _normal((b, 2, t, d)), _normal((b, 2, t, d))
+  lengths = jnp.asarray([448, 300], jnp.int32)
+  pos = jnp.where(jnp.arange(t)[None] < lengths[:, None], jnp.arange(t)[None], -1)
+  got = decode.ring_decode(q, kc, vc, pos, KV_MIXED, lengths - 1, sinks=4, window=128,
+                           interpret=True)
+  want = decode.reference_ring(q, kc, vc, pos, KV_MIXED, lengths - 1, sinks=4, window=128)
+  _close(got[0], want[0], 2e-5)
+  _close(got[1], want[1], 2e-5)
+
+
+# ---------------------------------------------------------------------------
+# Dispatch through pallas_kernels.ops.
+
+
+def test_ops_routes_to_gpu_kernels(monkeypatch):
+  from pallas_kernels import ops
+  from pallas_kernels.gpu import dispatch
+
+  monkeypatch.setenv("RTPURBO_KERNELS", "gpu")
+  monkeypatch.setenv("RTPURBO_INTERPRET", "1")
+  calls = []
+  real = flash.window_attention
+  monkeypatch.setattr(dispatch.flash_k, "window_attention",
+                      lambda *a, **k: calls.append(1) or real(*a, **k))
+  q = _normal((1, 96, 4, 32))
+  k, v = _normal((1, 96, 2, 32)), _normal((1, 96, 2, 32))
+  got = ops.window_attention(q, k, v, KV_MIXED, sinks=4, window=40)
+  assert calls, "ops.window_attention did not reach the GPU kernel"
+  _close(got[0], ref.window_attention(q, k, v, KV_MIXED, sinks=4, window=40)[0], 2e-5)
+  # A head_dim the kernels do not take (not a power of two) falls back to the reference.
+  q3, k3, v3 = _normal((1, 64, 4, 24)), _normal((1, 64, 2, 24)), _normal((1, 64, 2, 24))
+  assert dispatch.window_attention(q3, k3, v3, KV_MIXED, sinks=4, window=40) is NotImplemented
+  _close(ops.window_attention(q3, k3, v3, KV_MIXED, sinks=4, window=40)[0],
+         ref.window_attention(q3, k3, v3, KV_MIXED, sinks=4, window=40)[0], 1e-6)
+
+
+# ---------------------------------------------------------------------------
+# Compile for sm_90 without a GPU.
+
+S = jax.ShapeDtypeStruct
+BF = jnp.bfloat16
+
+COMPILE_CASES = {
+    "window_attention": (
+        lambda q, k, v: flash.window_attention(q, k, v, (0, 0, 1, 1), sinks=4, window=512,
+                                               interpret=False),
+        (S((1, 2048, 4, 128), BF), S((1, 2048, 2, 128), BF), S((1, 2048, 2, 128), BF))),
+    "sparse_prefill": (
+        lambda q, k, v, m: sparse_prefill_k.sparse_prefill(q, k, v, (0, 1), m, interpret=False),
+        (S((1, 2048, 2, 128), BF), S((1, 2048, 2, 128), BF), S((1, 2048, 2, 128), BF),
+         S((1, 2, 32, 32), jnp.bool_))),
+    "prefill_select": (
+        lambda a, c: prefill_select_k.prefill_select(a, c, top_p=0.9, interpret=False),
+        (S((1, 4096, 2, 16), jnp.float32), S((1, 4096, 2, 16), jnp.float32))),
+    "topp_select": (
+        lambda a, c, n: topp_select_k.topp_select(a, c, n, top_p=0.9, selector="histogram",
+                                                  interpret=False),
+        (S((1, 2, 16), jnp.float32), S((1, 2, 8192, 16), BF), S((1,), jnp.int32))),
+    "sparse_decode": (
+        lambda q, k, v, m, n: decode.sparse_decode(q, k, v, (0, 0, 1), m, n, interpret=False),
+        (S((2, 3, 128), BF), S((2, 2, 4096, 128), BF), S((2, 2, 4096, 128), BF),
+         S((2, 3, 64), jnp.bool_), S((2,), jnp.int32))),
+    "ring_decode": (
+        lambda q, k, v, p, n: decode.ring_decode(q, k, v, p, (0, 0, 0, 1), n, sinks=4,
+                                                 window=1024, interpret=False),
+        (S((1, 4, 128), BF), S((1, 2, 2000, 128), BF), S((1, 2, 2000, 128), BF),
+         S((1, 2000), jnp.int32), S((1,), jnp.int32))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(COMPILE_CASES))
+def test_compiles_for_sm90(name):
+  pytest.importorskip("triton")
+  from pallas_kernels.gpu import aot
+
+  fn, args = COMPILE_CASES[name]
+  kernels = aot.compile_for_gpu(fn, *args)
+  assert kernels, f"{name}: no Triton kernel was lowered"
+  for k in kernels:
+    assert k.cubin_bytes > 0, k
+    assert k.spill_bytes in (None, 0) or k.spill_bytes < 256, k
+  if name in ("window_attention", "sparse_prefill"):  # bf16 flash kernels use Hopper wgmma
+    assert any(k.ptx_has_wgmma for k in kernels)
