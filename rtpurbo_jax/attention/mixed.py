@@ -229,8 +229,10 @@ class MixedHeadAttention(nnx.Module):
                                new.ring_pos, ring_kvh, positions[:, 0], **window_rule)
         out = put(out, ring_local, o)
       if full_local:
-        o, _ = ops.ring_decode(q[:, 0, jnp.asarray(full_local)], new.full_k, new.full_v,
-                               full_pos, full_kvh(full_local), positions[:, 0], **window_rule)
+        # Only sinks and the newest ring_capacity slots can be visible: read those, not T.
+        rk, rv, rpos = recent_slots(new.full_k, new.full_v, new.length, sp)
+        o, _ = ops.ring_decode(q[:, 0, jnp.asarray(full_local)], rk, rv, rpos,
+                               full_kvh(full_local), positions[:, 0], **window_rule)
         out = put(out, full_local, o)
     else:
       if ring_local:
@@ -256,9 +258,9 @@ class MixedHeadAttention(nnx.Module):
     # Dense heads, and retrieval heads outside decode (paper mode: dense in prefill).
     dense_now = dense + (selected if not decode or sp.mode not in ("rtpurbo", "topk") else ())
     if dense_now and contiguous and not decode:
-      o, _ = ops.causal_attention(q[:, :, jnp.asarray(dense_now)], full_k, full_v,
-                                  full_kvh(dense_now), q_offset=positions[0, 0],
-                                  chunk=sp.chunk_size)
+      o, _ = _traced_offset_call("causal_attention", q[:, :, jnp.asarray(dense_now)], full_k,
+                                 full_v, full_kvh(dense_now), q_offset=positions[0, 0],
+                                 chunk=sp.chunk_size)
       out = put(out, dense_now, o)
     elif dense_now:
       o, _ = ops.masked_attention(q[:, :, jnp.asarray(dense_now)], full_k, full_v, positions,
@@ -302,8 +304,8 @@ class MixedHeadAttention(nnx.Module):
     start = jnp.clip(p0 - sp.window + 1, 0, t - span)
     kw = jnp.swapaxes(jax.lax.dynamic_slice_in_dim(k_cache, start, span, axis=2), 1, 2)
     vw = jnp.swapaxes(jax.lax.dynamic_slice_in_dim(v_cache, start, span, axis=2), 1, 2)
-    window = ops.window_attention(q, kw, vw, kv_heads, sinks=0, window=sp.window,
-                                  q_offset=p0 - start, chunk=sp.chunk_size)
+    window = _traced_offset_call("window_attention", q, kw, vw, kv_heads, sinks=0,
+                                 window=sp.window, q_offset=p0 - start, chunk=sp.chunk_size)
     q_shift = p0 + jnp.arange(s, dtype=jnp.int32)[None] - sp.window  # j <= t - window
 
     def prefix(n):
@@ -325,6 +327,43 @@ class MixedHeadAttention(nnx.Module):
       pre = jax.lax.cond(jnp.all(active), lambda: prefix(sp.sinks), lambda: prefix(wide))
     out, _ = ops.merge_attention([window, pre])
     return out
+
+
+def _traced_offset_call(op: str, *args, **kwargs):
+  """`ops.<op>(..., q_offset=<traced scalar>)`, or the jnp reference when the accelerator
+  kernel needs a static offset (it then fails at trace time converting or hashing the tracer).
+  """
+  from pallas_kernels import reference
+
+  try:
+    return getattr(ops, op)(*args, **kwargs)
+  except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError,
+          ValueError):
+    if ops.backend() == "reference":
+      raise
+    return getattr(reference, op)(*args, **kwargs)  # takes a traced offset
+
+
+def recent_slots(k_cache, v_cache, length, sp: SparseConfig):
+  """A ring-like view of a full cache for local-head decode.
+
+  k_cache, v_cache: [batch, kv, T, head_dim]; length: [batch]. Returns keys, values
+  [batch, kv, sinks + span, head_dim] and their positions [batch, sinks + span] (-1 empty):
+  the sinks plus the newest span = ring_capacity - sinks slots, which hold every key a local
+  head may see (window, or everything below the dense-fallback threshold).
+  """
+  t = k_cache.shape[2]
+  span = min(t, sp.ring_capacity - sp.sinks)
+  n_sink = min(sp.sinks, t)
+  start = jnp.clip(length - span, 0, t - span)  # [batch]
+  take = jax.vmap(lambda c, s0: jax.lax.dynamic_slice_in_dim(c, s0, span, axis=1))
+  pos_w = start[:, None] + jnp.arange(span, dtype=jnp.int32)[None]
+  pos_w = jnp.where(pos_w < length[:, None], pos_w, -1)
+  sink_ids = jnp.arange(n_sink, dtype=jnp.int32)[None]
+  pos_s = jnp.where(sink_ids < start[:, None], sink_ids, -1)  # not already in the span
+  keys = jnp.concatenate([k_cache[:, :, :n_sink], take(k_cache, start)], axis=2)
+  vals = jnp.concatenate([v_cache[:, :, :n_sink], take(v_cache, start)], axis=2)
+  return keys, vals, jnp.concatenate([pos_s, pos_w], axis=1).astype(jnp.int32)
 
 
 class IndexerVar(indexer_lib.IndexerParam):
