@@ -79,6 +79,128 @@ def test_window_attention(b, sq, kv_len, q_offset, sinks, window):
   _close(got[1], want[1], 2e-5)
 
 
+@pytest.mark.parametrize("sinks,window", [(3, 40), (0, 17)])
+def test_window_attention_traced_offset(sinks, window):
+  """One jitted function, q_offset a traced int32: offsets 0, off-tile, kv_len - q_len and
+  one past it (queries beyond the last key) all match the reference; q_len 45 is not a
+  multiple of the 16-query tile."""
+  b, sq, kv_len = 2, 45, 130
+  q = _normal((b, sq, 4, 32))
+  k, v = _normal((b, kv_len, 2, 32)), _normal((b, kv_len, 2, 32))
+  traces = []
+
+  @jax.jit
+  def run(q, k, v, off):
+    traces.append(1)
+    return flash.window_attention(q, k, v, KV_MIXED, sinks=sinks, window=window, q_offset=off,
+                                  block_q=16, block_k=16, interpret=True)
+
+  for off in (0, 23, kv_len - sq, kv_len - sq + 9):
+    got = run(q, k, v, jnp.int32(off))
+    want = flash.reference(q, k, v, KV_MIXED, sinks=sinks, window=window, q_offset=off)
+    _close(got[0], want[0], 2e-5)
+    _close(got[1], want[1], 2e-5)
+  # The offset is data: four offsets, not four traces. (jit here retraces once after the
+  # first interpreted run, independent of the offset's value.)
+  assert len(traces) <= 2
+
+
+def test_causal_attention_traced_offset():
+  b, sq, kv_len = 2, 37, 100
+  q = _normal((b, sq, 4, 32))
+  k, v = _normal((b, kv_len, 2, 32)), _normal((b, kv_len, 2, 32))
+  run = jax.jit(lambda q, k, v, off: flash.causal_attention(
+      q, k, v, KV_MIXED, q_offset=off, block_q=16, block_k=32, interpret=True))
+  for off in (0, 19, kv_len - sq):
+    got = run(q, k, v, jnp.int32(off))
+    want = flash.reference_causal(q, k, v, KV_MIXED, q_offset=off)
+    _close(got[0], want[0], 2e-5)
+    _close(got[1], want[1], 2e-5)
+  with pytest.raises(ValueError, match="q_offset must be an integer scalar"):
+    flash.causal_attention(q, k, v, KV_MIXED, q_offset=jnp.zeros((2,), jnp.int32),
+                           interpret=True)
+
+
+def test_dispatch_traced_offset_takes_pallas(monkeypatch):
+  """cuDNN takes no offset: a traced q_offset must reach the Pallas kernel even where cuDNN
+  is usable, and a static 0 still goes to cuDNN."""
+  from pallas_kernels import ops
+  from pallas_kernels.gpu import dispatch
+
+  monkeypatch.setenv("RTPURBO_KERNELS", "gpu")
+  monkeypatch.setenv("RTPURBO_INTERPRET", "1")
+  monkeypatch.setattr(dispatch, "_cudnn_ok", lambda: True)
+  monkeypatch.setattr(dispatch, "WINDOW_IMPL", "cudnn")
+  cudnn_calls = []
+  monkeypatch.setattr(dispatch.cudnn, "causal_attention",
+                      lambda *a, **k: cudnn_calls.append("causal") or ref.causal_attention(*a))
+  monkeypatch.setattr(dispatch.cudnn, "window_attention",
+                      lambda *a, **k: cudnn_calls.append("window") or ref.window_attention(
+                          *a, sinks=k["sinks"], window=k["window"]))
+  q = _normal((1, 40, 4, 32), jnp.bfloat16)
+  k, v = _normal((1, 40, 2, 32), jnp.bfloat16), _normal((1, 40, 2, 32), jnp.bfloat16)
+  causal = jax.jit(lambda off: ops.causal_attention(q, k, v, KV_MIXED, q_offset=off))
+  window = jax.jit(lambda off: ops.window_attention(q, k, v, KV_MIXED, sinks=2, window=9,
+                                                    q_offset=off))
+  for off in (0, 7):
+    _close(causal(jnp.int32(off))[1],
+           ref.causal_attention(q, k, v, KV_MIXED, q_offset=off)[1], 1e-4)
+    _close(window(jnp.int32(off))[1],
+           ref.window_attention(q, k, v, KV_MIXED, sinks=2, window=9, q_offset=off)[1], 1e-4)
+  assert not cudnn_calls
+  ops.causal_attention(q, k, v, KV_MIXED, q_offset=0)
+  ops.window_attention(q, k, v, KV_MIXED, sinks=2, window=9, q_offset=0)
+  assert cudnn_calls == ["causal", "window"]
+
+
+def test_engine_chunked_prefill_on_gpu_kernels(monkeypatch):
+  """The engine's jitted chunked prefill (p0 traced) through the Pallas prefill kernels in
+  the interpreter == the same run on the reference backend. rtpurbo mode: retrieval heads
+  run dense causal in prefill, local heads sharing their KV head the window kernel."""
+  from flax import nnx
+  from pallas_kernels.gpu import dispatch
+  from rtpurbo_jax.attention.plan import HeadPlan
+  from rtpurbo_jax.config import ModelConfig, SparseConfig
+  from rtpurbo_jax.infer.engine import Engine
+  from rtpurbo_jax.models.transformer import Transformer
+
+  cfg = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2,
+                    num_heads=4, num_kv_heads=2, head_dim=16)
+  plan = HeadPlan.from_mask([[1, 0, 0, 0], [0, 0, 0, 1]], 2)
+  seed = int(RNG.integers(0, 2**31 - 1))
+
+  def generate(backend):
+    monkeypatch.setenv("RTPURBO_KERNELS", backend)
+    monkeypatch.setenv("RTPURBO_INTERPRET", "1")
+    jax.clear_caches()  # the engine's jitted step would otherwise reuse the other trace
+    model = Transformer(cfg, sparse=SparseConfig(
+        mode="rtpurbo", window=8, sinks=2, seqlen_threshold=0, block_size=8, indexer_dim=8,
+        top_p=0.6, chunk_size=16), plan=plan, rngs=nnx.Rngs(seed), init_std=0.3)
+    ids = np.random.default_rng(seed).integers(0, cfg.vocab_size, (2, 30)).astype(np.int32)
+    return Engine(model).generate(ids, 2, prompt_lengths=np.asarray([30, 17]),
+                                  prefill_chunk=11)
+
+  calls = []
+  for op in ("causal_attention", "window_attention"):
+    real = getattr(flash, op)
+
+    def counted(*a, _op=op, _real=real, **k):
+      out = _real(*a, **k)
+      calls.append(_op)  # only once the kernel took the (traced) offset
+      return out
+
+    monkeypatch.setattr(dispatch.flash_k, op, counted)
+  try:
+    want = generate("reference")
+    assert not calls
+    got = generate("gpu")
+  finally:
+    jax.clear_caches()
+  assert {"causal_attention", "window_attention"} <= set(calls)
+  np.testing.assert_allclose(got.first_logits, want.first_logits, atol=2e-5, rtol=1e-5)
+  np.testing.assert_array_equal(got.tokens, want.tokens)
+
+
 def test_causal_attention_bf16():
   q = _normal((2, 130, 4, 64), jnp.bfloat16)
   k, v = _normal((2, 130, 2, 64), jnp.bfloat16), _normal((2, 130, 2, 64), jnp.bfloat16)
@@ -313,6 +435,16 @@ COMPILE_CASES = {
         lambda q, k, v: flash.window_attention(q, k, v, (0, 0, 1, 1), sinks=4, window=512,
                                                interpret=False),
         (S((1, 2048, 4, 128), BF), S((1, 2048, 2, 128), BF), S((1, 2048, 2, 128), BF))),
+    "window_attention_traced_offset": (
+        lambda q, k, v, off: flash.window_attention(q, k, v, (0, 1, 1, 1), sinks=4, window=512,
+                                                    q_offset=off, interpret=False),
+        (S((1, 1000, 4, 128), BF), S((1, 1511, 2, 128), BF), S((1, 1511, 2, 128), BF),
+         S((), jnp.int32))),
+    "causal_attention_traced_offset": (
+        lambda q, k, v, off: flash.causal_attention(q, k, v, (0, 0, 1, 1), q_offset=off,
+                                                    interpret=False),
+        (S((1, 1000, 4, 128), BF), S((1, 3000, 2, 128), BF), S((1, 3000, 2, 128), BF),
+         S((), jnp.int32))),
     "sparse_prefill": (
         lambda q, k, v, m: sparse_prefill_k.sparse_prefill(q, k, v, (0, 1), m, interpret=False),
         (S((1, 2048, 2, 128), BF), S((1, 2048, 2, 128), BF), S((1, 2048, 2, 128), BF),
@@ -347,5 +479,5 @@ def test_compiles_for_sm90(name):
   for k in kernels:
     assert k.cubin_bytes > 0, k
     assert k.spill_bytes in (None, 0) or k.spill_bytes < 256, k
-  if name in ("window_attention", "sparse_prefill"):  # bf16 flash kernels use Hopper wgmma
+  if "attention" in name or name == "sparse_prefill":  # bf16 flash kernels use Hopper wgmma
     assert any(k.ptx_has_wgmma for k in kernels)

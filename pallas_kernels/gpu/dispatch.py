@@ -4,10 +4,13 @@ Each function has the reference's signature and returns `NotImplemented` for inp
 does not handle (the jnp reference then runs). Choices, measured on an H200
 (benchmarks/NOTES.md):
   causal_attention   cuDNN flash attention; Pallas flash kernel where cuDNN does not apply
-                     (q_offset != 0, fp32) or in interpret mode.
+                     (q_offset != 0 or traced, fp32) or in interpret mode.
   window_attention   WINDOW_IMPL: "cudnn_chunked" (two causal cuDNN calls over window-sized
                      chunks + LSE-merged sinks), "cudnn" (cuDNN's sliding-window mask) or
-                     "pallas" (one flash kernel with the sink + window rule).
+                     "pallas" (one flash kernel with the sink + window rule); the Pallas
+                     kernel also wherever q_offset is not a static 0.
+A traced q_offset (a jitted chunked prefill whose offset changes per chunk) goes to the
+Pallas flash kernel, which reads the offset at run time; cuDNN takes no offset.
   topp_select        block-LSE kernel + register top-p kernel (exact or histogram).
   sparse_decode      mask -> block lists, split-KV decode kernel.
   ring_decode        visible ring blocks -> block list, same decode kernel (GQA-grouped).
@@ -41,20 +44,28 @@ def _cudnn_ok() -> bool:
   return not common.interpret_flag(None) and jax.default_backend() in ("gpu", "cuda")
 
 
-def causal_attention(q, k, v, kv_heads, *, q_offset: int = 0, chunk: int = 512):
+def _static_zero(q_offset) -> bool:
+  """q_offset is a concrete 0 (a traced scalar is never: its value is unknown here)."""
+  try:
+    return int(q_offset) == 0
+  except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
+    return False
+
+
+def causal_attention(q, k, v, kv_heads, *, q_offset=0, chunk: int = 512):
   kv_heads = tuple(int(x) for x in kv_heads)
-  if _cudnn_ok() and cudnn.supported(q, k, v, kv_heads, q_offset):
+  if _cudnn_ok() and _static_zero(q_offset) and cudnn.supported(q, k, v, kv_heads):
     return cudnn.causal_attention(q, k, v, kv_heads)
   if _pallas_ok() and flash_k.supported(q, k, v, kv_heads):
     return flash_k.causal_attention(q, k, v, kv_heads, q_offset=q_offset)
   return NotImplemented
 
 
-def window_attention(q, k, v, kv_heads, *, sinks: int, window: int, q_offset: int = 0,
+def window_attention(q, k, v, kv_heads, *, sinks: int, window: int, q_offset=0,
                      chunk: int = 512):
   kv_heads = tuple(int(x) for x in kv_heads)
-  if (WINDOW_IMPL.startswith("cudnn") and _cudnn_ok()
-      and cudnn.supported(q, k, v, kv_heads, q_offset)):
+  if (WINDOW_IMPL.startswith("cudnn") and _cudnn_ok() and _static_zero(q_offset)
+      and cudnn.supported(q, k, v, kv_heads)):
     return cudnn.window_attention(q, k, v, kv_heads, sinks=sinks, window=window,
                                   chunked=WINDOW_IMPL == "cudnn_chunked")
   if _pallas_ok() and flash_k.supported(q, k, v, kv_heads):

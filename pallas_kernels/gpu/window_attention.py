@@ -9,6 +9,11 @@ q_offset + i - window < j. A program walks three key ranges:
     no mask arithmetic.
 GQA: `kv_heads[h]` travels as an int32 input; K/V are indexed per program.
 
+q_offset is a runtime value: it travels in the same small int32 input as the head map
+(`meta = [q_offset, kv_heads...]`), and every loop bound and mask derives from it inside the
+kernel. A caller may pass a python int or a traced int32 scalar (chunked prefill jits one
+function whose offset changes per chunk); both compile to the same kernel.
+
 Shapes: q [batch, q_len, q_heads, head_dim]; k, v [batch, kv_len, kv_heads_total, head_dim].
 Returns out [batch, q_len, q_heads, head_dim] (q.dtype) and lse [batch, q_len, q_heads] f32.
 """
@@ -30,10 +35,11 @@ __all__ = ["window_attention", "causal_attention", "supported", "reference",
            "reference_causal"]
 
 
-def _kernel(kvmap_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, bq, bk, sinks, window,
-            q_offset, kv_len, scale, precision):
+def _kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, bq, bk, sinks, window,
+            kv_len, scale, precision):
   iq, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  kv = kvmap_ref[h]
+  q_offset = meta_ref[0]
+  kv = meta_ref[1 + h]
   q0 = iq * bq
   q = q_ref[b, pl.ds(q0, bq), h, :]
   d = q.shape[-1]
@@ -88,10 +94,17 @@ def supported(q, k, v, kv_heads, *, block_q: int = 128, block_k: int = 64) -> bo
           and all(0 <= kv < k.shape[2] for kv in kv_heads))
 
 
+def _offset(q_offset):
+  """q_offset as an int32 scalar array (python int, numpy or traced scalar)."""
+  if jnp.ndim(q_offset) != 0 or not jnp.issubdtype(jnp.result_type(q_offset), jnp.integer):
+    raise ValueError(f"q_offset must be an integer scalar, got {q_offset!r}")
+  return jnp.asarray(q_offset, jnp.int32)
+
+
 @functools.partial(jax.jit, static_argnames=(
-    "kv_heads", "sinks", "window", "q_offset", "block_q", "block_k", "num_warps",
-    "num_stages", "interpret"))
-def _flash(q, k, v, *, kv_heads, sinks, window, q_offset, block_q, block_k, num_warps,
+    "kv_heads", "sinks", "window", "block_q", "block_k", "num_warps", "num_stages",
+    "interpret"))
+def _flash(q, k, v, q_offset, *, kv_heads, sinks, window, block_q, block_k, num_warps,
            num_stages, interpret):
   b, sq, hq, d = q.shape
   kv_len = k.shape[1]
@@ -103,9 +116,10 @@ def _flash(q, k, v, *, kv_heads, sinks, window, q_offset, block_q, block_k, num_
   if kv_pad != kv_len:
     k = jnp.pad(k, ((0, 0), (0, kv_pad - kv_len), (0, 0), (0, 0)))
     v = jnp.pad(v, ((0, 0), (0, kv_pad - kv_len), (0, 0), (0, 0)))
+  meta = jnp.concatenate([q_offset.reshape(1), jnp.asarray(kv_heads, jnp.int32)])
   kernel = functools.partial(
-      _kernel, bq=bq, bk=block_k, sinks=sinks, window=window, q_offset=q_offset,
-      kv_len=kv_len, scale=1.0 / math.sqrt(d), precision=common.dot_precision(q.dtype))
+      _kernel, bq=bq, bk=block_k, sinks=sinks, window=window, kv_len=kv_len,
+      scale=1.0 / math.sqrt(d), precision=common.dot_precision(q.dtype))
   out, lse = pl.pallas_call(
       kernel,
       grid=(sq_pad // bq, hq, b),
@@ -116,27 +130,33 @@ def _flash(q, k, v, *, kv_heads, sinks, window, q_offset, block_q, block_k, num_
       compiler_params=common.params(num_warps, num_stages),
       interpret=interpret,
       name="window_attention" if window is not None else "causal_attention",
-  )(jnp.asarray(kv_heads, jnp.int32), q, k, v)
+  )(meta, q, k, v)
   return out[:, :sq], jnp.swapaxes(lse, 1, 2)[:, :sq]
 
 
-def window_attention(q, k, v, kv_heads, *, sinks: int, window: int, q_offset: int = 0,
+def window_attention(q, k, v, kv_heads, *, sinks: int, window: int, q_offset=0,
                      chunk: int = 512, block_q: int = 128, block_k: int = 64,
                      num_warps: int = 8, num_stages: int = 3, interpret: bool | None = None):
-  """Sink + sliding-window causal prefill (see module docstring). Returns (out, lse)."""
+  """Sink + sliding-window causal prefill (see module docstring). Returns (out, lse).
+
+  q_offset: python int or int32 scalar (may be traced).
+  """
   del chunk
-  return _flash(q, k, v, kv_heads=tuple(int(x) for x in kv_heads), sinks=int(sinks),
-                window=int(window), q_offset=int(q_offset), block_q=block_q,
+  return _flash(q, k, v, _offset(q_offset), kv_heads=tuple(int(x) for x in kv_heads),
+                sinks=int(sinks), window=int(window), block_q=block_q,
                 block_k=block_k, num_warps=num_warps, num_stages=num_stages,
                 interpret=common.interpret_flag(interpret))
 
 
-def causal_attention(q, k, v, kv_heads, *, q_offset: int = 0, chunk: int = 512,
+def causal_attention(q, k, v, kv_heads, *, q_offset=0, chunk: int = 512,
                      block_q: int = 128, block_k: int = 64, num_warps: int = 8,
                      num_stages: int = 3, interpret: bool | None = None):
-  """Dense causal prefill with the same kernel (no window rule). Returns (out, lse)."""
+  """Dense causal prefill with the same kernel (no window rule). Returns (out, lse).
+
+  q_offset: python int or int32 scalar (may be traced).
+  """
   del chunk
-  return _flash(q, k, v, kv_heads=tuple(int(x) for x in kv_heads), sinks=0, window=None,
-                q_offset=int(q_offset), block_q=block_q, block_k=block_k,
+  return _flash(q, k, v, _offset(q_offset), kv_heads=tuple(int(x) for x in kv_heads),
+                sinks=0, window=None, block_q=block_q, block_k=block_k,
                 num_warps=num_warps, num_stages=num_stages,
                 interpret=common.interpret_flag(interpret))
