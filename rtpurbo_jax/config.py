@@ -208,7 +208,7 @@ def run_config():
                          seq_len=4096, position_chunk=512),
   })
   c.data = ml_collections.ConfigDict({
-      "train_files": "",  # comma-separated .txt / .jsonl paths or globs
+      "train_files": "",  # comma-separated .txt / .jsonl paths or globs; "shakespeare"
       "stage2_files": "",  # "" = train_files
       "filler_files": "",  # calibration filler text; "" = Shakespeare (rtpurbo_jax.assets)
       "tokenizer": "",  # "" = the model's; "byte"; "hash:<vocab>"; a tokenizer folder
@@ -223,7 +223,7 @@ def run_config():
       "lengths": "2K,4K",
       "modes": "dense,rtpurbo,streaming,topk",
       "tasks": "passkey,niah_single,niah_multikey,variable_tracking,common_words",
-      "samples": 2,  # per task and length; sample i sits at depths[i % len(depths)]
+      "samples": "2",  # per task: one count, or one per length ("4,2,1")
       "depths": "0.1,0.5,0.9",
       "seed": 0,
       "out_dir": "eval_results",
