@@ -86,8 +86,12 @@ CALIBRATE = '''\
 # Calibration: one document with the same needle at its start and at its end; a head's score
 # is the attention mass the later needle puts on the earlier one. The top heads of the whole
 # model become retrieval heads.
-ids, span = data_lib.make_needle_document(tok, assets.shakespeare_text(), CALIB_LEN,
-                                          NEEDLE_LEN, seed=cfg.seed)
+from rtpurbo_jax.calibrate import make_needle_document
+text = assets.shakespeare_text()
+doc = data_lib.filler_tokens(tok, text, CALIB_LEN, cfg.seed)
+needle = data_lib.filler_tokens(tok, text, NEEDLE_LEN, cfg.seed + 7919)
+ids, span = make_needle_document(doc, needle, CALIB_LEN)
+ids = jax.numpy.asarray(ids)
 dense = stages.with_mode(model, "dense")
 plan, scores = rj.calibrate(dense, ids[None], span, retrieval_ratio=cfg.plan.retrieval_ratio)
 scores = np.asarray(scores)

@@ -32,5 +32,9 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name):
   if name in _EXPORTS:
     import importlib
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+    module = importlib.import_module(_EXPORTS[name])
+    # `rtpurbo_jax.calibrate` is both a submodule and the function: importing the submodule
+    # sets the package attribute to the module, so that module is callable (see calibrate.py)
+    # and is returned here too, for one consistent object.
+    return module if module.__name__ == f"{__name__}.{name}" else getattr(module, name)
   raise AttributeError(f"module 'rtpurbo_jax' has no attribute {name!r}")

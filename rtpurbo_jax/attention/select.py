@@ -1,0 +1,179 @@
+"""Block selection: the public API of the selection contract (DESIGN.md §1).
+
+Every function here is a thin shape-checking layer over the references in
+`pallas_kernels/reference.py` (`topp_from_block_logmass`, `histogram_from_block_logmass`,
+`topk_from_block_logmass`, `topp_select`, `prefill_select`), so the rule lives in one place.
+
+The token-score entry points take
+
+  scores:          [..., q, T] float, score of query i for key j (key j sits at position j).
+  query_positions: [..., q] int, absolute position of each query (broadcast against
+                   scores.shape[:-1]). Keys j > position are the future and never count.
+
+and return a bool mask over key blocks [..., q, ceil(T / block_size)]. T need not be a
+multiple of the block size: the last block is partial and only its real keys count.
+
+Exact block top-p (`block_topp`): block mass P_b = sum_{j in b, j <= t} softmax_j(s(t, .));
+rank blocks by mass (ties: lower block index first); keep the shortest prefix whose
+cumulative mass is >= p; always add the query's own block; p >= 1 keeps every causal block.
+`block_topp_histogram` returns a superset of that set (256-bin fused-kernel rule),
+`block_topk` the k heaviest blocks plus the own block, `streaming_mask` the token mask of a
+local head (sinks + window).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from pallas_kernels import ops
+from pallas_kernels import reference as ref
+
+
+def _check(p: float | None = None, block_size: int | None = None) -> None:
+  if p is not None and not p > 0:
+    raise ValueError(f"top-p threshold p={p} must be > 0 (p >= 1 selects every causal block)")
+  if block_size is not None and (int(block_size) != block_size or block_size < 1):
+    raise ValueError(f"block_size={block_size} must be a positive integer")
+
+
+def causal_block_logmass(scores, query_positions, block_size: int = 64, key_valid=None):
+  """Per-query block log-masses over the causal history.
+
+  Args:
+    scores: [..., q, T]; query_positions: broadcastable to [..., q];
+    key_valid: optional bool broadcastable to [..., q, T] (False = empty key slot).
+  Returns:
+    logmass [..., q, nb] float32 (log of the block's unnormalised softmax mass, -inf when
+    empty), valid [..., q, nb] bool (the block holds a visible key), own [..., q] int32.
+  """
+  _check(block_size=block_size)
+  scores = jnp.asarray(scores)
+  if scores.ndim < 1:
+    raise ValueError("scores must be [..., q, T] (at least one key axis)")
+  t = scores.shape[-1]
+  lead = scores.shape[:-1]
+  try:
+    qpos = jnp.broadcast_to(jnp.asarray(query_positions, jnp.int32), lead)
+  except ValueError:
+    raise ValueError(f"query_positions of shape {jnp.shape(query_positions)} does not "
+                     f"broadcast to the query axes {lead} of scores {scores.shape}") from None
+  nb = -(-t // block_size)
+  t_pad = nb * block_size
+  s = jnp.pad(scores.astype(jnp.float32), [(0, 0)] * len(lead) + [(0, t_pad - t)])
+  kpos = jnp.arange(t_pad, dtype=jnp.int32)
+  vis = (kpos < t) & (kpos <= qpos[..., None]) & (qpos[..., None] >= 0)
+  if key_valid is not None:
+    kv = jnp.broadcast_to(jnp.asarray(key_valid, bool), scores.shape)
+    vis &= jnp.pad(kv, [(0, 0)] * len(lead) + [(0, t_pad - t)])
+  lm, valid = ref.block_logmass(s, vis, block_size)
+  return lm, valid, qpos // block_size
+
+
+def block_topp(scores, query_positions, p: float, block_size: int = 64, *, key_valid=None):
+  """Exact block top-p per query (the contract). Returns bool [..., q, nb]."""
+  _check(p, block_size)
+  lm, valid, own = causal_block_logmass(scores, query_positions, block_size, key_valid)
+  return ref.topp_from_block_logmass(lm, valid, own, float(p))
+
+
+def block_topp_histogram(scores, query_positions, p: float, block_size: int = 64, *,
+                         key_valid=None, bins: int = ref.HIST_BINS,
+                         span: float = ref.HIST_RANGE):
+  """Histogram block top-p (fused decode kernel rule): a superset of `block_topp`."""
+  _check(p, block_size)
+  if bins < 1 or span <= 0:
+    raise ValueError(f"histogram needs bins >= 1 and span > 0, got bins={bins}, span={span}")
+  lm, valid, own = causal_block_logmass(scores, query_positions, block_size, key_valid)
+  return ref.histogram_from_block_logmass(lm, valid, own, float(p), bins=bins, span=span)
+
+
+def block_topk(scores, query_positions, k_tokens: int, block_size: int = 64, *,
+               key_valid=None):
+  """Top-k baseline: the ceil(k_tokens / block_size) heaviest causal blocks (ties: lower
+  index first) plus the own block. Returns bool [..., q, nb]."""
+  _check(block_size=block_size)
+  if k_tokens < 1:
+    raise ValueError(f"k_tokens={k_tokens} must be >= 1")
+  lm, valid, own = causal_block_logmass(scores, query_positions, block_size, key_valid)
+  return ref.topk_from_block_logmass(lm, valid, own, -(-int(k_tokens) // block_size))
+
+
+def streaming_mask(query_positions, num_keys: int, sinks: int, window: int):
+  """Token visibility of a local head: key j is visible to query t iff
+  `0 <= j <= t and (j < sinks or t - window < j)`.
+
+  query_positions: [..., q] int. Returns bool [..., q, num_keys].
+  """
+  if sinks < 0 or window < 1:
+    raise ValueError(f"streaming needs sinks >= 0 and window >= 1, got sinks={sinks}, "
+                     f"window={window}")
+  t = jnp.asarray(query_positions, jnp.int32)[..., None]
+  j = jnp.arange(num_keys, dtype=jnp.int32)
+  return (j <= t) & ((j < sinks) | (j > t - window))
+
+
+def block_mask_to_tokens(block_mask, num_keys: int, block_size: int = 64):
+  """Expand a block mask [..., nb] to keys [..., num_keys] (key j is in block j // B)."""
+  return jnp.repeat(block_mask, block_size, axis=-1)[..., :num_keys]
+
+
+# ---------------------------------------------------------------------------
+# Indexer-level entry points (what the model calls, routed through pallas_kernels.ops).
+
+
+def decode_topp(qi, ckeys, lengths, p: float, block_size: int = 64, *,
+                selector: str = "exact"):
+  """Decode selection from the compressed key cache (kernel-dispatched).
+
+  qi: [batch, heads, r] indexer query of the newest token; ckeys: [batch, heads, T, r]
+  with T % block_size == 0; lengths: [batch] tokens written, the newest included.
+  Returns bool [batch, heads, T // block_size].
+  """
+  _check(p, block_size)
+  if ckeys.shape[2] % block_size:
+    raise ValueError(f"compressed key cache length {ckeys.shape[2]} is not a multiple of "
+                     f"block_size={block_size}")
+  if selector not in ref.SELECTORS:
+    raise ValueError(f"selector={selector!r}: expected one of {sorted(ref.SELECTORS)}")
+  return ops.topp_select(qi, ckeys, lengths, top_p=float(p), block_size=block_size,
+                         selector=selector)
+
+
+def decode_topk(qi, ckeys, lengths, k_tokens: int, block_size: int = 64):
+  """Decode top-k baseline on the same interface as `decode_topp`."""
+  _check(block_size=block_size)
+  if ckeys.shape[2] % block_size:
+    raise ValueError(f"compressed key cache length {ckeys.shape[2]} is not a multiple of "
+                     f"block_size={block_size}")
+  return ops.topk_select(qi, ckeys, lengths, k_tokens=int(k_tokens), block_size=block_size)
+
+
+def prefill_topp(qi, ki, p: float, block_size: int = 64):
+  """Sparse-prefill selection per query block (opt-in mode, beyond the paper).
+
+  Query block i is represented by its mean indexer query and selects key blocks by exact
+  top-p over keys up to the end of block i (own block always kept).
+  qi, ki: [batch, S, heads, r]. S need not be a multiple of the block size: the tail is
+  zero-padded exactly as `MixedHeadAttention` does before calling the kernel.
+  Returns bool [batch, heads, nq, nq] with nq = ceil(S / block_size) (query block, key block).
+  """
+  _check(p, block_size)
+  if qi.shape != ki.shape or qi.ndim != 4:
+    raise ValueError(f"qi and ki must both be [batch, S, heads, r], got {qi.shape} and "
+                     f"{ki.shape}")
+  s = qi.shape[1]
+  pad = ((0, 0), (0, -(-s // block_size) * block_size - s), (0, 0), (0, 0))
+  return ops.prefill_select(jnp.pad(qi, pad), jnp.pad(ki, pad), top_p=float(p),
+                            block_size=block_size)
+
+
+def selected_fraction(block_mask, query_positions, block_size: int = 64):
+  """Fraction of causal blocks selected, per query: block_mask [..., q, nb] ->
+  float32 [..., q] (selected blocks / (position // block_size + 1))."""
+  causal = jnp.asarray(query_positions, jnp.int32) // block_size + 1
+  return jnp.sum(block_mask, axis=-1) / jnp.maximum(causal, 1).astype(jnp.float32)
+
+
+__all__ = ["causal_block_logmass", "block_topp", "block_topp_histogram", "block_topk",
+           "streaming_mask", "block_mask_to_tokens", "decode_topp", "decode_topk",
+           "prefill_topp", "selected_fraction"]

@@ -1,0 +1,474 @@
+"""The evaluation suite: task generators, scoring, perplexity, selection report, greedy decode,
+and the CLI end to end on a tiny random model."""
+
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from rtpurbo_jax.attention.plan import HeadPlan
+from rtpurbo_jax.config import ModelConfig, SparseConfig
+from rtpurbo_jax.convert import to_rtpurbo
+from rtpurbo_jax.eval import perplexity as ppl_lib
+from rtpurbo_jax.eval import report, scoring, sparsity
+from rtpurbo_jax.eval.corpus import ByteCodec, Corpus, HFCodec
+from rtpurbo_jax.eval.decode import GreedyDecoder
+from rtpurbo_jax.eval.runner import EvalSettings
+from rtpurbo_jax.eval.tasks import TASKS, TaskContext, make_examples
+from rtpurbo_jax.models.transformer import Transformer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def corpus():
+  return Corpus.shakespeare()
+
+
+@pytest.fixture(scope="module")
+def bpe_codec(corpus):
+  """A real byte-level BPE (trained here on Shakespeare): token counts of pieces do not add
+  up exactly, unlike the byte codec."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  from transformers import PreTrainedTokenizerFast
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=600, show_progress=False,
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator(corpus.haystack[:20000], trainer)
+  return HFCodec(PreTrainedTokenizerFast(tokenizer_object=tok))
+
+
+NEEDLE_TASKS = ("passkey", "niah_single", "niah_multikey", "niah_multivalue",
+                "variable_tracking")
+
+
+# ---------------------------------------------------------------------------
+# Generators.
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_generators_are_deterministic_per_seed(task, corpus, seed):
+  ctx = TaskContext(ByteCodec(), corpus)
+  a = make_examples(ctx, task, 1024, [0.2, 0.7], 2, seed)
+  b = make_examples(ctx, task, 1024, [0.2, 0.7], 2, seed)
+  c = make_examples(ctx, task, 1024, [0.2, 0.7], 2, seed + 1)
+  assert a == b
+  assert [e.prompt for e in a] != [e.prompt for e in c]
+  assert [e.answers for e in a] != [e.answers for e in c]
+  # The two samples differ from each other too.
+  assert a[0].prompt != a[1].prompt
+
+
+@pytest.mark.parametrize("codec_name", ["byte", "bpe"])
+@pytest.mark.parametrize("task", NEEDLE_TASKS)
+def test_needles_hold_the_answer_at_the_requested_depth(task, codec_name, corpus, bpe_codec,
+                                                        rng, seed):
+  codec = ByteCodec() if codec_name == "byte" else bpe_codec
+  ctx = TaskContext(codec, corpus)
+  length = int(rng.choice([1024, 1536, 2048]))
+  depths = [float(rng.uniform(0.0, 1.0)) for _ in range(3)] + [0.0, 1.0]
+  for e in make_examples(ctx, task, length, depths, len(depths), seed):
+    ids = codec.encode(e.prompt)
+    budget = length - e.max_new_tokens
+    # Fits, and is filled to within a line or two of the budget.
+    longest_line = max(len(codec.encode(l + "\n")) for l in e.prompt.splitlines())
+    assert budget - 2 * longest_line - 8 <= len(ids) <= budget
+    h0, h1 = e.haystack_span
+    needles = [e.prompt[a:b] for a, b in e.needle_spans]
+    # Every answer sits in a needle; the target needle comes first.
+    for ans in e.answers:
+      assert any(ans in n for n in needles), (ans, needles)
+      assert scoring.score("contains", e.prompt[h0:h1], ans) == 1.0
+    assert e.answers[0] in needles[0]
+    # Depth: tokens of haystack text before the first needle / all haystack tokens.
+    a0, b0 = e.needle_spans[0]
+    before = len(codec.encode(e.prompt[h0:a0])) - sum(
+        len(codec.encode(e.prompt[a:b] + "\n")) for a, b in e.needle_spans if b <= a0)
+    total = len(codec.encode(e.prompt[h0:h1])) - sum(
+        len(codec.encode(n + "\n")) for n in needles)
+    tol = (longest_line + 8 * len(needles) + 4) / total
+    assert abs(before / total - e.depth) <= tol + 0.02, (before, total, e.depth)
+    assert 0 <= h0 <= a0 < b0 <= h1 <= len(e.prompt)
+
+
+def test_multikey_distractors_have_other_keys(corpus, seed):
+  ctx = TaskContext(ByteCodec(), corpus)
+  for e in make_examples(ctx, "niah_multikey", 1024, [0.5], 3, seed):
+    keys = [re.search(r"numbers for (\S+) is", e.prompt[a:b]).group(1) for a, b in e.needle_spans]
+    values = [re.search(r"is: (\d+)", e.prompt[a:b]).group(1) for a, b in e.needle_spans]
+    assert len(set(keys)) == len(keys) == 4 and len(set(values)) == 4
+    question = e.prompt[e.haystack_span[1]:]
+    assert keys[0] in question and all(k not in question for k in keys[1:])
+
+
+def test_variable_chain_resolves_to_the_answers(corpus, seed):
+  ctx = TaskContext(ByteCodec(), corpus)
+  for e in make_examples(ctx, "variable_tracking", 1024, [0.3], 2, seed):
+    stmts = [e.prompt[a:b] for a, b in e.needle_spans]
+    value = re.search(r"hold the value (\d+) in", e.prompt).group(1)
+    # Resolve the assignments in prompt order, as a reader would.
+    env = {}
+    for s in sorted(stmts, key=e.prompt.index):
+      name, rhs = re.match(r"VAR (\w+) = (VAR \w+|\d+)\.", s).groups()
+      env[name] = env[rhs[4:]] if rhs.startswith("VAR ") else rhs
+    assert sorted(n for n, v in env.items() if v == value) == sorted(e.answers)
+
+
+@pytest.mark.parametrize("codec_name", ["byte", "bpe"])
+def test_common_words_answers_are_the_most_frequent(codec_name, corpus, bpe_codec, seed):
+  codec = ByteCodec() if codec_name == "byte" else bpe_codec
+  ctx = TaskContext(codec, corpus)
+  for e in make_examples(ctx, "common_words", 2048, [0.5], 2, seed):
+    a, b = e.haystack_span
+    words = re.findall(r"^\d+\. (\w+)$", e.prompt[a:b], flags=re.M)
+    counts = collections.Counter(words)
+    top = counts.most_common()
+    assert sorted(e.answers) == sorted(w for w, _ in top[:10])
+    assert top[9][1] > top[10][1]  # strictly more frequent than any other word
+    assert len(codec.encode(e.prompt)) <= 2048 - e.max_new_tokens
+
+
+def test_bad_generator_input(corpus):
+  ctx = TaskContext(ByteCodec(), corpus)
+  with pytest.raises(ValueError, match="unknown task"):
+    make_examples(ctx, "nope", 1024, [0.5], 1, 0)
+  with pytest.raises(ValueError, match="outside"):
+    make_examples(ctx, "passkey", 1024, [1.5], 1, 0)
+  with pytest.raises(ValueError, match="too short"):
+    make_examples(ctx, "passkey", 100, [0.5], 1, 0)
+
+
+# ---------------------------------------------------------------------------
+# Scoring.
+
+
+def test_scoring_rules_on_known_answers():
+  s = scoring.score
+  assert s("exact", " 12345.\nmore", "12345") == 1.0
+  assert s("exact", "The key is 12345", "12345") == 0.0
+  assert s("exact", "\n  Apple!", ["pear", "apple"]) == 1.0
+  assert s("contains", "the pass key is 12345. Remember", "12345") == 1.0
+  assert s("contains", "the pass key is 912345", "12345") == 0.0  # whole numbers only
+  assert s("contains", "VAR ABCDEF", "ABCDE") == 0.0
+  assert s("contains", "abcde, fghij", ["x", "FGHIJ"]) == 1.0  # any answer, any case
+  assert s("all", "a1 b2 c3", ["a1", "c3"]) == 1.0
+  assert s("all", "a1 b2", ["a1", "c3"]) == 0.0
+  assert s("partial", "AAAAA, CCCCC and DDDDD", ["AAAAA", "BBBBB", "CCCCC", "DDDDD"]) == 0.75
+  assert s("partial", "", ["x", "y"]) == 0.0
+  with pytest.raises(ValueError, match="unknown scoring rule"):
+    s("fuzzy", "x", "x")
+  with pytest.raises(ValueError, match="no expected answers"):
+    s("contains", "x", [])
+
+
+# ---------------------------------------------------------------------------
+# Models.
+
+
+def _tiny(seed, *, layers=2):
+  cfg = ModelConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_layers=layers,
+                    num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=65536,
+                    tie_embeddings=True)
+  return Transformer(cfg, rngs=nnx.Rngs(seed % 2**31), init_std=0.3)
+
+
+def _plan(model, rng):
+  cfg = model.cfg
+  return HeadPlan.from_scores(rng.random((cfg.num_layers, cfg.num_heads)), cfg.num_kv_heads,
+                              0.25)
+
+
+SPARSE = SparseConfig(mode="rtpurbo", window=32, sinks=4, top_p=0.8, block_size=16,
+                      seqlen_threshold=0, indexer_dim=8, topk_tokens=32, chunk_size=64)
+
+
+def _models(base, plan, modes=("dense", "rtpurbo", "streaming", "topk"), sparse=SPARSE):
+  from rtpurbo_jax.eval.runner import mode_models
+  return mode_models(base, plan, sparse, modes)
+
+
+def _np_nll(logits, ids):
+  lg = np.asarray(logits, np.float64)[:, :-1]
+  m = lg.max(-1, keepdims=True)
+  lse = np.log(np.exp(lg - m).sum(-1)) + m[..., 0]
+  tgt = np.take_along_axis(lg, np.asarray(ids)[:, 1:, None], -1)[..., 0]
+  return lse - tgt
+
+
+@pytest.mark.parametrize("mode", ["dense", "rtpurbo", "streaming"])
+def test_perplexity_matches_numpy(mode, seed, rng):
+  base = _tiny(seed)
+  model = _models(base, _plan(base, rng), (mode,))[mode]
+  ids = jnp.asarray(rng.integers(3, 300, (2, 100)), jnp.int32)
+  sq = jnp.ones(ids.shape, bool) if ppl_lib.decode_style(mode) else None
+  # chunk 16 does not divide 99 predicted positions: exercises the padded last chunk.
+  got = np.asarray(ppl_lib.make_nll_fn(model, chunk=16)(ids, sq))
+  logits = jax.jit(lambda ids, sq: model(ids, sparse_queries=sq))(ids, sq)
+  want = _np_nll(logits, ids)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(ppl_lib.token_nll(logits, ids)), want, rtol=1e-5,
+                             atol=1e-4)
+  start = int(rng.integers(1, 99))
+  assert ppl_lib.perplexity(got, start) == pytest.approx(np.exp(want[:, start - 1:].mean()),
+                                                         rel=1e-5)
+  assert ppl_lib.perplexity(got) == pytest.approx(np.exp(want.mean()), rel=1e-5)
+
+
+def test_heldout_windows_are_slices_of_the_text(corpus, seed):
+  codec = ByteCodec()
+  text = corpus.heldout_text()[:20000]
+  w = ppl_lib.heldout_windows(codec, text, 512, 3, seed)
+  assert w.shape == (3, 512) and w.dtype == np.int32
+  assert np.array_equal(w, ppl_lib.heldout_windows(codec, text, 512, 3, seed))
+  full = np.asarray(codec.encode(text))
+  for row in w:
+    hits = [s for s in range(len(full) - 511) if full[s] == row[0] and
+            np.array_equal(full[s:s + 512], row)]
+    assert hits
+  with pytest.raises(ValueError, match="fewer than"):
+    ppl_lib.heldout_windows(codec, text[:100], 512, 1, seed)
+
+
+def _np_topp(logmass, valid, own, p):
+  """Block top-p from scratch: heaviest blocks first (ties: lower index) until mass >= p."""
+  lm = np.where(valid, logmass, -np.inf)
+  mass = np.exp(lm - lm[valid].max())
+  mass /= mass.sum()
+  keep = np.zeros(len(lm), bool)
+  acc = 0.0
+  for j in sorted(np.flatnonzero(valid), key=lambda j: (-mass[j], j)):
+    if acc >= p:
+      break
+    keep[j] = True
+    acc += mass[j]
+  keep[own] = True
+  return keep
+
+
+def test_selection_report_matches_brute_force(seed, rng):
+  """Layer 0 of a one-layer model: selection, tokens and recall from numpy."""
+  base = _tiny(seed, layers=1)
+  plan = HeadPlan.from_mask([[False, True, True, False]], 2)
+  model = _models(base, plan, ("rtpurbo",))["rtpurbo"]
+  s = 150
+  ids = jnp.asarray(rng.integers(3, 300, (1, s)), jnp.int32)
+  qpos = sparsity.query_positions(s, 6, seed)
+  assert qpos[-1] == s - 1 and np.all(qpos >= s // 2) and len(set(qpos)) == len(qpos)
+  rep = sparsity.selection_report(model, ids, qpos)
+
+  attn = model.layers[0].attn
+  pos = jnp.arange(s)[None]
+  x = attn.project_qkv(model.layers[0].input_norm(jnp.take(model.embed[...], ids, axis=0)),
+                       pos, model.inv_freq())
+  q_pre, k_pre, q, k = (np.asarray(a, np.float64) for a in x[:4])
+  wq, wk = np.asarray(attn.indexer_wq[...]), np.asarray(attn.indexer_wk[...])
+  bs = SPARSE.block_size
+  for j, h in enumerate(attn.heads.retrieval):
+    kvh = attn.heads.kv_of(h)
+    got = rep["heads"][j]
+    fr, tok, rec = [], [], []
+    for t in qpos:
+      sc = (wq[j] @ q_pre[0, t, h]) @ (wk[j] @ k_pre[0, :t + 1, kvh].T)
+      nb = t // bs + 1
+      lm = np.array([np.log(np.exp(sc[b * bs:(b + 1) * bs]).sum()) for b in range(nb)])
+      keep = _np_topp(lm, np.ones(nb, bool), nb - 1, SPARSE.top_p)
+      logits = k[0, :t + 1, kvh] @ q[0, t, h] / np.sqrt(16)
+      p = np.exp(logits - logits.max())
+      p /= p.sum()
+      sel = np.repeat(keep, bs)[:t + 1]
+      fr.append(keep.sum() / nb)
+      tok.append(sel.sum())
+      rec.append(p[sel].sum())
+    assert (got["layer"], got["head"]) == (0, h)
+    assert got["fraction"] == pytest.approx(np.mean(fr), abs=1e-6)
+    assert got["tokens"] == pytest.approx(np.mean(tok), abs=1e-4)
+    assert got["recall"] == pytest.approx(np.mean(rec), abs=1e-4)
+  assert 0.0 < rep["selected_fraction"] <= 1.0 and 0.0 <= rep["recall"] <= 1.0 + 1e-6
+
+
+def test_selection_report_top_p_one_is_dense(seed, rng):
+  base = _tiny(seed)
+  plan = _plan(base, rng)
+  sp = SparseConfig(**{**SPARSE.__dict__, "top_p": 1.0})
+  model = _models(base, plan, ("rtpurbo",), sp)["rtpurbo"]
+  ids = jnp.asarray(rng.integers(3, 300, (1, 130)), jnp.int32)
+  rep = sparsity.selection_report(model, ids, [64, 100, 129])
+  assert rep["selected_fraction"] == pytest.approx(1.0)
+  assert rep["recall"] == pytest.approx(1.0, abs=1e-5)
+  assert rep["tokens_per_head"] == pytest.approx(np.mean([65, 101, 130]))
+  with pytest.raises(ValueError, match="rtpurbo or topk"):
+    sparsity.selection_report(_models(base, plan, ("dense",))["dense"], ids, [100])
+
+
+def test_shared_selection_reports_equal_separate_ones(seed, rng):
+  base = _tiny(seed)
+  models = _models(base, _plan(base, rng), ("rtpurbo", "topk"))
+  ids = jnp.asarray(rng.integers(3, 300, (1, 140)), jnp.int32)
+  qpos = sparsity.query_positions(140, 5, seed)
+  both = sparsity.selection_reports(models, ids, qpos)
+  for m in ("rtpurbo", "topk"):
+    alone = sparsity.selection_report(models[m], ids, qpos)
+    for h1, h2 in zip(both[m]["heads"], alone["heads"], strict=True):
+      assert h1 == pytest.approx(h2)
+    assert both[m]["compute_sparsity"] == pytest.approx(alone["compute_sparsity"])
+  # topk keeps ceil(32 / 16) = 2 blocks plus the own block.
+  assert all(h["fraction"] <= 3 / (70 // 16 + 1) + 1e-6 for h in both["topk"]["heads"])
+
+
+def _greedy_brute_force(forward, prompt, steps, size):
+  """Greedy tokens from full uncached forwards. Causal: the logits at position n - 1 ignore
+  the zeros after it, so one padded shape (one compilation) serves every step."""
+  ids = np.zeros((1, size), np.int32)
+  ids[0, :len(prompt)] = prompt
+  end = len(prompt) + steps
+  for n in range(len(prompt), end):
+    ids[0, n] = int(jnp.argmax(forward(jnp.asarray(ids))[0, n - 1]))
+  return list(ids[0, len(prompt):end])
+
+
+def test_greedy_decoder_matches_uncached_argmax_and_shares_prefill(seed, rng):
+  base = _tiny(seed)
+  models = _models(base, _plan(base, rng))
+  lens = np.asarray([70, 45], np.int32)
+  ids = np.zeros((2, 72), np.int32)
+  for r, n in enumerate(lens):
+    ids[r, :n] = rng.integers(3, 300, n)
+  steps = 5
+  dense = GreedyDecoder(models["dense"])
+  first, cache = dense.prefill(ids, lens, 96)
+  toks, fr = dense.decode(first, cache, steps)
+  assert fr == {}
+  forward = jax.jit(lambda ids: models["dense"](ids))
+  for r, n in enumerate(lens):
+    assert list(toks[r]) == _greedy_brute_force(forward, ids[r, :n], steps, 80)
+  # rtpurbo and topk share one prefill: topk's own prefill gives the same cache.
+  rt, tk = GreedyDecoder(models["rtpurbo"]), GreedyDecoder(models["topk"])
+  f1, c1 = rt.prefill(ids, lens, 96)
+  f2, c2 = tk.prefill(ids, lens, 96)
+  np.testing.assert_array_equal(np.asarray(f1), np.asarray(f2))
+  for a, b in zip(jax.tree.leaves(c1), jax.tree.leaves(c2)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+  toks_rt, fr_rt = rt.decode(f1, c1, steps)
+  assert sorted(fr_rt) == [i for i, l in enumerate(models["rtpurbo"].layers)
+                           if l.attn.heads.retrieval]
+  for f in fr_rt.values():
+    assert np.all((f > 0) & (f <= 1))
+
+
+def test_settings_reject_bad_values():
+  from rtpurbo_jax.config import ConfigError
+  st = EvalSettings(lengths=(1024, 2048, 4096), samples=(4, 2, 1))
+  assert [st.samples_at(n) for n in st.lengths] == [4, 2, 1]
+  with pytest.raises(ConfigError, match="one per length"):
+    EvalSettings(lengths=(1024, 2048), samples=(4, 2, 1))
+  with pytest.raises(ConfigError, match="unknown mode"):
+    EvalSettings(modes=("dense", "fast"))
+  with pytest.raises(ConfigError, match="unknown task"):
+    EvalSettings(tasks=("passkey", "trivia"))
+  with pytest.raises(ConfigError, match="depths"):
+    EvalSettings(depths=(0.5, 2.0))
+
+
+def _tiny_config():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("tiny_config", os.path.join(ROOT, "configs",
+                                                                          "tiny.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config()
+
+
+def test_plan_is_calibrated_when_none_is_given(corpus, seed):
+  from rtpurbo_jax.eval import runner
+  cfg = _tiny_config()
+  cfg.seed = seed % 1000
+  cfg.train.calibrate.length, cfg.train.calibrate.needle_len = 384, 24
+  model, codec = runner.load_model(cfg)
+  plan, source, record = runner.resolve_plan(cfg, model, codec, corpus)
+  assert "calibration" in source and plan.mask().sum() == 2  # 25% of 8 query heads
+  scores = np.asarray(record["scores"])
+  assert scores.shape == (2, 4) and np.all((scores > 0) & (scores < 1))
+  assert plan == HeadPlan.from_scores(scores, 2, 0.25)
+  # The earlier needle is off the attention-sink tokens at the start.
+  assert record["needle_span"][0] > 0 and record["needle_span"][1] - record["needle_span"][0] == 24
+
+
+# ---------------------------------------------------------------------------
+# The CLI on configs/tiny.py.
+
+
+def _cli(tmp_path, *overrides):
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, "-m", "rtpurbo_jax.eval", "--config=configs/tiny.py", *overrides]
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_cli_end_to_end_on_tiny(tmp_path):
+  plan = {str(l): [int(h == l + 1) for h in range(4)] for l in range(2)}
+  plan_path = tmp_path / "plan.json"
+  plan_path.write_text(json.dumps(plan))
+  out = tmp_path / "out"
+  r = _cli(tmp_path, "--config.eval.lengths=768", "--config.eval.samples=1",
+           "--config.eval.tasks=passkey,niah_multikey,common_words",
+           "--config.eval.sparsity_queries=4", f"--config.plan.path={plan_path}",
+           f"--config.eval.out_dir={out}")
+  assert r.returncode == 0, r.stderr[-3000:]
+  for name in report.FILES:
+    assert (out / name).stat().st_size > 0, name
+    if name.endswith(".png"):
+      assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  res = json.loads((out / "results.json").read_text())
+  modes = ["dense", "rtpurbo", "streaming", "topk"]
+  assert res["plan"]["retrieval_heads"] == 2
+  assert res["settings"]["lengths"] == [768] and res["settings"]["modes"] == modes
+  assert [e["task"] for e in res["examples"]] == ["passkey", "niah_multikey", "common_words"]
+  for e in res["examples"]:
+    for m in modes:
+      assert e["scores"][m] == scoring.score(e["rule"], e["predictions"][m], e["answers"])
+  acc = res["accuracy"]["scores"]
+  for m in modes:
+    want = np.mean([e["scores"][m] for e in res["examples"]])
+    assert acc[m]["average"]["768"] == pytest.approx(want)
+  assert set(res["perplexity"]) == set(modes)
+  assert set(res["sparsity"]) == set(res["decode_sparsity"]) == {"rtpurbo", "topk"}
+  assert len(res["sparsity"]["rtpurbo"]["768"]["heads"]) == 2
+  md = (out / "results.md").read_text()
+  assert "| passkey | 768 |" in md and "| **average** | 768 |" in md and "Perplexity" in md
+
+  # A second run at another length (relabelled copy) merges into one report.
+  other = json.loads(json.dumps(res).replace('"768"', '"640"'))
+  other["settings"]["lengths"] = [640]
+  for e in other["examples"]:
+    e["length"] = 640
+    e["scores"] = {m: 1.0 - v for m, v in e["scores"].items()}
+  (tmp_path / "b.json").write_text(json.dumps(other))
+  merged_dir = tmp_path / "merged"
+  report.main([str(out / "results.json"), str(tmp_path / "b.json"),
+               f"--out_dir={merged_dir}"])
+  merged = json.loads((merged_dir / "results.json").read_text())
+  assert merged["settings"]["lengths"] == [640, 768]
+  assert len(merged["examples"]) == 6
+  for m in modes:
+    a = merged["accuracy"]["scores"][m]["average"]
+    assert a["768"] == pytest.approx(acc[m]["average"]["768"])
+    assert a["640"] == pytest.approx(1.0 - acc[m]["average"]["768"])
+  assert set(merged["perplexity"]["dense"]) == {"640", "768"}
+  with pytest.raises(ValueError, match="appears in runs"):
+    report.merge([res, res])
+
+
+def test_cli_bad_values_give_one_clear_error(tmp_path):
+  r = _cli(tmp_path, "--config.eval.modes=dense,fast")
+  assert r.returncode == 2
+  assert "unknown mode 'fast'" in r.stderr
+  assert "Traceback" not in r.stderr
