@@ -20,4 +20,11 @@ def get_config():
   c.infer.ctx = "4K"
   c.infer.max_new_tokens = 48
   c.infer.prefill_chunk = 1024
+  # SmolLM2's context is 8192: train at 4K on the bundled plays (CPU-sized; use a GPU for 8K).
+  c.data.train_files = "shakespeare"
+  c.train.stage1.seq_len = 4096
+  c.train.stage1.steps = 200
+  c.train.stage1.query_fraction = 0.25
+  c.train.stage2.seq_len = 4096
+  c.train.stage2.steps = 100
   return c
