@@ -18,7 +18,7 @@ Decode steps are timed inside one jitted loop (no per-call dispatch), rotating o
 several cache copies so the L2 cache does not hold a layer's data between steps.
 Import only pallas_kernels + jax/numpy (the GPU image has no other project deps).
 
-  PYTHONPATH=. python benchmarks/kernels.py --out /tmp/results     # on a GPU
+  PYTHONPATH=. python benchmarks/kernels.py --out results_dir      # on a GPU
   PYTHONPATH=. RTPURBO_INTERPRET=1 python benchmarks/kernels.py --smoke   # plumbing, CPU
 """
 
