@@ -134,6 +134,8 @@ def markdown(results: dict) -> str:
             f"{100 * r['compute_sparsity']:.1f}%"]
         cells.append("-" if d is None else f"{100 * d['selected_fraction']:.1f}%")
         out.append(f"| {m} | {_size(length)} | " + " | ".join(cells) + " |")
+  if meta.get("notes"):
+    out += ["", "## Notes", "", meta["notes"]]
   return "\n".join(out) + "\n"
 
 
@@ -155,6 +157,16 @@ def _png(fig) -> bytes:
   return buf.getvalue()
 
 
+# Marker, line style and size per mode: larger markers first, so equal values stay visible.
+_STYLE = {"dense": ("o", "-", 9), "rtpurbo": ("s", "-", 7), "streaming": ("^", "--", 6),
+          "topk": ("D", ":", 4)}
+
+
+def _style(mode: str) -> dict:
+  marker, ls, size = _STYLE.get(mode, ("o", "-", 5))
+  return {"marker": marker, "ls": ls, "markersize": size}
+
+
 def plot_accuracy(results: dict) -> bytes:
   plt = _plt()
   st, scores = results["settings"], results["accuracy"]["scores"]
@@ -166,7 +178,7 @@ def plot_accuracy(results: dict) -> bytes:
   for ax, t in zip(axes.flat, tasks):
     for m in st["modes"]:
       ys = [scores.get(m, {}).get(t, {}).get(str(n)) for n in lengths]
-      ax.plot(lengths, [np.nan if y is None else 100 * y for y in ys], marker="o", label=m)
+      ax.plot(lengths, [np.nan if y is None else 100 * y for y in ys], label=m, **_style(m))
     ax.set_title(t)
     ax.set_xscale("log", base=2)
     ax.set_xticks(lengths, [_size(n) for n in lengths])
@@ -323,12 +335,17 @@ def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description="Merge evaluation runs and re-render the report.")
   ap.add_argument("results", nargs="+", help="results.json files")
   ap.add_argument("--out_dir", required=True)
+  ap.add_argument("--notes", default="", help="a Markdown file appended as the Notes section")
   args = ap.parse_args(argv)
   parts = []
   for path in args.results:
     with open(path) as f:
       parts.append(json.load(f))
-  for path in write(merge(parts) if len(parts) > 1 else parts[0], args.out_dir):
+  results = merge(parts) if len(parts) > 1 else parts[0]
+  if args.notes:
+    with open(args.notes) as f:
+      results["meta"]["notes"] = f.read().strip()
+  for path in write(results, args.out_dir):
     print(path)
 
 
