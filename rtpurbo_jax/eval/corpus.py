@@ -19,6 +19,7 @@ import re
 
 import numpy as np
 
+
 class ByteCodec:
   """UTF-8 bytes shifted by `offset` (ids below it are left for special tokens).
 
