@@ -235,7 +235,13 @@ class MixedHeadAttention(nnx.Module):
                                full_kvh(full_local), positions[:, 0], **window_rule)
         out = put(out, full_local, o)
     else:
-      if ring_local:
+      if ring_local and contiguous:
+        sel = jnp.asarray(lay.ring_kv)
+        o = self._ring_prefill_fast(q[:, :, jnp.asarray(ring_local)], ring_before[:2],
+                                    (k[:, :, sel], v[:, :, sel]), new, ring_kvh,
+                                    positions[0, 0], active)
+        out = put(out, ring_local, o)
+      elif ring_local:
         # A chunk may evict ring entries its own early queries need: attend over the ring as it
         # was plus the new tokens.
         rk, rv, rpos = ring_before
@@ -282,6 +288,63 @@ class MixedHeadAttention(nnx.Module):
       out = put(out, selected, o)
     return out, new
 
+
+  def _ring_prefill_fast(self, q, ring_before, chunk_kv, new, kv_heads, p0, active):
+    """Local heads on ring KV heads for a contiguous chunk, through the window kernel.
+
+    q: [batch, s, heads, head_dim] at positions p0..p0+s-1 (p0 traced); ring_before: ring_k,
+    ring_v [batch, n_ring_kv, capacity, head_dim] before this chunk was written; chunk_kv:
+    the chunk's k, v [batch, s, n_ring_kv, head_dim]; new: the cache after the write;
+    active: [batch] bool. Two disjoint parts, merged by log-sum-exp:
+      window: keys t - window < j <= t. The ring's slots for positions [start, p0),
+        start = max(0, p0 - window + 1), are gathered in position order and followed by the
+        chunk's keys: a contiguous key range of static length window - 1 + s in which the
+        chunk starts at the traced offset p0 - start, so `ops.window_attention` (sinks=0)
+        reads it with no [s, capacity + s] score matrix. The ring holds every such position
+        (capacity - sinks >= window > p0 - start). Slots past the chunk's end (when
+        p0 < window - 1) are causally invisible.
+      prefix: keys j <= t - window that are sinks, or any (inactive rows, below the threshold):
+        as in `_local_prefill_fast`, over the first slots of the new ring, whose `ring_pos`
+        names each slot's position (below the threshold nothing has been evicted yet).
+    Returns [batch, s, heads, head_dim].
+    """
+    sp = self.sparse
+    b, s = q.shape[:2]
+    cap = ring_before[0].shape[2]
+    span = sp.window - 1
+    start = jnp.maximum(p0 - span, 0)
+    pos = start + jnp.arange(span + s, dtype=jnp.int32)  # position of each gathered key
+    # Index into [ring slots (cap) ++ chunk (s)]: history from its ring slot, the rest from
+    # the chunk (clipped past its end: those keys are never visible).
+    idx = jnp.where(pos < p0, cache_lib.ring_slot(pos, sp.sinks, cap), cap + pos - p0)
+    idx = jnp.clip(idx, 0, cap + s - 1)
+
+    def keys(ring, chunk):
+      both = jnp.concatenate([jnp.swapaxes(ring, 1, 2), chunk.astype(ring.dtype)], axis=1)
+      return jnp.take(both, idx, axis=1)  # [b, span + s, n_ring_kv, d]
+
+    kw, vw = keys(ring_before[0], chunk_kv[0]), keys(ring_before[1], chunk_kv[1])
+    window = _traced_offset_call("window_attention", q, kw, vw, kv_heads, sinks=0,
+                                 window=sp.window, q_offset=p0 - start, chunk=sp.chunk_size)
+    q_shift = jnp.broadcast_to(p0 + jnp.arange(s, dtype=jnp.int32)[None] - sp.window, (b, s))
+
+    def prefix(n):
+      n = min(cap, n)
+      if n == 0:
+        return (jnp.zeros(q.shape, q.dtype), jnp.full((b, s, q.shape[2]), -jnp.inf))
+      kp = jnp.swapaxes(new.ring_k[:, :, :n], 1, 2)
+      vp = jnp.swapaxes(new.ring_v[:, :, :n], 1, 2)
+      return ops.masked_attention(q, kp, vp, q_shift, new.ring_pos[:, :n], kv_heads,
+                                  sinks=sp.sinks, window=0, sparse_active=active,
+                                  chunk=sp.chunk_size)
+
+    wide = max(sp.sinks, sp.seqlen_threshold)
+    if min(cap, wide) == min(cap, sp.sinks):
+      pre = prefix(sp.sinks)
+    else:
+      pre = jax.lax.cond(jnp.all(active), lambda: prefix(sp.sinks), lambda: prefix(wide))
+    out, _ = ops.merge_attention([window, pre])
+    return out
 
   def _local_prefill_fast(self, q, k_cache, v_cache, kv_heads, p0, active):
     """Local heads of a contiguous chunk over the full cache, in bounded memory.
