@@ -19,8 +19,8 @@ import jax
 
 from pallas_kernels import reference
 
-OPERATIONS = ("causal_attention", "window_attention", "topp_select", "sparse_decode",
-              "ring_decode", "prefill_select", "sparse_prefill")
+OPERATIONS = ("causal_attention", "cache_causal_attention", "window_attention", "topp_select",
+              "sparse_decode", "ring_decode", "prefill_select", "sparse_prefill")
 
 
 def backend() -> str:
@@ -65,6 +65,7 @@ def _route(op: str):
 
 
 causal_attention = _route("causal_attention")
+cache_causal_attention = _route("cache_causal_attention")
 window_attention = _route("window_attention")
 topp_select = _route("topp_select")
 sparse_decode = _route("sparse_decode")

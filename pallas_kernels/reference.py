@@ -125,6 +125,19 @@ def causal_attention(q, k, v, kv_heads, *, q_offset: int = 0, chunk: int = 512):
                           _contiguous_pos(b, k.shape[1]), kv_heads, chunk=chunk)
 
 
+def cache_causal_attention(q, k_cache, v_cache, kv_heads, *, q_offset=0, chunk: int = 512):
+  """Dense causal attention of a prefill chunk over a KV cache in its own layout.
+
+  q: [batch, q_len, q_heads, head_dim] at positions q_offset.. (may be traced); k_cache,
+  v_cache: [batch, kv_heads, T, head_dim], key j at position j (slots past the chunk's last
+  query are causally invisible, so unwritten slots never matter). Returns (out, lse).
+  """
+  b = q.shape[0]
+  return masked_attention(q, jnp.swapaxes(k_cache, 1, 2), jnp.swapaxes(v_cache, 1, 2),
+                          _contiguous_pos(b, q.shape[1], q_offset),
+                          _contiguous_pos(b, k_cache.shape[2]), kv_heads, chunk=chunk)
+
+
 def window_attention(q, k, v, kv_heads, *, sinks: int, window: int, q_offset: int = 0,
                      chunk: int = 512):
   """Sink + sliding-window causal prefill for local heads. Returns (out, lse)."""

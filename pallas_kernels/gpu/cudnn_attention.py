@@ -26,8 +26,8 @@ from pallas_kernels.gpu import common
 from pallas_kernels.reference import causal_attention as reference_causal
 from pallas_kernels.reference import window_attention as reference
 
-__all__ = ["causal_attention", "window_attention", "dense_attention", "supported",
-           "reference", "reference_causal"]
+__all__ = ["causal_attention", "window_attention", "cache_causal_attention", "dense_attention",
+           "supported", "reference", "reference_causal"]
 
 
 def supported(q, k, v, kv_heads, q_offset: int = 0) -> bool:
@@ -213,3 +213,80 @@ def window_attention(q, k, v, kv_heads, *, sinks: int, window: int, q_offset: in
                                         window=int(window))
   return window_attention_jit(q, k, v, kv_heads=kv_heads, sinks=int(sinks),
                               window=int(window))
+
+
+# ---------------------------------------------------------------------------
+# A prefill chunk over the KV cache (chunked prefill of retrieval heads).
+
+
+def _prefix_attention(q_t, k, v, kv_len):
+  """q_t [b, hq, s, d] over keys [0, kv_len) of k, v [b, hq // G, T, d] (native GQA, BNTH).
+
+  kv_len: int32 [b] (traced); cuDNN's padding mask bounds the key loop by it. Returns
+  (out [b, hq, s, d], lse [b, hq, s] f32).
+  """
+  b, hq, s, d = q_t.shape
+  if IMPLEMENTATION == "xla":
+    out, lse = jax.nn.dot_product_attention(
+        jnp.swapaxes(q_t, 1, 2), jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2),
+        implementation="xla", key_value_seq_lengths=kv_len, return_residual=True)
+    return jnp.swapaxes(out, 1, 2), jnp.swapaxes(lse, 1, 2).astype(jnp.float32)
+  from jax._src.cudnn import fused_attention_stablehlo as fa
+  q_len = jnp.full((b,), s, jnp.int32)
+  out, res = fa.dot_product_attention(
+      q_t, k, v, q_seqlen=q_len, kv_seqlen=kv_len, scale=1.0 / math.sqrt(d),
+      mask_type=fa.MaskType.PADDING, qkv_layout="BNTH", return_residual=True)
+  return out, res.astype(jnp.float32)
+
+
+def _grouped_prefix(q_t, k_cache, v_cache, kv_heads, kv_len):
+  """`_prefix_attention` for arbitrary kv_heads: one call per group size (as `_grouped`)."""
+  kv_ids, members = common.kv_groups(kv_heads)
+  by_size: dict[int, list[int]] = {}
+  for g, m in enumerate(members):
+    by_size.setdefault(len(m), []).append(g)
+  outs, lses, order = [], [], []
+  for groups in by_size.values():
+    heads = [h for g in groups for h in members[g]]
+    kvs = [kv_ids[g] for g in groups]
+    qs = q_t if heads == list(range(q_t.shape[1])) else q_t[:, jnp.asarray(heads)]
+    if kvs == list(range(k_cache.shape[1])):
+      ks, vs = k_cache, v_cache
+    else:
+      ks, vs = k_cache[:, jnp.asarray(kvs)], v_cache[:, jnp.asarray(kvs)]
+    o, l = _prefix_attention(qs, ks, vs, kv_len)
+    outs.append(o)
+    lses.append(l)
+    order += heads
+  inv = [0] * len(order)
+  for pos, h in enumerate(order):
+    inv[h] = pos
+  inv = jnp.asarray(inv)
+  return jnp.concatenate(outs, axis=1)[:, inv], jnp.concatenate(lses, axis=1)[:, inv]
+
+
+@functools.partial(jax.jit, static_argnames=("kv_heads",))
+def cache_causal_attention_jit(q, k_cache, v_cache, q_offset, *, kv_heads):
+  b, s = q.shape[:2]
+  # Prefix: keys [0, q_offset), all visible (padding mask; an empty prefix is dropped below).
+  kv_len = jnp.full((b,), jnp.maximum(q_offset, 1), jnp.int32)
+  o_p, l_p = _grouped_prefix(jnp.swapaxes(q, 1, 2), k_cache, v_cache, kv_heads, kv_len)
+  o_p, l_p = jnp.swapaxes(o_p, 1, 2), jnp.swapaxes(l_p, 1, 2)
+  l_p = jnp.where(q_offset > 0, l_p, common.NEG_INF)
+  o_p = jnp.where(q_offset > 0, o_p, jnp.zeros_like(o_p))
+  # The chunk's own keys [q_offset, q_offset + s): causal, aligned with the queries.
+  # Slots past the cache end (padding queries of a last chunk) are clipped: no valid query
+  # sees them.
+  idx = jnp.clip(q_offset + jnp.arange(s, dtype=jnp.int32), 0, k_cache.shape[2] - 1)
+  own = lambda c: jnp.swapaxes(jnp.take(c, idx, axis=2), 1, 2)  # noqa: E731
+  o_c, l_c = _grouped(q, own(k_cache), own(v_cache), kv_heads, None)
+  return _merge([(o_c, l_c), (o_p, l_p)])
+
+
+def cache_causal_attention(q, k_cache, v_cache, kv_heads, *, q_offset=0, chunk: int = 512):
+  """Reference contract of `cache_causal_attention` from two cuDNN calls merged by LSE:
+  the chunk over the cache prefix [0, q_offset) (padding mask, traced length) and over its
+  own keys (causal). Returns (out, lse)."""
+  del chunk
+  return cache_causal_attention_jit(q, k_cache, v_cache, jnp.asarray(q_offset, jnp.int32),
+                                    kv_heads=tuple(int(x) for x in kv_heads))

@@ -11,6 +11,9 @@ does not handle (the jnp reference then runs). Choices, measured on an H200
                      kernel also wherever q_offset is not a static 0.
 A traced q_offset (a jitted chunked prefill whose offset changes per chunk) goes to the
 Pallas flash kernel, which reads the offset at run time; cuDNN takes no offset.
+  cache_causal_attention  a prefill chunk over the KV cache in place ([b, kv, T, d]):
+                     the Pallas flash kernel (kv_major) or, with RTPURBO_CACHE_ATTN=cudnn,
+                     a cuDNN prefix call (padding mask) + a causal call on the chunk.
   topp_select        block-LSE kernel + register top-p kernel (exact or histogram).
   sparse_decode      mask -> block lists, split-KV decode kernel.
   ring_decode        visible ring blocks -> block list, same decode kernel (GQA-grouped).
@@ -21,7 +24,10 @@ Interpret mode (`RTPURBO_INTERPRET=1`) runs every Pallas kernel on the CPU; cuDN
 
 from __future__ import annotations
 
+import os
+
 import jax
+import jax.numpy as jnp
 
 from pallas_kernels.gpu import common
 from pallas_kernels.gpu import cudnn_attention as cudnn
@@ -33,6 +39,17 @@ from pallas_kernels.gpu import window_attention as flash_k
 
 # Set from the H200 measurements (benchmarks/NOTES.md): the faster of the two.
 WINDOW_IMPL = "cudnn"
+
+
+def cache_attn_impl() -> str:
+  """`cache_causal_attention` implementation: RTPURBO_CACHE_ATTN=pallas (default: the flash
+  kernel reading the cache in place at a traced offset) or cudnn (prefix call with a padding
+  mask + causal call on the chunk, merged by LSE; `benchmarks/check_prefill.py` measures both).
+  """
+  choice = os.environ.get("RTPURBO_CACHE_ATTN", "pallas").lower()
+  if choice not in ("pallas", "cudnn"):
+    raise ValueError(f"RTPURBO_CACHE_ATTN={choice!r}: expected pallas or cudnn")
+  return choice
 
 
 def _pallas_ok() -> bool:
@@ -58,6 +75,19 @@ def causal_attention(q, k, v, kv_heads, *, q_offset=0, chunk: int = 512):
     return cudnn.causal_attention(q, k, v, kv_heads)
   if _pallas_ok() and flash_k.supported(q, k, v, kv_heads):
     return flash_k.causal_attention(q, k, v, kv_heads, q_offset=q_offset)
+  return NotImplemented
+
+
+def cache_causal_attention(q, k_cache, v_cache, kv_heads, *, q_offset=0, chunk: int = 512):
+  kv_heads = tuple(int(x) for x in kv_heads)
+  d = q.shape[-1]
+  if (cache_attn_impl() == "cudnn" and _cudnn_ok() and d % 8 == 0 and d <= 256
+      and q.dtype == k_cache.dtype == v_cache.dtype and q.dtype in (jnp.bfloat16, jnp.float16)
+      and k_cache.shape == v_cache.shape and k_cache.shape[-1] == d):
+    return cudnn.cache_causal_attention(q, k_cache, v_cache, kv_heads, q_offset=q_offset)
+  if _pallas_ok() and flash_k.supported(q, k_cache, v_cache, kv_heads, kv_major=True):
+    return flash_k.causal_attention(q, k_cache, v_cache, kv_heads, q_offset=q_offset,
+                                    kv_major=True)
   return NotImplemented
 
 

@@ -14,7 +14,8 @@ q_offset is a runtime value: it travels in the same small int32 input as the hea
 kernel. A caller may pass a python int or a traced int32 scalar (chunked prefill jits one
 function whose offset changes per chunk); both compile to the same kernel.
 
-Shapes: q [batch, q_len, q_heads, head_dim]; k, v [batch, kv_len, kv_heads_total, head_dim].
+Shapes: q [batch, q_len, q_heads, head_dim]; k, v [batch, kv_len, kv_heads_total, head_dim]
+(or, causal with `kv_major`, [batch, kv_heads_total, kv_len, head_dim]: the cache layout).
 Returns out [batch, q_len, q_heads, head_dim] (q.dtype) and lse [batch, q_len, q_heads] f32.
 """
 
@@ -36,7 +37,7 @@ __all__ = ["window_attention", "causal_attention", "supported", "reference",
 
 
 def _kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, bq, bk, sinks, window,
-            kv_len, scale, precision):
+            kv_len, scale, precision, kv_major):
   iq, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   q_offset = meta_ref[0]
   kv = meta_ref[1 + h]
@@ -51,8 +52,12 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, bq, bk, sinks, win
 
   def block(j, carry, masked):
     k0 = j * bk
-    k = k_ref[b, pl.ds(k0, bk), kv, :]
-    v = v_ref[b, pl.ds(k0, bk), kv, :]
+    if kv_major:  # [batch, kv_heads, kv_len, head_dim]: the KV cache's own layout
+      k = k_ref[b, kv, pl.ds(k0, bk), :]
+      v = v_ref[b, kv, pl.ds(k0, bk), :]
+    else:
+      k = k_ref[b, pl.ds(k0, bk), kv, :]
+      v = v_ref[b, pl.ds(k0, bk), kv, :]
     s2 = common.dot_nt(q, k, precision) * c
     vis = None
     if masked:
@@ -86,12 +91,14 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, bq, bk, sinks, win
   lse_ref[b, h, pl.ds(q0, bq)] = lse
 
 
-def supported(q, k, v, kv_heads, *, block_q: int = 128, block_k: int = 64) -> bool:
+def supported(q, k, v, kv_heads, *, block_q: int = 128, block_k: int = 64,
+              kv_major: bool = False) -> bool:
   d = q.shape[-1]
+  n_kv = k.shape[1] if kv_major else k.shape[2]
   return (q.ndim == 4 and k.shape == v.shape and k.shape[-1] == d and common.is_pow2(d)
           and 16 <= d <= 256 and len(kv_heads) == q.shape[2] and q.dtype == k.dtype == v.dtype
           and q.dtype in (jnp.bfloat16, jnp.float16, jnp.float32)
-          and all(0 <= kv < k.shape[2] for kv in kv_heads))
+          and all(0 <= kv < n_kv for kv in kv_heads))
 
 
 def _offset(q_offset):
@@ -103,23 +110,25 @@ def _offset(q_offset):
 
 @functools.partial(jax.jit, static_argnames=(
     "kv_heads", "sinks", "window", "block_q", "block_k", "num_warps", "num_stages",
-    "interpret"))
+    "interpret", "kv_major"))
 def _flash(q, k, v, q_offset, *, kv_heads, sinks, window, block_q, block_k, num_warps,
-           num_stages, interpret):
+           num_stages, interpret, kv_major=False):
   b, sq, hq, d = q.shape
-  kv_len = k.shape[1]
+  seq_axis = 2 if kv_major else 1
+  kv_len = k.shape[seq_axis]
   bq = min(block_q, max(16, common.next_pow2(sq)))
   sq_pad = common.cdiv(sq, bq) * bq
   kv_pad = common.cdiv(kv_len, block_k) * block_k
   if sq_pad != sq:
     q = jnp.pad(q, ((0, 0), (0, sq_pad - sq), (0, 0), (0, 0)))
   if kv_pad != kv_len:
-    k = jnp.pad(k, ((0, 0), (0, kv_pad - kv_len), (0, 0), (0, 0)))
-    v = jnp.pad(v, ((0, 0), (0, kv_pad - kv_len), (0, 0), (0, 0)))
+    widths = [(0, 0)] * 4
+    widths[seq_axis] = (0, kv_pad - kv_len)
+    k, v = jnp.pad(k, widths), jnp.pad(v, widths)
   meta = jnp.concatenate([q_offset.reshape(1), jnp.asarray(kv_heads, jnp.int32)])
   kernel = functools.partial(
       _kernel, bq=bq, bk=block_k, sinks=sinks, window=window, kv_len=kv_len,
-      scale=1.0 / math.sqrt(d), precision=common.dot_precision(q.dtype))
+      scale=1.0 / math.sqrt(d), precision=common.dot_precision(q.dtype), kv_major=kv_major)
   out, lse = pl.pallas_call(
       kernel,
       grid=(sq_pad // bq, hq, b),
@@ -150,13 +159,15 @@ def window_attention(q, k, v, kv_heads, *, sinks: int, window: int, q_offset=0,
 
 def causal_attention(q, k, v, kv_heads, *, q_offset=0, chunk: int = 512,
                      block_q: int = 128, block_k: int = 64, num_warps: int = 8,
-                     num_stages: int = 3, interpret: bool | None = None):
+                     num_stages: int = 3, interpret: bool | None = None,
+                     kv_major: bool = False):
   """Dense causal prefill with the same kernel (no window rule). Returns (out, lse).
 
-  q_offset: python int or int32 scalar (may be traced).
+  q_offset: python int or int32 scalar (may be traced). kv_major: k, v are
+  [batch, kv_heads, kv_len, head_dim] (a KV cache read in place, no transposed copy).
   """
   del chunk
   return _flash(q, k, v, _offset(q_offset), kv_heads=tuple(int(x) for x in kv_heads),
                 sinks=0, window=None, block_q=block_q, block_k=block_k,
                 num_warps=num_warps, num_stages=num_stages,
-                interpret=common.interpret_flag(interpret))
+                interpret=common.interpret_flag(interpret), kv_major=bool(kv_major))

@@ -191,9 +191,10 @@ class MixedHeadAttention(nnx.Module):
     """Prefill chunk or decode step against the mixed cache.
 
     With `contiguous` (a prefill chunk at positions p0..p0+s-1, right padding only), heads that
-    read the full cache go through `ops.causal_attention` (q_offset=p0, a traced scalar) and
-    `_local_prefill_fast` instead of `ops.masked_attention` over all `max_len` slots, whose
-    memory is O(s x max_len). Keys beyond a valid query's position are hidden by causality, so
+    read the full cache go through `ops.cache_causal_attention` (q_offset=p0, a traced scalar)
+    and `_local_prefill_fast`, local heads on ring KV heads through `_ring_prefill_fast`,
+    instead of `ops.masked_attention` over all `max_len` slots (or the ring + chunk), whose
+    memory is O(s x max_len) and whose math is fp32 jnp. Keys beyond a valid query's position are hidden by causality, so
     padding and unwritten slots never reach a valid query.
     """
     sp, cfg, lay = self.sparse, self.cfg, self.layout
@@ -264,9 +265,10 @@ class MixedHeadAttention(nnx.Module):
     # Dense heads, and retrieval heads outside decode (paper mode: dense in prefill).
     dense_now = dense + (selected if not decode or sp.mode not in ("rtpurbo", "topk") else ())
     if dense_now and contiguous and not decode:
-      o, _ = _traced_offset_call("causal_attention", q[:, :, jnp.asarray(dense_now)], full_k,
-                                 full_v, full_kvh(dense_now), q_offset=positions[0, 0],
-                                 chunk=sp.chunk_size)
+      # The cache is read in its own [batch, kv, T, head_dim] layout (no transposed copy).
+      o, _ = _traced_offset_call("cache_causal_attention", q[:, :, jnp.asarray(dense_now)],
+                                 new.full_k, new.full_v, full_kvh(dense_now),
+                                 q_offset=positions[0, 0], chunk=sp.chunk_size)
       out = put(out, dense_now, o)
     elif dense_now:
       o, _ = ops.masked_attention(q[:, :, jnp.asarray(dense_now)], full_k, full_v, positions,
