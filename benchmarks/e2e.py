@@ -112,13 +112,40 @@ def plan_for(setup: Setup, plan, mode: str, ctx: int, device_memory: int):
                             n_devices=1)
 
 
-def run_variant(model, setup: Setup, ctx: int, seed: int) -> dict:
-  """One generate() at `ctx` total tokens (prompt + new); the engine's summary."""
+def build_model(setup: Setup, plan, seed: int):
+  """The random model, built eagerly on the default device.
+
+  Each initialiser is a jitted `jax.random` call compiled once per distinct (shape, dtype), a
+  dozen small programs for the 8B shape. One jitted constructor instead (the earlier way)
+  is a single program with ~300 inlined RNG expansions: tens of seconds of compile alone.
+  """
+  model = Transformer(setup.cfg, sparse=setup.sparse, plan=plan, dtype=setup.dtype,
+                      rngs=nnx.Rngs(seed))
+  jax.block_until_ready(nnx.state(model))
+  return model
+
+
+def kernel_choices() -> dict:
+  """The kernel settings this process runs with (recorded per variant)."""
+  out = {"backend": ops.backend(),
+         "cache_attn": os.environ.get("RTPURBO_CACHE_ATTN", "pallas")}
+  if ops.backend() == "gpu":
+    from pallas_kernels.gpu import dispatch
+    out["window_impl"] = dispatch.WINDOW_IMPL
+  return out
+
+
+def run_variant(model, setup: Setup, ctx: int, seed: int, on_prefill_chunk=None) -> dict:
+  """One generate() at `ctx` total tokens (prompt + new); the engine's summary.
+
+  on_prefill_chunk(done, total, seconds): progress after each prefill chunk.
+  """
   rng = np.random.default_rng(seed)
   prompt = rng.integers(0, setup.cfg.vocab_size, (1, ctx - setup.new_tokens), dtype=np.int32)
   eng = Engine(model, progress=sys.stderr.isatty())
   res = eng.generate(prompt, setup.new_tokens, sampling=Sampling(), max_len=ctx,
-                     prefill_chunk=setup.prefill_chunk, seed=seed)
+                     prefill_chunk=setup.prefill_chunk, seed=seed,
+                     on_prefill_chunk=on_prefill_chunk)
   s = dict(res.summary)
   s["first_tokens"] = res.tokens[0, :4].tolist()
   del res, eng
@@ -156,10 +183,11 @@ def main(argv=None):
   name = "tiny" if args.tiny else env["device"].replace(" ", "_").lower()
   out = args.out or os.path.join(ROOT, "benchmarks", "results", f"e2e_{name}.json")
 
+  # What every variant shares; the prefill chunk and kernel choices are per variant.
   same = dict(model="tiny" if args.tiny else "llama-3.1-8b (random weights)",
               dtype=setup.dtype, batch=1, device_memory=dev_mem, plan=plan.summary(),
-              sparse=dataclasses.asdict(setup.sparse), prefill_chunk=setup.prefill_chunk,
-              new_tokens=setup.new_tokens, device=env["device"])
+              sparse=dataclasses.asdict(setup.sparse), new_tokens=setup.new_tokens,
+              device=env["device"])
   results = {}
   if os.path.exists(out):
     with open(out) as f:
@@ -204,12 +232,10 @@ def main(argv=None):
         todo.append((m, parse_size(c)))
 
   t = time.perf_counter()
-  # One compiled initialiser instead of one dispatch (and compile) per parameter.
-  base = nnx.jit(lambda: Transformer(setup.cfg, sparse=setup.sparse, plan=plan,
-                                     dtype=setup.dtype, rngs=nnx.Rngs(args.seed)))()
-  jax.block_until_ready(nnx.state(base))
+  base = build_model(setup, plan, args.seed)
+  build_s = time.perf_counter() - t
   print(f"random {setup.cfg.num_params() / 1e6:.1f}M-parameter model built in "
-        f"{time.perf_counter() - t:.1f}s; device memory {memory.fmt(dev_mem)}", flush=True)
+        f"{build_s:.1f}s; device memory {memory.fmt(dev_mem)}", flush=True)
 
   for mode, ctx in todo:
     key = f"{mode}@{memory.format_tokens(ctx)}"
@@ -224,8 +250,19 @@ def main(argv=None):
     model = base if mode == setup.sparse.mode else convert.rebuild(
         base, sparse=dataclasses.replace(setup.sparse, mode=mode))
     print(f"{key}: running ...", flush=True)
+    entry.update(build_s=build_s, prefill_chunk=setup.prefill_chunk, kernels=kernel_choices())
+    variants[key] = entry
+
+    def progress(done, total, seconds, entry=entry, key=key):
+      # Saved as it goes: a run cut short by a time limit still leaves its prefill rate.
+      entry["prefill_progress"] = {"chunks": done, "of": total, "seconds": seconds}
+      save()
+      if done % max(1, total // 8) == 0 or done == total:
+        print(f"{key}: prefill chunk {done}/{total} at {seconds:.1f}s", flush=True)
+
     try:
-      s = run_variant(model, setup, ctx, args.seed)
+      s = run_variant(model, setup, ctx, args.seed, progress)
+      entry.pop("prefill_progress", None)
       entry.update(s)
       frac = s["selected_fraction"]
       print(f"{key}: TTFT {s['ttft_s']:.2f}s, prefill {s['prefill_tok_s']:.0f} tok/s, decode "

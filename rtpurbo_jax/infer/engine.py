@@ -234,11 +234,15 @@ class Engine:
   def generate(self, input_ids, max_new_tokens: int, *, prompt_lengths=None,
                sampling: Sampling = Sampling(), eos_token_id=None, pad_token_id: int = 0,
                seed: int = 0, max_len: int | None = None, prefill_chunk: int | None = None,
-               on_token: Callable[[int, np.ndarray], None] | None = None) -> Generation:
+               on_token: Callable[[int, np.ndarray], None] | None = None,
+               on_prefill_chunk: Callable[[int, int, float], None] | None = None
+               ) -> Generation:
     """Prefill the prompts in chunks, then decode `max_new_tokens` tokens per row.
 
     on_token(step, tokens): called per new token position (step 0 = the first token) with
     tokens [batch] (pad_token_id for rows already finished).
+    on_prefill_chunk(done, total, seconds): called once each chunk has finished (waits for it:
+    one host sync per chunk), with the prefill time so far; lets a long run report progress.
     """
     cfg = self.model.cfg
     ids, lengths = check_prompts(input_ids, prompt_lengths, cfg.vocab_size)
@@ -297,9 +301,12 @@ class Engine:
     for i in range(n_chunks):
       cache, last_h = _prefill_chunk(self.state, cache, ids[:, i * chunk:(i + 1) * chunk],
                                      np.int32(i * chunk), lengths_d, last_h, **static)
-      if bar is not None:
+      if bar is not None or on_prefill_chunk is not None:
         last_h.block_until_ready()
+      if bar is not None:
         bar.update(1)
+      if on_prefill_chunk is not None:
+        on_prefill_chunk(i + 1, n_chunks, time.perf_counter() - t0)
     if bar is not None:
       bar.close()
     first, logits = _first_token(self.state, last_h, key, graphdef=self.graphdef,

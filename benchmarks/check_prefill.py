@@ -1,0 +1,176 @@
+"""Quick GPU check of the chunked-prefill fast paths, run before a long e2e benchmark.
+
+1. Model level: a 2-layer model with Llama-8B attention shapes (32 query / 8 KV heads,
+   head_dim 128, bf16, a random plan with 25 % retrieval heads), window 1024 + 4 sinks,
+   threshold 2048 (ring capacity 2048), a 6000-token prompt prefilled in 1000-token chunks
+   (chunk boundaries cross the ring's wrap-around) through the accelerator kernels, against
+   the same run on the jnp references (RTPURBO_KERNELS=reference): first-token logits.
+2. `cache_causal_attention` (retrieval heads of a chunk over the KV cache): the Pallas
+   flash kernel (kv_major) and the cuDNN split against the reference at a moderate size, then
+   both timed at the 1M shape (one chunk at the middle of a 1M-slot cache, 5 query heads on
+   4 KV heads). The faster correct one is written to OUT/cache_attn.txt for the e2e run
+   (`RTPURBO_CACHE_ATTN`).
+
+  python benchmarks/check_prefill.py --out DIR      # prints one JSON line per check
+  RTPURBO_INTERPRET=1 python benchmarks/check_prefill.py --smoke   # CPU, tiny shapes
+Exit status 1 when the model-level check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from pallas_kernels import reference as ref  # noqa: E402
+from pallas_kernels.gpu import cudnn_attention  # noqa: E402
+from pallas_kernels.gpu import window_attention as flash  # noqa: E402
+from rtpurbo_jax.config import ModelConfig, SparseConfig  # noqa: E402
+from rtpurbo_jax.infer import memory  # noqa: E402
+from rtpurbo_jax.infer.engine import Engine  # noqa: E402
+from rtpurbo_jax.models.transformer import Transformer  # noqa: E402
+
+SMOKE_SPARSE = SparseConfig(mode="rtpurbo", window=64, sinks=4, top_p=0.9, block_size=64,
+                            seqlen_threshold=128, indexer_dim=16)
+CFG = ModelConfig(family="llama", vocab_size=1000, hidden_size=512, intermediate_size=1024,
+                  num_layers=2, num_heads=32, num_kv_heads=8, head_dim=128,
+                  rope_theta=500000.0, max_position_embeddings=131072)
+SPARSE = SparseConfig(mode="rtpurbo", window=1024, sinks=4, top_p=0.9, block_size=64,
+                      seqlen_threshold=2048, indexer_dim=16)
+KV_HEADS = (0, 0, 1, 2, 3)  # 5 retrieval query heads on 4 KV heads (a group of 2)
+
+
+def model_check(prompt_len: int, chunk: int, sparse: SparseConfig, backend: str,
+                dtype: str) -> dict:
+  """Chunked prefill, accelerator kernels (`backend`) vs jnp references: first-token
+  logits. float32 runs the Pallas kernels at fp32 (a tight check of their indexing);
+  bfloat16 the production path (cuDNN where it applies)."""
+  plan = memory.synthetic_plan(CFG, 0.25, 1)
+  model = Transformer(CFG, sparse=sparse, plan=plan, dtype=dtype, rngs=nnx.Rngs(1),
+                      init_std=0.05)
+  ids = np.random.default_rng(1).integers(0, CFG.vocab_size, (1, prompt_len), dtype=np.int32)
+  logits, secs = {}, {}
+  for name in ("reference", backend):
+    os.environ["RTPURBO_KERNELS"] = name
+    jax.clear_caches()  # the engine's jitted steps would otherwise reuse the other trace
+    t = time.perf_counter()
+    res = Engine(model, progress=False).generate(ids, 2, prefill_chunk=chunk)
+    secs[name] = time.perf_counter() - t
+    logits[name] = np.asarray(res.first_logits, np.float32)
+  os.environ.pop("RTPURBO_KERNELS")
+  jax.clear_caches()
+  want, got = logits["reference"], logits[backend]
+  rel = float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-6))
+  tol = 1e-3 if dtype == "float32" else 3e-2
+  return {"check": f"chunked_prefill_model/{dtype}", "prompt": prompt_len, "chunk": chunk,
+          "max_rel_err": rel, "argmax_equal": bool(np.argmax(got) == np.argmax(want)),
+          "seconds": secs, "ok": bool(np.isfinite(got).all() and rel < tol)}
+
+
+def _impls():
+  return {
+      "pallas": lambda q, k, v, off: flash.causal_attention(q, k, v, KV_HEADS, q_offset=off,
+                                                            kv_major=True),
+      "cudnn": lambda q, k, v, off: cudnn_attention.cache_causal_attention(
+          q, k, v, KV_HEADS, q_offset=off),
+  }
+
+
+def _inputs(key, s, t):
+  kq, kk, kv = jax.random.split(key, 3)
+  q = jax.random.normal(kq, (1, s, len(KV_HEADS), 128), jnp.bfloat16)
+  k = jax.random.normal(kk, (1, 4, t, 128), jnp.bfloat16)
+  v = jax.random.normal(kv, (1, 4, t, 128), jnp.bfloat16)
+  return q, k, v
+
+
+def cache_attention_check(chunk: int, ctx: int, s: int = 4096, t: int = 32768) -> list[dict]:
+  """Correctness of both implementations at [s] x [t], then their time at `ctx`."""
+  out = []
+  q, k, v = _inputs(jax.random.key(0), s, t)
+  ok = {}
+  for name, fn in _impls().items():
+    run = jax.jit(fn)
+    errs = []
+    try:
+      for off in (0, t // 3 + 1, t - s):
+        o, l = run(q, k, v, jnp.int32(off))
+        wo, wl = ref.cache_causal_attention(q, k, v, KV_HEADS, q_offset=off)
+        errs.append(float(jnp.max(jnp.abs(o.astype(jnp.float32) - wo.astype(jnp.float32)))
+                          / jnp.max(jnp.abs(wo.astype(jnp.float32)))))
+        errs.append(float(jnp.max(jnp.abs(l - wl))))
+      ok[name] = bool(np.all(np.isfinite(errs)) and max(errs) < 2e-2)
+      out.append({"check": f"cache_causal_attention/{name}", "max_err": max(errs),
+                  "ok": ok[name]})
+    except Exception as e:  # noqa: BLE001 (a failing implementation is simply not chosen)
+      ok[name] = False
+      out.append({"check": f"cache_causal_attention/{name}", "ok": False,
+                  "error": f"{type(e).__name__}: {e}"[:500]})
+  q, k, v = _inputs(jax.random.key(1), chunk, ctx)
+  off = jnp.int32(ctx // 2)
+  times = {}
+  for name, fn in _impls().items():
+    if not ok[name]:
+      continue
+    run = jax.jit(fn)
+    try:
+      jax.block_until_ready(run(q, k, v, off))
+      ts = []
+      for _ in range(3):
+        t = time.perf_counter()
+        jax.block_until_ready(run(q, k, v, off))
+        ts.append(time.perf_counter() - t)
+      times[name] = float(np.median(ts))
+      flops = 4 * 128 * chunk * (ctx // 2 + chunk / 2) * len(KV_HEADS)
+      out.append({"check": f"cache_causal_attention/{name}/time", "chunk": chunk, "ctx": ctx,
+                  "ms": 1e3 * times[name], "tflops": flops / times[name] / 1e12})
+    except Exception as e:  # noqa: BLE001
+      out.append({"check": f"cache_causal_attention/{name}/time", "ok": False,
+                  "error": f"{type(e).__name__}: {e}"[:500]})
+  best = min(times, key=times.get) if times else "pallas"
+  out.append({"check": "cache_causal_attention/choice", "impl": best})
+  return out
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--out", default=None, help="folder for cache_attn.txt and check.json")
+  ap.add_argument("--chunk", type=int, default=16384, help="prefill chunk of the e2e run")
+  ap.add_argument("--ctx", type=int, default=1 << 20, help="context of the timing shape")
+  ap.add_argument("--smoke", action="store_true",
+                  help="CPU-sized shapes (with RTPURBO_INTERPRET=1: the Pallas interpreter)")
+  args = ap.parse_args(argv)
+  if args.smoke:
+    results = [model_check(300, 100, SMOKE_SPARSE, "gpu", "float32")]
+    checks = cache_attention_check(128, 1024, s=128, t=512)
+  else:
+    results = [model_check(6000, 1000, SPARSE, "auto", d) for d in ("float32", "bfloat16")]
+    checks = None
+  for r in results:
+    print(json.dumps(r), flush=True)
+  model_ok = all(r["ok"] for r in results)
+  for r in checks or cache_attention_check(args.chunk, args.ctx):
+    results.append(r)
+    print(json.dumps(r), flush=True)
+  if args.out:
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "check.json"), "w") as f:
+      json.dump(results, f, indent=1)
+    with open(os.path.join(args.out, "cache_attn.txt"), "w") as f:
+      f.write(results[-1]["impl"])
+  return 0 if model_ok else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())
