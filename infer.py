@@ -1,10 +1,11 @@
 """Run an RTPurbo (or dense / streaming / top-k) model: answer a prompt, find a passkey, or
 plan memory for a context length.
 
-  python infer.py                                  SmolLM2-135M on CPU answers a default prompt
-  python infer.py --prompt="Who is Prospero?"      your prompt (chat template applied)
-  python infer.py --passkey --ctx=4K               hide a passkey in 4K tokens of Shakespeare,
+  python infer.py                                  SmolLM2-135M + its RTPurbo artifacts on CPU:
+                                                   hide a passkey in 4K tokens of Shakespeare,
                                                    ask for it, report whether it was found
+  python infer.py --prompt="Who is Prospero?"      your prompt (chat template applied)
+  python infer.py --passkey_depth=0.9 --ctx=8K     the passkey demo elsewhere / longer
   python infer.py --config=configs/llama8b.py --dry_run --ctx=1M --device_memory=141G
                                                    memory plan, dense vs rtpurbo (no weights)
   python infer.py --config=configs/llama8b.py --random_weights --ctx=128K
@@ -29,21 +30,24 @@ from ml_collections import config_flags
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _DEFAULT_CONFIG = os.path.join(_HERE, "configs", "smollm2_135m.py")
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
+PREAMBLE_CHARS = 6000  # the Project Gutenberg header of the first play
 _MODES = ("rtpurbo", "dense", "streaming", "topk")
 
 config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Run config file (ml_collections).")
 flags.DEFINE_string("ctx", None, "Context length: 4K | 128K | 1M | any number of tokens "
                     "(default: config.infer.ctx). Passkey/random prompts fill it; prompt runs "
                     "must fit in it; --dry_run plans for it.")
-flags.DEFINE_string("model", None, "HF model folder or registered name (e.g. smollm2-135m); "
-                    "overrides config.model_path.")
+flags.DEFINE_string("model", None, "HF model folder or registered name (e.g. smollm2-135m, "
+                    "smollm2-135m-rtpurbo); overrides config.infer.model / config.model_path.")
 flags.DEFINE_bool("random_weights", False, "Random weights from config.model (shape-only runs: "
                   "the prompt is random token ids filling --ctx).")
 flags.DEFINE_enum("mode", None, _MODES, "Attention mode (default: config.sparse.mode).")
 flags.DEFINE_string("prompt", None, "Prompt text.")
 flags.DEFINE_string("prompt_file", None, "Read the prompt from this file.")
-flags.DEFINE_bool("passkey", False, "Passkey demo: Shakespeare filling --ctx with a passkey at "
-                  "--passkey_depth; reports whether the answer contains it.")
+flags.DEFINE_bool("passkey", True, "Passkey demo, the default run when no --prompt / "
+                  "--prompt_file is given: Shakespeare filling --ctx with a passkey at "
+                  "--passkey_depth; reports whether the answer contains it. --nopasskey "
+                  "answers a default question instead.")
 flags.DEFINE_float("passkey_depth", 0.5, "Where the passkey sits, 0 (start) .. 1 (end).")
 flags.DEFINE_integer("max_new_tokens", None, "Tokens to generate (default: "
                      "config.infer.max_new_tokens).")
@@ -72,6 +76,8 @@ def resolve_config(cfg):
     cfg.infer.ctx = FLAGS.ctx
   if FLAGS.model is not None:
     cfg.model_path = FLAGS.model
+  elif cfg.infer.model and not FLAGS.random_weights:
+    cfg.model_path = cfg.infer.model
   if FLAGS.mode is not None:
     cfg.sparse.mode = FLAGS.mode
   if FLAGS.max_new_tokens is not None:
@@ -190,33 +196,38 @@ def chat_ids(tok, text: str) -> list[int]:
 
 
 def passkey_prompt(tok, ctx: int, max_new: int, depth: float, seed: int):
-  """(prompt ids, passkey): Shakespeare filling `ctx` tokens, the key at `depth`."""
+  """(prompt ids, passkey): Shakespeare filling `ctx` tokens with the key at `depth`.
+
+  Completion style (no chat template): the prompt ends with the needle's own opening words,
+  so even a small model answers by recalling the number that followed them.
+  """
   import numpy as np
 
   from rtpurbo_jax import assets
 
   key = str(np.random.default_rng(seed).integers(10000, 100000))
-  needle = f"\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
-  question = "\n\nWhat is the pass key? Answer with the number only."
-  text = assets.shakespeare_text()
+  needle = f"\nThe pass key is {key}.\n"
+  question = "\n\nThe pass key is"
+  text = assets.shakespeare_text()[PREAMBLE_CHARS:]
   budget = ctx - max_new
-  overhead = len(chat_ids(tok, needle + question))
-  n_fill = budget - overhead
+
+  def encode(t):
+    return list(tok(t, add_special_tokens=False)["input_ids"])
+
+  n_fill = budget - len(encode(needle + question)) - 1
   if n_fill < 1:
-    raise CliError(f"--ctx={ctx} is too short for the passkey prompt ({overhead} tokens plus "
-                   f"{max_new} new tokens)")
+    raise CliError(f"--ctx={ctx} is too short for the passkey prompt with {max_new} new tokens")
   chars = min(len(text), 6 * n_fill)
   while True:
-    filler = tok(text[:chars], add_special_tokens=False)["input_ids"]
+    filler = encode(text[:chars])
     if len(filler) >= n_fill or chars >= len(text):
       break
     chars = min(len(text), 2 * chars)
   reps = -(-n_fill // max(1, len(filler)))
-  filler = (list(filler) * reps)[:n_fill]
+  filler = (filler * reps)[:n_fill]
   for _ in range(4):  # re-tokenizing the joined text can shift the count a little
     cut = int(round(depth * len(filler)))
-    body = tok.decode(filler[:cut]) + needle + tok.decode(filler[cut:]) + question
-    ids = chat_ids(tok, body)
+    ids = encode(tok.decode(filler[:cut]) + needle + tok.decode(filler[cut:]) + question)
     if len(ids) <= budget:
       return ids, key
     filler = filler[:len(filler) - (len(ids) - budget) - 8]
@@ -280,7 +291,7 @@ def run(cfg, ctx):
       print("note: no tokenizer with --random_weights; the prompt is random token ids")
     rng = np.random.default_rng(cfg.seed)
     ids = rng.integers(0, model_cfg.vocab_size, ctx - max_new if ctx > max_new else 1).tolist()
-  elif FLAGS.passkey:
+  elif FLAGS.passkey and not (FLAGS.prompt or FLAGS.prompt_file):
     ids, key = passkey_prompt(tok, ctx, max_new, FLAGS.passkey_depth, cfg.seed)
   else:
     if FLAGS.prompt_file:

@@ -3,6 +3,7 @@
 Public API (imported lazily so `import rtpurbo_jax` stays cheap):
   from_pretrained(path_or_name, dtype="float32")    HF folder or "smollm2-135m[-rtpurbo]"
   save_pretrained(model, path)                       HF format (+ headwise_config, indexer)
+  save_artifacts(model, path)                        only the plan + indexer (a base overlay)
   load_tokenizer(path_or_name)                       transformers tokenizer
   generate(model, input_ids, max_new_tokens, ...)    KV-cached sampling
   calibrate(model, input_ids, needle_span, retrieval_ratio=0.15) -> HeadPlan (+ scores)
@@ -15,6 +16,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "from_pretrained": "rtpurbo_jax.hf.api",
     "save_pretrained": "rtpurbo_jax.hf.api",
+    "save_artifacts": "rtpurbo_jax.hf.api",
     "load_tokenizer": "rtpurbo_jax.hf.api",
     "generate": "rtpurbo_jax.infer.generate",
     "calibrate": "rtpurbo_jax.calibrate",

@@ -177,6 +177,7 @@ def run_config():
   })
   c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "context": 1})
   c.infer = ml_collections.ConfigDict({
+      "model": "",  # what infer.py runs: an HF folder or registered name; "" = model_path
       "ctx": "4K",
       "max_new_tokens": 64,
       "temperature": 0.0,

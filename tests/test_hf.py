@@ -132,6 +132,43 @@ def test_rtpurbo_round_trip(tmp_path, rng, seed):
   np.testing.assert_array_equal(np.asarray(back(ids)), np.asarray(model(ids)))
 
 
+def test_artifacts_overlay_equals_full_save(tmp_path, rng, seed):
+  """Base folder + save_artifacts -> overlay_folder loads the same model as save_pretrained."""
+  model = _rtpurbo_model(seed, rng)
+  base = api.save_pretrained(_random_model(seed, "qwen3"), tmp_path / "base")  # its backbone
+  api.save_artifacts(model, tmp_path / "art")
+  assert sorted(os.listdir(tmp_path / "art")) == [api.ARTIFACT_INDEXER, api.ARTIFACT_CONFIG]
+  assert os.path.getsize(tmp_path / "art" / api.ARTIFACT_INDEXER) < 20_000  # no backbone
+  folder = api.overlay_folder(base, tmp_path / "art", tmp_path / "overlay")
+  assert os.path.islink(os.path.join(folder, "base.safetensors"))  # base weights not copied
+  back = api.from_pretrained(folder)
+  assert back.plan == model.plan and back.sparse == model.sparse
+  _assert_same_params(model, back)
+  ids = _ids(rng)
+  sq = jnp.asarray(rng.random(ids.shape) < 0.5)
+  np.testing.assert_array_equal(np.asarray(back(ids, sparse_queries=sq)),
+                                np.asarray(model(ids, sparse_queries=sq)))
+
+  # New artifacts (another indexer) rebuild the cached overlay.
+  n = int(model.plan.mask()[0].sum())
+  other = to_rtpurbo(model, model.plan, {0: (rng.standard_normal((n, 16, 16)).astype(np.float32),
+                                             rng.standard_normal((n, 16, 16)).astype(np.float32))},
+                     window=8, sinks=2, top_p=0.6, block_size=8, seqlen_threshold=0)
+  api.save_artifacts(other, tmp_path / "art")
+  again = api.from_pretrained(api.overlay_folder(base, tmp_path / "art", tmp_path / "overlay"))
+  np.testing.assert_array_equal(np.asarray(indexer_weights(again)[0][0]),
+                                np.asarray(indexer_weights(other)[0][0]))
+
+
+def test_artifacts_errors(tmp_path, seed):
+  with pytest.raises(ValueError, match="no retrieval heads"):
+    api.save_artifacts(_random_model(seed), tmp_path / "art")
+  os.makedirs(tmp_path / "art")
+  with pytest.raises(FileNotFoundError, match="rtpurbo_config.json"):
+    api.overlay_folder(tmp_path, tmp_path / "art", tmp_path / "overlay")
+  assert not os.path.exists(tmp_path / "overlay")
+
+
 def test_rtpurbo_without_indexer_tensors_keeps_rotary_init(tmp_path, rng, seed):
   model = _rtpurbo_model(seed, rng)
   api.save_pretrained(model, tmp_path / "m")

@@ -42,9 +42,94 @@ def _is_complete(folder: str) -> bool:
              for n in ("config.json", safetensors_io.SINGLE, "tokenizer.json"))
 
 
+def artifacts_dir() -> str:
+  """The committed RTPurbo artifacts (`assets/` at the repository root; `RTPURBO_ASSETS`
+  overrides)."""
+  return os.environ.get("RTPURBO_ASSETS") or os.path.join(
+      os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "assets")
+
+
+SMOLLM2_RTPURBO = "smollm2-135m-rtpurbo"
+# An artifact folder holds what RTPurbo adds to a base model: the config.json keys
+# (headwise_config + sparse settings) and the indexer tensors.
+ARTIFACT_CONFIG = "rtpurbo_config.json"
+ARTIFACT_INDEXER = "indexer.safetensors"
+_BASE_WEIGHTS = "base.safetensors"
+
+
+def _digest(paths) -> str:
+  import hashlib
+  h = hashlib.sha256()
+  for p in paths:
+    with open(p, "rb") as f:
+      h.update(f.read())
+  return h.hexdigest()[:16]
+
+
+def overlay_folder(base: str, artifacts: str, target: str) -> str:
+  """An HF folder at `target` = the base model folder + RTPurbo artifacts.
+
+  The base weights are linked (not copied) and the indexer tensors added through a
+  safetensors index; config.json is the base's plus the artifacts' keys. Rebuilt when the
+  artifact files change (their digest is recorded in the folder).
+  """
+  cfg_path = os.path.join(artifacts, ARTIFACT_CONFIG)
+  idx_path = os.path.join(artifacts, ARTIFACT_INDEXER)
+  for p in (cfg_path, idx_path):
+    if not os.path.isfile(p):
+      raise FileNotFoundError(f"RTPurbo artifact {p} is missing (expected {ARTIFACT_CONFIG} "
+                              f"and {ARTIFACT_INDEXER} in {artifacts})")
+  digest = _digest((cfg_path, idx_path))
+  stamp = os.path.join(target, "artifacts.sha256")
+  if _is_overlay(target) and os.path.isfile(stamp):
+    with open(stamp) as f:
+      if f.read().strip() == digest:
+        return target
+  import json
+  import shutil
+  from safetensors import safe_open
+
+  with open(cfg_path) as f:
+    extra = json.load(f)
+  config = config_io.read_config_json(base)
+  config.update(extra)
+  with safe_open(os.path.join(base, safetensors_io.SINGLE), framework="numpy") as r:
+    base_names = list(r.keys())
+  with safe_open(idx_path, framework="numpy") as r:
+    idx_names = list(r.keys())
+  weight_map = {**{n: _BASE_WEIGHTS for n in base_names}, **{n: ARTIFACT_INDEXER
+                                                              for n in idx_names}}
+  with safetensors_io.staged_folder(target) as tmp:
+    os.symlink(os.path.abspath(os.path.join(base, safetensors_io.SINGLE)),
+               os.path.join(tmp, _BASE_WEIGHTS))
+    shutil.copyfile(idx_path, os.path.join(tmp, ARTIFACT_INDEXER))
+    for name in os.listdir(base):
+      if name.startswith("tokenizer") or name in ("special_tokens_map.json",
+                                                  "chat_template.jinja"):
+        shutil.copyfile(os.path.join(base, name), os.path.join(tmp, name))
+    safetensors_io.write_json(os.path.join(tmp, safetensors_io.INDEX),
+                              {"metadata": {}, "weight_map": weight_map})
+    safetensors_io.write_json(os.path.join(tmp, "config.json"), config)
+    with open(os.path.join(tmp, "artifacts.sha256"), "w") as f:
+      f.write(digest + "\n")
+  return target
+
+
+def _is_overlay(folder: str) -> bool:
+  return all(os.path.exists(os.path.join(folder, n))
+             for n in ("config.json", safetensors_io.INDEX, _BASE_WEIGHTS, ARTIFACT_INDEXER))
+
+
+def smollm2_rtpurbo_folder() -> str:
+  """SmolLM2-135M-Instruct + its committed RTPurbo plan and trained indexer."""
+  return overlay_folder(smollm2_folder(), os.path.join(artifacts_dir(), SMOLLM2_RTPURBO),
+                        os.path.join(assets.cache_dir(), SMOLLM2_RTPURBO))
+
+
 # name -> function returning a local HF folder (built / cached on first call).
 REGISTERED: dict[str, Callable[[], str]] = {
     "smollm2-135m": smollm2_folder,
+    SMOLLM2_RTPURBO: smollm2_rtpurbo_folder,
 }
 
 
@@ -165,6 +250,24 @@ def save_pretrained(model: Transformer, path, *, max_shard_bytes: int | None = N
   with safetensors_io.staged_folder(path) as tmp:
     safetensors_io.write_weights(tmp, tensors, max_shard_bytes)
     safetensors_io.write_json(os.path.join(tmp, "config.json"), config)
+  return path
+
+
+def save_artifacts(model: Transformer, path) -> str:
+  """Write only what RTPurbo adds to the base model (`overlay_folder` reads it back):
+  `rtpurbo_config.json` (headwise_config + sparse settings) and `indexer.safetensors`
+  (float32, HF names). Atomic like `save_pretrained`. Returns `path`."""
+  from safetensors.numpy import save_file
+
+  path = os.fspath(path)
+  if not model.plan.mask().any():
+    raise ValueError("the model has no retrieval heads: nothing RTPurbo-specific to save")
+  tensors = {e.hf: np.ascontiguousarray(np.asarray(_var(model, e.ours)[...], np.float32))
+             for e in mapping.indexer_entries(_retrieval_layers(model))}
+  with safetensors_io.staged_folder(path) as tmp:
+    save_file(tensors, os.path.join(tmp, ARTIFACT_INDEXER))
+    safetensors_io.write_json(os.path.join(tmp, ARTIFACT_CONFIG),
+                              config_io.sparse_to_hf(model.plan, model.sparse))
   return path
 
 
