@@ -46,6 +46,12 @@ def test_chunked_prefill_equals_one_shot(seed, rng):
   assert 0.0 < s["selected_fraction"] <= 1.0
 
 
+def test_sparse_prefill_is_refused_not_ignored(seed):
+  from rtpurbo_jax.config import ConfigError
+  with pytest.raises(ConfigError, match="sparse_prefill"):
+    Engine(_model(seed, sparse_prefill=True))
+
+
 @pytest.mark.parametrize("mode", ["rtpurbo", "dense"])
 def test_contiguous_fast_path_equals_masked_path(mode, seed, rng):
   """Prefill chunks through causal/window fast paths == the general masked attention.

@@ -211,6 +211,11 @@ class Engine:
   """
 
   def __init__(self, model, *, mesh=None, progress: bool | None = None):
+    if model.sparse.sparse_prefill:
+      from rtpurbo_jax.config import ConfigError
+      raise ConfigError("sparse.sparse_prefill is not supported by the KV-cache engine yet: "
+                        "chunked prefill runs retrieval heads dense (paper mode); set "
+                        "sparse_prefill=False (one-pass scoring without a cache supports it)")
     if mesh is not None:
       sharding_lib.shard_model(model, mesh)
     self.model = model
