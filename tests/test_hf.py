@@ -140,7 +140,7 @@ def test_artifacts_overlay_equals_full_save(tmp_path, rng, seed):
   assert sorted(os.listdir(tmp_path / "art")) == [api.ARTIFACT_INDEXER, api.ARTIFACT_CONFIG]
   assert os.path.getsize(tmp_path / "art" / api.ARTIFACT_INDEXER) < 20_000  # no backbone
   folder = api.overlay_folder(base, tmp_path / "art", tmp_path / "overlay")
-  assert os.path.islink(os.path.join(folder, "base.safetensors"))  # base weights not copied
+  assert os.path.islink(os.path.join(folder, "base-model.safetensors"))  # linked, not copied
   back = api.from_pretrained(folder)
   assert back.plan == model.plan and back.sparse == model.sparse
   _assert_same_params(model, back)
@@ -158,6 +158,13 @@ def test_artifacts_overlay_equals_full_save(tmp_path, rng, seed):
   again = api.from_pretrained(api.overlay_folder(base, tmp_path / "art", tmp_path / "overlay"))
   np.testing.assert_array_equal(np.asarray(indexer_weights(again)[0][0]),
                                 np.asarray(indexer_weights(other)[0][0]))
+
+  # A sharded base works the same way.
+  api.save_pretrained(_random_model(seed, "qwen3"), tmp_path / "sharded", max_shard_bytes=20_000)
+  assert os.path.exists(tmp_path / "sharded" / safetensors_io.INDEX)
+  back = api.from_pretrained(api.overlay_folder(tmp_path / "sharded", tmp_path / "art",
+                                                tmp_path / "overlay2"))
+  _assert_same_params(other, back)
 
 
 def test_artifacts_errors(tmp_path, seed):

@@ -54,7 +54,7 @@ SMOLLM2_RTPURBO = "smollm2-135m-rtpurbo"
 # (headwise_config + sparse settings) and the indexer tensors.
 ARTIFACT_CONFIG = "rtpurbo_config.json"
 ARTIFACT_INDEXER = "indexer.safetensors"
-_BASE_WEIGHTS = "base.safetensors"
+_BASE_PREFIX = "base-"
 
 
 def _digest(paths) -> str:
@@ -69,7 +69,7 @@ def _digest(paths) -> str:
 def overlay_folder(base: str, artifacts: str, target: str) -> str:
   """An HF folder at `target` = the base model folder + RTPurbo artifacts.
 
-  The base weights are linked (not copied) and the indexer tensors added through a
+  The base weight files are linked (not copied) and the indexer tensors added through a
   safetensors index; config.json is the base's plus the artifacts' keys. Rebuilt when the
   artifact files change (their digest is recorded in the folder).
   """
@@ -93,15 +93,16 @@ def overlay_folder(base: str, artifacts: str, target: str) -> str:
     extra = json.load(f)
   config = config_io.read_config_json(base)
   config.update(extra)
-  with safe_open(os.path.join(base, safetensors_io.SINGLE), framework="numpy") as r:
-    base_names = list(r.keys())
+  with safetensors_io.WeightReader(base) as reader:  # single file or sharded
+    base_files = {n: os.path.basename(reader.file_of(n)) for n in reader.names()}
   with safe_open(idx_path, framework="numpy") as r:
     idx_names = list(r.keys())
-  weight_map = {**{n: _BASE_WEIGHTS for n in base_names}, **{n: ARTIFACT_INDEXER
-                                                              for n in idx_names}}
+  # Base files are linked under a prefix so that no name collides with the indexer file.
+  weight_map = {**{n: _BASE_PREFIX + f for n, f in base_files.items()},
+                **{n: ARTIFACT_INDEXER for n in idx_names}}
   with safetensors_io.staged_folder(target) as tmp:
-    os.symlink(os.path.abspath(os.path.join(base, safetensors_io.SINGLE)),
-               os.path.join(tmp, _BASE_WEIGHTS))
+    for f in sorted(set(base_files.values())):
+      os.symlink(os.path.abspath(os.path.join(base, f)), os.path.join(tmp, _BASE_PREFIX + f))
     shutil.copyfile(idx_path, os.path.join(tmp, ARTIFACT_INDEXER))
     for name in os.listdir(base):
       if name.startswith("tokenizer") or name in ("special_tokens_map.json",
@@ -117,7 +118,7 @@ def overlay_folder(base: str, artifacts: str, target: str) -> str:
 
 def _is_overlay(folder: str) -> bool:
   return all(os.path.exists(os.path.join(folder, n))
-             for n in ("config.json", safetensors_io.INDEX, _BASE_WEIGHTS, ARTIFACT_INDEXER))
+             for n in ("config.json", safetensors_io.INDEX, ARTIFACT_INDEXER))
 
 
 def smollm2_rtpurbo_folder() -> str:
