@@ -28,4 +28,9 @@ def get_config():
   c.train.stage1.query_fraction = 0.25
   c.train.stage2.seq_len = 4096
   c.train.stage2.steps = 100
+  # Evaluation sized for ~30 min on a 2-core CPU (an 8K prefill is minutes there): task samples
+  # per length 3 (2K), 1 (4K), 0 (8K: perplexity and sparsity only).
+  c.eval.lengths = "2K,4K,8K"
+  c.eval.samples = "3,1,0"
+  c.eval.ppl_samples = 1
   return c
