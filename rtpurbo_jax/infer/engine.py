@@ -149,9 +149,10 @@ def _decode(state, cache, carry, lengths, limit, key, *, graphdef, mesh, samplin
     model = nnx.merge(graphdef, state)
     n = cr["n"]
     tok = jax.lax.dynamic_index_in_dim(cr["out"], n - 1, axis=1, keepdims=False)
-    logits, cache = model(tok[:, None], positions=(lengths + n - 1)[:, None], cache=cache)
+    (logits, cache), stats = nnx.capture(model, SelectionStats)(
+        tok[:, None], positions=(lengths + n - 1)[:, None], cache=cache)
     cache = _constrain(cache, mesh)
-    fracs = jax.tree.leaves(nnx.pop(model, SelectionStats))
+    fracs = jax.tree.leaves(stats)
     nxt = sampling_lib.sample(logits[:, 0], jax.random.fold_in(key, n),
                               **dataclasses.asdict(sampling))
     nxt = jnp.where(cr["done"], pad_id, nxt)
