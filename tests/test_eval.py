@@ -359,6 +359,11 @@ def test_greedy_decoder_matches_uncached_argmax_and_shares_prefill(seed, rng):
   for a, b in zip(jax.tree.leaves(c1), jax.tree.leaves(c2)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
   toks_rt, fr_rt = rt.decode(f1, c1, steps)
+  # A chunked prefill (contiguous fast path, chunks ending inside the padding) decodes alike.
+  for m, want in (("dense", toks), ("rtpurbo", toks_rt)):
+    d = GreedyDecoder(models[m], prefill_chunk=16)
+    fc, cc = d.prefill(ids, lens, 96)
+    np.testing.assert_array_equal(d.decode(fc, cc, steps)[0], want)
   assert sorted(fr_rt) == [i for i, l in enumerate(models["rtpurbo"].layers)
                            if l.attn.heads.retrieval]
   for f in fr_rt.values():

@@ -6,7 +6,11 @@ shared by modes whose prefill is identical (rtpurbo and topk differ only in deco
 `decode` takes a cache built by another model of the same cache layout.
 
 Prompts are right-padded to a fixed length per context length (one compilation per length):
-input_ids [batch, prompt_len] int32, prompt_lengths [batch] int32.
+input_ids [batch, prompt_len] int32, prompt_lengths [batch] int32. The prefill runs in chunks
+of `prefill_chunk` tokens through the attention's contiguous fast path, as the inference
+engine does: local heads then read only their window's slice of the cache per chunk, which on
+CPU (the jnp reference attention computes every score it masks) cuts the cost of a long prompt
+several times over against one [prompt, max_len] pass.
 """
 
 from __future__ import annotations
@@ -23,19 +27,30 @@ from rtpurbo_jax.eval.sparsity import decode_fractions
 class GreedyDecoder:
   """Jitted prefill and single decode steps for one model (mode fixed at construction)."""
 
-  def __init__(self, model):
-    self.model = model
+  def __init__(self, model, prefill_chunk: int = 1024):
+    if prefill_chunk < 1:
+      raise ValueError(f"prefill_chunk={prefill_chunk} must be >= 1")
+    self.model, self.prefill_chunk = model, int(prefill_chunk)
     self.graphdef, self.state = nnx.split(model)
     graphdef = self.graphdef
 
     @jax.jit
-    def prefill(state, ids, lengths, cache):
+    def prefill_chunk_fn(state, ids, p0, lengths, cache, last_h):
+      """ids [b, C] at positions p0..p0+C-1 (p0 traced: one compilation for every chunk)."""
       m = nnx.merge(graphdef, state)
-      valid = jnp.arange(ids.shape[1])[None, :] < lengths[:, None]
-      h, cache = m.hidden_states(ids, valid=valid, cache=cache)
-      last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)  # [b, 1, e]
-      tok = jnp.argmax(m.logits_from_hidden(last)[:, 0], axis=-1).astype(jnp.int32)
-      return tok, cache
+      b, c = ids.shape
+      pos = jnp.broadcast_to(p0 + jnp.arange(c, dtype=jnp.int32)[None], (b, c))
+      valid = pos < lengths[:, None]
+      h, cache = m.hidden_states(ids, positions=pos, valid=valid, cache=cache, contiguous=True)
+      idx = lengths - 1 - p0
+      here = (idx >= 0) & (idx < c)
+      picked = jnp.take_along_axis(h, jnp.clip(idx, 0, c - 1)[:, None, None], axis=1)[:, 0]
+      return cache, jnp.where(here[:, None], picked.astype(last_h.dtype), last_h)
+
+    @jax.jit
+    def first_token(state, last_h):
+      m = nnx.merge(graphdef, state)
+      return jnp.argmax(m.logits_from_hidden(last_h[:, None])[:, 0], axis=-1).astype(jnp.int32)
 
     @jax.jit
     def step(state, tok, cache):
@@ -44,7 +59,7 @@ class GreedyDecoder:
       return (jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache,
               nnx.to_pure_dict(stats))
 
-    self._prefill, self._step = prefill, step
+    self._prefill_chunk, self._first, self._step = prefill_chunk_fn, first_token, step
 
   def prefill(self, input_ids, prompt_lengths, max_len: int):
     """Returns (first new token [batch], cache holding the prompts)."""
@@ -53,8 +68,16 @@ class GreedyDecoder:
     if int(jnp.max(lengths)) + 1 > max_len:
       raise ValueError(f"prompt of {int(jnp.max(lengths))} tokens leaves no room in a cache of "
                        f"{max_len}")
-    cache = self.model.init_cache(ids.shape[0], max_len)
-    return self._prefill(self.state, ids, lengths, cache)
+    b, p = ids.shape
+    chunk = min(self.prefill_chunk, p)
+    n_chunks = -(-p // chunk)
+    ids = jnp.pad(ids, ((0, 0), (0, n_chunks * chunk - p)))
+    cache = self.model.init_cache(b, max_len)
+    last_h = jnp.zeros((b, self.model.cfg.hidden_size), self.model.dtype)
+    for i in range(n_chunks):
+      cache, last_h = self._prefill_chunk(self.state, ids[:, i * chunk:(i + 1) * chunk],
+                                          jnp.int32(i * chunk), lengths, cache, last_h)
+    return self._first(self.state, last_h), cache
 
   def decode(self, first, cache, steps: int):
     """Greedy tokens [batch, steps] (the first is `first`) and the mean selected fraction per

@@ -84,6 +84,8 @@ def markdown(results: dict) -> str:
       for m in modes:
         v = scores.get(m, {}).get(t, {}).get(str(length))
         cells.append("-" if v is None else f"{100 * v:.1f}")
+      if all(c == "-" for c in cells):
+        continue  # no samples at this length
       name = f"**{t}**" if t == "average" else t
       out.append(f"| {name} | {_size(length)} | " + " | ".join(cells) + " |")
   ppl = results.get("perplexity") or {}

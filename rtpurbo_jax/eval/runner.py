@@ -60,6 +60,7 @@ class EvalSettings:
   ppl_samples: int = 1  # held-out windows per length
   sparsity_queries: int = 32  # sampled query positions for the selection report
   batch: int = 1
+  prefill_chunk: int = 1024  # task prompts are prefilled in chunks (eval/decode.py)
 
   def __post_init__(self):
     if not self.lengths:
@@ -76,7 +77,7 @@ class EvalSettings:
     if len(self.samples) not in (1, len(self.lengths)) or min(self.samples) < 0:
       raise ConfigError(f"eval.samples={self.samples}: one count >= 0, or one per length "
                         f"({len(self.lengths)})")
-    for name in ("ppl_samples", "sparsity_queries", "batch"):
+    for name in ("ppl_samples", "sparsity_queries", "batch", "prefill_chunk"):
       if getattr(self, name) < (0 if name == "ppl_samples" else 1):
         raise ConfigError(f"eval.{name}={getattr(self, name)} is out of range")
     if not self.modes:
@@ -167,7 +168,8 @@ class _Suite:
   def __init__(self, model, codec, plan, settings: EvalSettings, sparse: SparseConfig, bar):
     self.settings, self.codec, self.bar = settings, codec, bar
     self.models = mode_models(model, plan, sparse, settings.modes)
-    self.decoders = {m: GreedyDecoder(self.models[m]) for m in settings.modes}
+    self.decoders = {m: GreedyDecoder(self.models[m], settings.prefill_chunk)
+                     for m in settings.modes}
     self.nll_fns = {m: ppl_lib.make_nll_fn(self.models[m], sparse.chunk_size)
                     for m in settings.modes}
     self.eos = _eos_ids(model)
