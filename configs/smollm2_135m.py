@@ -17,7 +17,10 @@ def get_config():
   c.sparse.update(mode="rtpurbo", window=1024, sinks=4, top_p=0.9, block_size=64,
                   seqlen_threshold=0, indexer_dim=16)
   c.plan.retrieval_ratio = 0.15
-  c.infer.model = "smollm2-135m-rtpurbo"  # the base + its committed plan and indexer
+  # infer.py and the evaluation run the base + its committed plan and indexer (assets/);
+  # training starts from the base (model_path).
+  c.infer.model = "smollm2-135m-rtpurbo"
+  c.eval.model = "smollm2-135m-rtpurbo"
   c.infer.ctx = "4K"
   c.infer.max_new_tokens = 48
   c.infer.prefill_chunk = 1024

@@ -221,6 +221,7 @@ def run_config():
   })
   # `python -m rtpurbo_jax.eval`: sizes like "4K", comma-separated lists.
   c.eval = ml_collections.ConfigDict({
+      "model": "",  # what is evaluated: an HF folder or registered name; "" = model_path
       "lengths": "2K,4K",
       "modes": "dense,rtpurbo,streaming,topk",
       "tasks": "passkey,niah_single,niah_multikey,variable_tracking,common_words",

@@ -333,12 +333,18 @@ def accuracy_table(examples: list[dict], modes, tasks, lengths) -> dict:
 # From a run config.
 
 
+def model_name(cfg) -> str:
+  """What the evaluation runs: `eval.model`, else `model_path` ("" = random init)."""
+  return cfg.eval.model or cfg.model_path
+
+
 def load_model(cfg):
-  """(model, codec) from `cfg.model_path` (HF folder or registered name) or random init."""
-  if cfg.model_path:
+  """(model, codec) from `model_name(cfg)` (HF folder or registered name) or random init."""
+  name = model_name(cfg)
+  if name:
     import rtpurbo_jax
-    model = rtpurbo_jax.from_pretrained(cfg.model_path, dtype=cfg.dtype)
-    return model, HFCodec(rtpurbo_jax.load_tokenizer(cfg.model_path))
+    model = rtpurbo_jax.from_pretrained(name, dtype=cfg.dtype)
+    return model, HFCodec(rtpurbo_jax.load_tokenizer(name))
   from flax import nnx
 
   from rtpurbo_jax.config import model_config_from
@@ -399,7 +405,7 @@ def run_from_config(cfg, *, progress: bool = True, corpus: Corpus | None = None)
       json.dump({"headwise_config": plan.to_headwise_config(sparse), "calibration": calibration,
                  "summary": plan.summary()}, f, indent=1)
     os.replace(path + ".partial", path)
-  meta = {"name": cfg.name, "model": cfg.model_path or "random init (config.model)",
+  meta = {"name": cfg.name, "model": model_name(cfg) or "random init (config.model)",
           "plan_source": source, "dtype": cfg.dtype,
           "indexer": "trained" if _has_trained_indexer(model, plan) else "rotary init"}
   return evaluate(model, codec, plan, settings, sparse=sparse, corpus=corpus, progress=progress,
