@@ -340,13 +340,7 @@ class MixedHeadAttention(nnx.Module):
                                   sinks=sp.sinks, window=0, sparse_active=active,
                                   chunk=sp.chunk_size)
 
-    wide = max(sp.sinks, sp.seqlen_threshold)
-    if min(cap, wide) == min(cap, sp.sinks):
-      pre = prefix(sp.sinks)
-    else:
-      pre = jax.lax.cond(jnp.all(active), lambda: prefix(sp.sinks), lambda: prefix(wide))
-    out, _ = ops.merge_attention([window, pre])
-    return out
+    return _merge_with_prefix(window, prefix, cap, sp, active)
 
   def _local_prefill_fast(self, q, k_cache, v_cache, kv_heads, p0, active):
     """Local heads of a contiguous chunk over the full cache, in bounded memory.
@@ -385,13 +379,20 @@ class MixedHeadAttention(nnx.Module):
                                   sinks=sp.sinks, window=0, sparse_active=active,
                                   chunk=sp.chunk_size)
 
-    wide = max(sp.sinks, sp.seqlen_threshold)
-    if min(t, wide) == min(t, sp.sinks):
-      pre = prefix(sp.sinks)
-    else:
-      pre = jax.lax.cond(jnp.all(active), lambda: prefix(sp.sinks), lambda: prefix(wide))
-    out, _ = ops.merge_attention([window, pre])
-    return out
+    return _merge_with_prefix(window, prefix, t, sp, active)
+
+
+def _merge_with_prefix(window, prefix, slots: int, sp: SparseConfig, active):
+  """Merge (by log-sum-exp) a window part with the prefix part `prefix(n)` over the first n of
+  `slots` key slots: n = sinks when every row is sparse-active, else max(sinks,
+  seqlen_threshold), chosen by lax.cond so that both branches stay small."""
+  wide = max(sp.sinks, sp.seqlen_threshold)
+  if min(slots, wide) == min(slots, sp.sinks):
+    pre = prefix(sp.sinks)
+  else:
+    pre = jax.lax.cond(jnp.all(active), lambda: prefix(sp.sinks), lambda: prefix(wide))
+  out, _ = ops.merge_attention([window, pre])
+  return out
 
 
 def _traced_offset_call(op: str, *args, **kwargs):
