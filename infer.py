@@ -363,20 +363,11 @@ def run(cfg, ctx):
   return res
 
 
-def enable_compilation_cache():
-  """Persist compiled executables in the user cache: later runs skip most of the compile."""
-  import jax
-
-  from rtpurbo_jax import assets
-
-  jax.config.update("jax_compilation_cache_dir", os.path.join(assets.cache_dir(), "xla_cache"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  enable_compilation_cache()
+  from rtpurbo_jax import assets
+  assets.enable_compilation_cache()
   from rtpurbo_jax.config import ConfigError
   from rtpurbo_jax.infer.memory import MemoryPlanError
 

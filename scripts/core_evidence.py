@@ -204,7 +204,7 @@ def main(argv=None):
     if m not in MODES:
       ap.error(f"unknown mode {m!r}; expected some of {MODES}")
   os.makedirs(args.out, exist_ok=True)
-  jax.config.update("jax_compilation_cache_dir", os.path.join(assets.cache_dir(), "xla_cache"))
+  assets.enable_compilation_cache()
   t0 = time.time()
 
   model = rj.from_pretrained(args.model)

@@ -17,20 +17,12 @@ from rtpurbo_jax import cli
 _CONFIG = cli.define_config(os.path.join("configs", "smollm2_135m.py"))
 
 
-def _enable_compilation_cache():
-  """Persist compiled executables in the user cache: a rerun skips most of the compiling."""
-  import jax
-
-  from rtpurbo_jax import assets
-  jax.config.update("jax_compilation_cache_dir", os.path.join(assets.cache_dir(), "xla_cache"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-
-
 def main(argv):
   if len(argv) > 1:
     raise cli.ConfigError(f"unexpected arguments {argv[1:]}: use --config.eval.<key>=<value>")
   cfg = cli.checked_config(_CONFIG)
-  _enable_compilation_cache()
+  from rtpurbo_jax import assets
+  assets.enable_compilation_cache()
   from rtpurbo_jax.eval import report, runner
   settings = runner.EvalSettings.from_config(cfg.eval)  # checks the eval section first
   results = runner.run_from_config(cfg)

@@ -22,6 +22,7 @@ from flax import nnx
 
 from rtpurbo_jax.attention.mixed import SelectionStats
 from rtpurbo_jax.eval.sparsity import decode_fractions
+from rtpurbo_jax.infer.engine import prefill_chunk_step
 
 
 class GreedyDecoder:
@@ -35,19 +36,6 @@ class GreedyDecoder:
     graphdef = self.graphdef
 
     @jax.jit
-    def prefill_chunk_fn(state, ids, p0, lengths, cache, last_h):
-      """ids [b, C] at positions p0..p0+C-1 (p0 traced: one compilation for every chunk)."""
-      m = nnx.merge(graphdef, state)
-      b, c = ids.shape
-      pos = jnp.broadcast_to(p0 + jnp.arange(c, dtype=jnp.int32)[None], (b, c))
-      valid = pos < lengths[:, None]
-      h, cache = m.hidden_states(ids, positions=pos, valid=valid, cache=cache, contiguous=True)
-      idx = lengths - 1 - p0
-      here = (idx >= 0) & (idx < c)
-      picked = jnp.take_along_axis(h, jnp.clip(idx, 0, c - 1)[:, None, None], axis=1)[:, 0]
-      return cache, jnp.where(here[:, None], picked.astype(last_h.dtype), last_h)
-
-    @jax.jit
     def first_token(state, last_h):
       m = nnx.merge(graphdef, state)
       return jnp.argmax(m.logits_from_hidden(last_h[:, None])[:, 0], axis=-1).astype(jnp.int32)
@@ -59,7 +47,7 @@ class GreedyDecoder:
       return (jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache,
               nnx.to_pure_dict(stats))
 
-    self._prefill_chunk, self._first, self._step = prefill_chunk_fn, first_token, step
+    self._first, self._step = first_token, step
 
   def prefill(self, input_ids, prompt_lengths, max_len: int):
     """Returns (first new token [batch], cache holding the prompts)."""
@@ -75,8 +63,10 @@ class GreedyDecoder:
     cache = self.model.init_cache(b, max_len)
     last_h = jnp.zeros((b, self.model.cfg.hidden_size), self.model.dtype)
     for i in range(n_chunks):
-      cache, last_h = self._prefill_chunk(self.state, ids[:, i * chunk:(i + 1) * chunk],
-                                          jnp.int32(i * chunk), lengths, cache, last_h)
+      # The inference engine's chunk step (one compilation: p0 is traced).
+      cache, last_h = prefill_chunk_step(self.state, cache, ids[:, i * chunk:(i + 1) * chunk],
+                                         jnp.int32(i * chunk), lengths, last_h,
+                                         graphdef=self.graphdef, mesh=None)
     return self._first(self.state, last_h), cache
 
   def decode(self, first, cache, steps: int):

@@ -114,14 +114,20 @@ def haystack_prompt(ctx: TaskContext, rng: np.random.Generator, budget: int, pre
   def build(k):
     return _compose(prefix, suffix, lines[:k], counts[:k], needles)
 
-  lo, hi = 0, len(lines)  # invariant: build(lo) fits
+  return build(_largest_fitting(build, len(lines), codec, budget))
+
+
+def _largest_fitting(build, n: int, codec, budget: int) -> int:
+  """The largest k in [0, n] whose prompt `build(k)[0]` encodes to at most `budget` tokens
+  (binary search; prompts grow with k; build(0) must fit)."""
+  lo, hi = 0, n  # invariant: build(lo) fits
   while lo < hi:
     mid = (lo + hi + 1) // 2
     if len(codec.encode(build(mid)[0])) <= budget:
       lo = mid
     else:
       hi = mid - 1
-  return build(lo)
+  return lo
 
 
 def _digits(rng, n: int) -> str:
@@ -253,14 +259,7 @@ def common_words(ctx, rng, length, depth, index, max_new=64, n_common=10):
 
   if len(codec.encode(build(0)[0])) > budget:
     raise ValueError(f"length {length} is too short for common_words")
-  lo, hi = 0, len(rare_pool)
-  while lo < hi:
-    mid = (lo + hi + 1) // 2
-    if len(codec.encode(build(mid)[0])) <= budget:
-      lo = mid
-    else:
-      hi = mid - 1
-  prompt, hay = build(lo)
+  prompt, hay = build(_largest_fitting(build, len(rare_pool), codec, budget))
   return Example("common_words", length, None, index, prompt, tuple(common), "partial", max_new,
                  (), hay)
 

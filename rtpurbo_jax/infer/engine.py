@@ -3,9 +3,10 @@
 The model is split once (`nnx.split`); the graph definition is a static argument of three
 module-level jitted functions, so repeated calls with the same shapes never recompile:
 
-  _prefill_chunk  one chunk of `prefill_chunk` tokens at positions p0..p0+C-1 (p0 traced),
-                  written into the cache (donated), through the attention's contiguous fast path;
-                  keeps the final hidden state of each row's last prompt token.
+  prefill_chunk_step  one chunk of `prefill_chunk` tokens at positions p0..p0+C-1 (p0
+                  traced), written into the cache (donated), through the attention's contiguous
+                  fast path; keeps the final hidden state of each row's last prompt token (also
+                  the evaluation's prefill).
   _first_token    logits of those hidden states -> the first new token.
   _decode         a `lax.while_loop` over decode steps up to a traced step limit, stopping early
                   once every row has emitted eos. Streaming (`on_token`) calls it with the limit
@@ -97,7 +98,7 @@ def tree_bytes(tree, per_device: bool = False) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "mesh"), donate_argnames=("cache",))
-def _prefill_chunk(state, cache, ids, p0, lengths, last_h, *, graphdef, mesh):
+def prefill_chunk_step(state, cache, ids, p0, lengths, last_h, *, graphdef, mesh):
   """ids: [batch, C] at positions p0..p0+C-1; lengths: [batch]; last_h: [batch, embed].
 
   Returns (cache, last_h) with last_h[b] = final hidden state of token lengths[b]-1 once the
@@ -288,8 +289,8 @@ class Engine:
     t = time.perf_counter()
     last_h = jnp.zeros((b, cfg.hidden_size), self.model.dtype)
     carry = self._carry(np.full((b,), pad_token_id, np.int32), n_max, pad_token_id, eos)
-    _prefill_chunk.lower(self.state, cache, ids[:, :chunk], np.int32(0), lengths_d, last_h,
-                         **static).compile()
+    prefill_chunk_step.lower(self.state, cache, ids[:, :chunk], np.int32(0), lengths_d,
+                             last_h, **static).compile()
     _first_token.lower(self.state, last_h, key, graphdef=self.graphdef,
                        sampling=sampling).compile()
     dec_static = dict(sampling=sampling, eos=eos, pad_id=int(pad_token_id), **static)
@@ -305,8 +306,8 @@ class Engine:
     bar = _progress(n_chunks, progress and n_chunks > 1)
     t0 = time.perf_counter()
     for i in range(n_chunks):
-      cache, last_h = _prefill_chunk(self.state, cache, ids[:, i * chunk:(i + 1) * chunk],
-                                     np.int32(i * chunk), lengths_d, last_h, **static)
+      cache, last_h = prefill_chunk_step(self.state, cache, ids[:, i * chunk:(i + 1) * chunk],
+                                         np.int32(i * chunk), lengths_d, last_h, **static)
       if bar is not None or on_prefill_chunk is not None:
         last_h.block_until_ready()
       if bar is not None:
