@@ -164,6 +164,9 @@ def main(argv=None):
   ap.add_argument("--device_memory", default=None,
                   help="bytes per device for the planner, e.g. 141G (default: detected)")
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--dense_cache_attn", default="cudnn", choices=("cudnn", "pallas"),
+                  help="RTPURBO_CACHE_ATTN for dense variants: the baseline is cuDNN "
+                  "(rtpurbo variants use the environment's setting)")
   args = ap.parse_args(argv)
 
   setup = setups(args.tiny, args.prefill_chunk, args.new_tokens)
@@ -249,6 +252,9 @@ def main(argv=None):
       continue
     model = base if mode == setup.sparse.mode else convert.rebuild(
         base, sparse=dataclasses.replace(setup.sparse, mode=mode))
+    saved_impl = os.environ.get("RTPURBO_CACHE_ATTN")
+    if mode == "dense":  # read at trace time, so it holds for this variant's engine only
+      os.environ["RTPURBO_CACHE_ATTN"] = args.dense_cache_attn
     print(f"{key}: running ...", flush=True)
     entry.update(build_s=build_s, prefill_chunk=setup.prefill_chunk, kernels=kernel_choices())
     variants[key] = entry
@@ -274,6 +280,10 @@ def main(argv=None):
       entry["traceback"] = traceback.format_exc()[-4000:]
       print(f"{key}: FAILED {entry['error'][:300]}", flush=True)
     variants[key] = entry
+    if saved_impl is None:
+      os.environ.pop("RTPURBO_CACHE_ATTN", None)
+    else:
+      os.environ["RTPURBO_CACHE_ATTN"] = saved_impl
     del model
     gc.collect()
     save()
