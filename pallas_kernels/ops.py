@@ -20,7 +20,8 @@ import jax
 from pallas_kernels import reference
 
 OPERATIONS = ("causal_attention", "cache_causal_attention", "window_attention", "topp_select",
-              "sparse_decode", "ring_decode", "prefill_select", "sparse_prefill")
+              "sparse_decode", "ring_decode", "prefill_select", "sparse_prefill",
+              "cache_prefill_select", "cache_sparse_prefill")
 
 
 def backend() -> str:
@@ -72,6 +73,8 @@ sparse_decode = _route("sparse_decode")
 ring_decode = _route("ring_decode")
 prefill_select = _route("prefill_select")
 sparse_prefill = _route("sparse_prefill")
+cache_prefill_select = _route("cache_prefill_select")
+cache_sparse_prefill = _route("cache_sparse_prefill")
 # Always the reference: general position-masked attention for ragged / chunked cases.
 masked_attention = reference.masked_attention
 merge_attention = reference.merge_attention

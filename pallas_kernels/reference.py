@@ -276,6 +276,54 @@ def prefill_select(qi, ki, *, top_p: float, block_size: int = 64):
   return topp_from_block_logmass(lm, valid, own, top_p)
 
 
+def cache_prefill_select(qi, ckeys, lengths, *, q_offset=0, top_p: float,
+                         block_size: int = 64, chunk: int = 64):
+  """`prefill_select` for one chunk of a chunked prefill, over the compressed-key cache.
+
+  Args:
+    qi: [batch, s, r_heads, r] indexer queries of the chunk, at positions q_offset..; s and
+      q_offset (an int or traced int32 scalar) are multiples of block_size.
+    ckeys: [batch, r_heads, T, r] compressed keys, the chunk already written; T % block_size
+      == 0. lengths: [batch] keys written so far (positions >= length are padding / empty).
+  Query block i (global block g = q_offset // block_size + i) is represented by the mean of
+  its queries at positions < length; key j counts for it iff j < min(length, (g + 1) *
+  block_size). Top-p over those key blocks' log-masses, the own block (the last such block)
+  always kept. With q_offset 0, T = s and lengths = s this is `prefill_select(qi, ki)`.
+  Returns bool [batch, r_heads, s // block_size, T // block_size]. Memory O(chunk x T).
+  """
+  b, s, h, r = qi.shape
+  t = ckeys.shape[2]
+  bs = block_size
+  nq = s // bs
+  qpos = q_offset + jnp.arange(s, dtype=jnp.int32)
+  row_ok = qpos[None, :] < lengths[:, None]  # [b, s]
+  qsum = jnp.where(row_ok[:, :, None, None], qi.astype(jnp.float32), 0.0)
+  qsum = qsum.reshape(b, nq, bs, h, r).sum(axis=2)
+  count = row_ok.reshape(b, nq, bs).sum(axis=-1).astype(jnp.float32)
+  pooled = qsum / jnp.maximum(count, 1.0)[:, :, None, None]  # [b, nq, h, r]
+  g = q_offset // bs + jnp.arange(nq, dtype=jnp.int32)
+  end = jnp.minimum(lengths[:, None], (g[None, :] + 1) * bs)  # [b, nq], exclusive
+  own = jnp.broadcast_to(((end - 1) // bs)[:, None, :], (b, h, nq))
+  ck = ckeys.astype(jnp.float32)
+  c = min(chunk, nq)
+  n_chunks = -(-nq // c)
+  pad = n_chunks * c - nq
+  pooled = jnp.pad(pooled, ((0, 0), (0, pad), (0, 0), (0, 0)))
+  end_p = jnp.pad(end, ((0, 0), (0, pad)))
+
+  def one(i):
+    pc = jax.lax.dynamic_slice_in_dim(pooled, i * c, c, axis=1)
+    ec = jax.lax.dynamic_slice_in_dim(end_p, i * c, c, axis=1)
+    scores = jnp.einsum("bqhr,bhtr->bhqt", pc, ck)  # [b, h, c, T]
+    key_ok = jnp.arange(t)[None, None, None, :] < ec[:, None, :, None]
+    return block_logmass(scores, key_ok, bs)
+
+  lm, valid = jax.lax.map(one, jnp.arange(n_chunks))  # [n, b, h, c, nk]
+  lm = jnp.moveaxis(lm, 0, 2).reshape(b, h, n_chunks * c, t // bs)[:, :, :nq]
+  valid = jnp.moveaxis(valid, 0, 2).reshape(b, h, n_chunks * c, t // bs)[:, :, :nq]
+  return topp_from_block_logmass(lm, valid, own, top_p)
+
+
 # ---------------------------------------------------------------------------
 # Decode attention.
 
@@ -323,3 +371,21 @@ def sparse_prefill(q, k, v, kv_heads, block_mask, *, block_size: int = 64, chunk
   pos = _contiguous_pos(b, s)
   return masked_attention(q, k, v, pos, pos, kv_heads, key_block_mask=per_query,
                           block_size=block_size, chunk=chunk)
+
+
+def cache_sparse_prefill(q, k_cache, v_cache, kv_heads, block_mask, *, q_offset=0,
+                         block_size: int = 64, chunk: int = 512):
+  """Block-sparse causal attention of a prefill chunk over the KV cache in place.
+
+  q: [batch, s, q_heads, head_dim] at positions q_offset.. (s and q_offset multiples of
+  block_size; q_offset may be traced); k_cache, v_cache: [batch, kv_heads, T, head_dim], key
+  j at position j; block_mask: bool [batch, q_heads, s // block_size, T // block_size]. The
+  query at position p sees key j iff j <= p and block_mask[..., (p - q_offset) //
+  block_size, j // block_size]. Returns (out, lse).
+  """
+  b, s = q.shape[:2]
+  t = k_cache.shape[2]
+  per_query = jnp.repeat(block_mask, block_size, axis=2)[:, :, :s]
+  return masked_attention(q, jnp.swapaxes(k_cache, 1, 2), jnp.swapaxes(v_cache, 1, 2),
+                          _contiguous_pos(b, s, q_offset), _contiguous_pos(b, t), kv_heads,
+                          key_block_mask=per_query, block_size=block_size, chunk=chunk)

@@ -304,6 +304,30 @@ def test_prefill_select():
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("r", [8, 16])
+def test_cache_prefill_select(r):
+  """A chunk at a block offset over the compressed-key cache: ragged rows (one ends inside
+  the chunk, one before it), r < 16 padded inside, a traced offset under jit."""
+  b, h, s, t, bs = 3, 2, 128, 640, 64
+  qi, ck = _normal((b, s, h, r), scale=1.5), _normal((b, h, t, r))
+  run = jax.jit(lambda qi, ck, n, off, p: prefill_select_k.cache_prefill_select(
+      qi, ck, n, q_offset=off, top_p=p, interpret=True), static_argnums=4)
+  for off in (0, 3 * bs, t - s):
+    lengths = jnp.asarray([off + s, off + 70, 5], jnp.int32)
+    for top_p in (0.6, 0.9, 1.0):
+      got = run(qi, ck, lengths, jnp.int32(off), top_p)
+      want = prefill_select_k.reference_cache(qi, ck, lengths, q_offset=off, top_p=top_p)
+      assert got.shape == (b, h, s // bs, t // bs)
+      np.testing.assert_array_equal(got, want)
+      g = off // bs + jnp.arange(s // bs)
+      assert not np.any(np.asarray(got) & (jnp.arange(t // bs) > g[:, None])[None, None])
+  # The whole-sequence selection is the chunked one at offset 0.
+  qs, ks = _normal((b, t, h, r), scale=1.5), _normal((b, t, h, r))
+  np.testing.assert_array_equal(
+      prefill_select_k.prefill_select(qs, ks, top_p=0.7, interpret=True),
+      ref.prefill_select(qs, ks, top_p=0.7))
+
+
 # ---------------------------------------------------------------------------
 # Sparse attention.
 
@@ -329,6 +353,35 @@ def test_sparse_prefill(which):
   if which == "everything":  # selecting every causal block is dense causal attention
     dense = ref.causal_attention(q, k, v, KV_MIXED)
     _close(got[0], dense[0], 2e-5)
+
+
+@pytest.mark.parametrize("which", ["everything", "own_block", "random", "none"])
+def test_cache_sparse_prefill(which):
+  """A chunk at block offsets over a KV cache in its own layout, traced offset, GQA groups
+  of unequal size; selecting every causal block equals dense causal cache attention."""
+  b, s, t, d, bs = 2, 128, 512, 32, 64
+  nq, nk = s // bs, t // bs
+  q = _normal((b, s, 4, d))
+  kc, vc = _normal((b, 2, t, d)), _normal((b, 2, t, d))
+  run = jax.jit(lambda q, kc, vc, m, off: sparse_prefill_k.cache_sparse_prefill(
+      q, kc, vc, KV_MIXED, m, q_offset=off, interpret=True))
+  for off in (0, 2 * bs, t - s):
+    g = off // bs + jnp.arange(nq)
+    causal = jnp.arange(nk)[None, :] <= g[:, None]  # [nq, nk]
+    own = jnp.arange(nk)[None, :] == g[:, None]
+    rand = jax.random.bernoulli(_key(), 0.4, (b, 4, nq, nk))
+    mask = {"everything": causal, "own_block": own, "random": (rand | own) & causal,
+            "none": jnp.zeros((nq, nk), bool)}[which]
+    mask = jnp.broadcast_to(mask, (b, 4, nq, nk))
+    got = run(q, kc, vc, mask, jnp.int32(off))
+    want = sparse_prefill_k.reference_cache(q, kc, vc, KV_MIXED, mask, q_offset=off)
+    _close(got[0], want[0], 2e-5)
+    _close(got[1], want[1], 2e-5)
+    if which == "everything":
+      dense = ref.cache_causal_attention(q, kc, vc, KV_MIXED, q_offset=off)
+      _close(got[0], dense[0], 2e-5)
+    if which == "none":
+      assert np.all(np.isneginf(np.asarray(got[1])))
 
 
 @pytest.mark.parametrize("kv_heads", [(0, 1, 2), (1, 0, 1, 1)])
@@ -449,6 +502,16 @@ COMPILE_CASES = {
         lambda q, k, v, m: sparse_prefill_k.sparse_prefill(q, k, v, (0, 1), m, interpret=False),
         (S((1, 2048, 2, 128), BF), S((1, 2048, 2, 128), BF), S((1, 2048, 2, 128), BF),
          S((1, 2, 32, 32), jnp.bool_))),
+    "cache_sparse_prefill": (
+        lambda q, k, v, m, off: sparse_prefill_k.cache_sparse_prefill(
+            q, k, v, (0, 0, 1), m, q_offset=off, interpret=False),
+        (S((1, 1024, 3, 128), BF), S((1, 2, 8192, 128), BF), S((1, 2, 8192, 128), BF),
+         S((1, 3, 16, 128), jnp.bool_), S((), jnp.int32))),
+    "cache_prefill_select": (
+        lambda a, c, n, off: prefill_select_k.cache_prefill_select(
+            a, c, n, q_offset=off, top_p=0.9, interpret=False),
+        (S((1, 1024, 2, 16), BF), S((1, 2, 8192, 16), BF), S((1,), jnp.int32),
+         S((), jnp.int32))),
     "prefill_select": (
         lambda a, c: prefill_select_k.prefill_select(a, c, top_p=0.9, interpret=False),
         (S((1, 4096, 2, 16), jnp.float32), S((1, 4096, 2, 16), jnp.float32))),
@@ -479,5 +542,5 @@ def test_compiles_for_sm90(name):
   for k in kernels:
     assert k.cubin_bytes > 0, k
     assert k.spill_bytes in (None, 0) or k.spill_bytes < 256, k
-  if "attention" in name or name == "sparse_prefill":  # bf16 flash kernels use Hopper wgmma
+  if "attention" in name or name.endswith("sparse_prefill"):  # bf16 flash kernels use Hopper wgmma
     assert any(k.ptx_has_wgmma for k in kernels)

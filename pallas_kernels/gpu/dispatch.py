@@ -17,8 +17,10 @@ Pallas flash kernel, which reads the offset at run time; cuDNN takes no offset.
   topp_select        block-LSE kernel + register top-p kernel (exact or histogram).
   sparse_decode      mask -> block lists, split-KV decode kernel.
   ring_decode        visible ring blocks -> block list, same decode kernel (GQA-grouped).
-  prefill_select     pooled block-LSE tile kernel + register top-p kernel.
-  sparse_prefill     mask -> block lists, block-sparse flash kernel.
+  prefill_select     pooled block-LSE tile kernel + register top-p kernel; the cache_
+                     variant reads the compressed-key cache at a runtime chunk offset.
+  sparse_prefill     mask -> block lists, block-sparse flash kernel; the cache_ variant
+                     reads the KV cache in place at a runtime chunk offset.
 Interpret mode (`RTPURBO_INTERPRET=1`) runs every Pallas kernel on the CPU; cuDNN is skipped.
 """
 
@@ -145,3 +147,23 @@ def sparse_prefill(q, k, v, kv_heads, block_mask, *, block_size: int = 64, chunk
                                                       block_size=block_size)):
     return NotImplemented
   return sparse_prefill_k.sparse_prefill(q, k, v, kv_heads, block_mask, block_size=block_size)
+
+
+def cache_prefill_select(qi, ckeys, lengths, *, q_offset=0, top_p: float,
+                         block_size: int = 64, chunk: int = 64):
+  if not (_pallas_ok() and prefill_select_k.supported(qi, ckeys, block_size=block_size,
+                                                      kv_major=True)):
+    return NotImplemented
+  return prefill_select_k.cache_prefill_select(qi, ckeys, lengths, q_offset=q_offset,
+                                               top_p=top_p, block_size=block_size)
+
+
+def cache_sparse_prefill(q, k_cache, v_cache, kv_heads, block_mask, *, q_offset=0,
+                         block_size: int = 64, chunk: int = 512):
+  kv_heads = tuple(int(x) for x in kv_heads)
+  if not (_pallas_ok() and sparse_prefill_k.supported(q, k_cache, v_cache, kv_heads,
+                                                      block_mask, block_size=block_size,
+                                                      kv_major=True)):
+    return NotImplemented
+  return sparse_prefill_k.cache_sparse_prefill(q, k_cache, v_cache, kv_heads, block_mask,
+                                               q_offset=q_offset, block_size=block_size)
