@@ -5,13 +5,21 @@
    threshold 2048 (ring capacity 2048), a 6000-token prompt prefilled in 1000-token chunks
    (chunk boundaries cross the ring's wrap-around) through the accelerator kernels, against
    the same run on the jnp references (RTPURBO_KERNELS=reference): first-token logits.
-2. `cache_causal_attention` (retrieval heads of a chunk over the KV cache): the Pallas
+   The same with `sparse_prefill` (retrieval heads select key blocks per query block,
+   `cache_prefill_select` + `cache_sparse_prefill`), the indexer sharpened so that top-p
+   keeps a fraction of the blocks.
+2. `cache_prefill_select` and `cache_sparse_prefill` kernels vs their references at a
+   moderate size (a chunk at an offset inside a longer cache, ragged lengths), then one
+   1M-context chunk timed: selection + sparse attention for 5 retrieval heads, next to the
+   dense `cache_causal_attention` of the same chunk.
+3. `cache_causal_attention` (retrieval heads of a chunk over the KV cache): the Pallas
    flash kernel (kv_major) and the cuDNN split against the reference at a moderate size, then
    both timed at the 1M shape (one chunk at the middle of a 1M-slot cache, 5 query heads on
    4 KV heads). The faster correct one is written to OUT/cache_attn.txt for the e2e run
    (`RTPURBO_CACHE_ATTN`).
 
   python benchmarks/check_prefill.py --out DIR      # prints one JSON line per check
+  python benchmarks/check_prefill.py --checks=model_sparse,sparse_chunk   # a subset
   RTPURBO_INTERPRET=1 python benchmarks/check_prefill.py --smoke   # CPU, tiny shapes
 Exit status 1 when the model-level check fails.
 """
@@ -19,6 +27,7 @@ Exit status 1 when the model-level check fails.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -32,6 +41,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from pallas_kernels import ops  # noqa: E402
 from pallas_kernels import reference as ref  # noqa: E402
 from pallas_kernels.gpu import cudnn_attention  # noqa: E402
 from pallas_kernels.gpu import window_attention as flash  # noqa: E402
@@ -51,15 +61,18 @@ KV_HEADS = (0, 0, 1, 2, 3)  # 5 retrieval query heads on 4 KV heads (a group of 
 
 
 def model_check(prompt_len: int, chunk: int, sparse: SparseConfig, backend: str,
-                dtype: str) -> dict:
+                dtype: str, indexer_scale: float = 1.0) -> dict:
   """Chunked prefill, accelerator kernels (`backend`) vs jnp references: first-token
   logits. float32 runs the Pallas kernels at fp32 (a tight check of their indexing);
   bfloat16 the production path (cuDNN where it applies)."""
   plan = memory.synthetic_plan(CFG, 0.25, 1)
   model = Transformer(CFG, sparse=sparse, plan=plan, dtype=dtype, rngs=nnx.Rngs(1),
                       init_std=0.05)
+  for layer in model.layers:
+    if indexer_scale != 1.0 and hasattr(layer.attn, "indexer_wq"):
+      layer.attn.indexer_wq.set_value(layer.attn.indexer_wq[...] * indexer_scale)
   ids = np.random.default_rng(1).integers(0, CFG.vocab_size, (1, prompt_len), dtype=np.int32)
-  logits, secs = {}, {}
+  logits, secs, fracs = {}, {}, {}
   for name in ("reference", backend):
     os.environ["RTPURBO_KERNELS"] = name
     jax.clear_caches()  # the engine's jitted steps would otherwise reuse the other trace
@@ -67,14 +80,17 @@ def model_check(prompt_len: int, chunk: int, sparse: SparseConfig, backend: str,
     res = Engine(model, progress=False).generate(ids, 2, prefill_chunk=chunk)
     secs[name] = time.perf_counter() - t
     logits[name] = np.asarray(res.first_logits, np.float32)
+    fracs[name] = res.summary.get("prefill_selected_fraction")
   os.environ.pop("RTPURBO_KERNELS")
   jax.clear_caches()
   want, got = logits["reference"], logits[backend]
   rel = float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-6))
   tol = 1e-3 if dtype == "float32" else 3e-2
-  return {"check": f"chunked_prefill_model/{dtype}", "prompt": prompt_len, "chunk": chunk,
+  name = "sparse_prefill_model" if sparse.sparse_prefill else "chunked_prefill_model"
+  return {"check": f"{name}/{dtype}", "prompt": prompt_len, "chunk": chunk,
           "max_rel_err": rel, "argmax_equal": bool(np.argmax(got) == np.argmax(want)),
-          "seconds": secs, "ok": bool(np.isfinite(got).all() and rel < tol)}
+          "prefill_selected_fraction": fracs.get(backend), "seconds": secs,
+          "ok": bool(np.isfinite(got).all() and rel < tol)}
 
 
 def _impls():
@@ -142,6 +158,78 @@ def cache_attention_check(chunk: int, ctx: int, s: int = 4096, t: int = 32768) -
   return out
 
 
+def _rel(got, want) -> float:
+  got, want = jnp.asarray(got, jnp.float32), jnp.asarray(want, jnp.float32)
+  return float(jnp.max(jnp.abs(got - want)) / jnp.maximum(jnp.max(jnp.abs(want)), 1e-6))
+
+
+def sparse_chunk_check(chunk: int, ctx: int, s: int = 2048, t: int = 16384,
+                       sharpness: float = 10.0) -> list[dict]:
+  """The chunk-offset sparse-prefill kernels vs their references ([s] queries at an offset in
+  a [t]-slot cache, one row ending inside the chunk), then their time on the last `chunk` of a
+  `ctx` prefill, with the dense cache attention of the same chunk for scale."""
+  out = []
+  key = jax.random.split(jax.random.key(2), 6)
+  nh, r, bs = len(KV_HEADS), 16, 64
+  off = t // 2
+  qi = jax.random.normal(key[0], (2, s, nh, r), jnp.float32) * sharpness
+  ck = jax.random.normal(key[1], (2, nh, t, r), jnp.bfloat16)
+  lengths = jnp.asarray([off + s, off + s // 3 + 5], jnp.int32)
+  select = jax.jit(lambda a, c, n, o: ops.cache_prefill_select(a, c, n, q_offset=o, top_p=0.9,
+                                                               block_size=bs))
+  attend = jax.jit(lambda q, k, v, m, o: ops.cache_sparse_prefill(q, k, v, KV_HEADS, m,
+                                                                  q_offset=o, block_size=bs))
+  try:
+    got = select(qi, ck, lengths, jnp.int32(off))
+    want = ref.cache_prefill_select(qi, ck, lengths, q_offset=off, top_p=0.9, block_size=bs)
+    g = off // bs + jnp.arange(s // bs)
+    causal = (jnp.arange(t // bs)[None] <= g[:, None])[None, None]
+    frac = float(jnp.sum(want & causal) / (jnp.sum(causal) * want.shape[0] * nh))
+    # fp32 summation order may flip a block whose cumulative mass sits at p: count them.
+    out.append({"check": "cache_prefill_select", "mismatched_blocks": int(jnp.sum(got != want)),
+                "blocks": int(want.size), "selected_fraction": frac,
+                "ok": int(jnp.sum(got != want)) <= want.size // 1000})
+    q = jax.random.normal(key[2], (2, s, nh, 128), jnp.bfloat16)
+    kc = jax.random.normal(key[3], (2, 4, t, 128), jnp.bfloat16)
+    vc = jax.random.normal(key[4], (2, 4, t, 128), jnp.bfloat16)
+    o, l = attend(q, kc, vc, want, jnp.int32(off))
+    wo, wl = ref.cache_sparse_prefill(q, kc, vc, KV_HEADS, want, q_offset=off, block_size=bs)
+    err = max(_rel(o, wo), float(jnp.max(jnp.abs(jnp.where(jnp.isfinite(wl), l - wl, 0.0)))))
+    out.append({"check": "cache_sparse_prefill", "max_err": err, "ok": err < 2e-2})
+  except Exception as e:  # noqa: BLE001
+    out.append({"check": "cache_sparse_prefill", "ok": False,
+                "error": f"{type(e).__name__}: {e}"[:500]})
+    return out
+  # Time: the last chunk of a ctx-token prefill.
+  off = ctx - chunk
+  qi = jax.random.normal(key[5], (1, chunk, nh, r), jnp.float32) * sharpness
+  ck = jax.random.normal(key[1], (1, nh, ctx, r), jnp.bfloat16)
+  q, k, v = _inputs(jax.random.key(3), chunk, ctx)
+  n = jnp.asarray([ctx], jnp.int32)
+  both = jax.jit(lambda a, c, q, k, v, o: attend(q, k, v, select(a, c, n, o), o))
+  dense = jax.jit(lambda q, k, v, o: ops.cache_causal_attention(q, k, v, KV_HEADS, q_offset=o))
+  row = {"check": "sparse_chunk/time", "chunk": chunk, "ctx": ctx}
+  for name, fn, args in (("select", select, (qi, ck, n, jnp.int32(off))),
+                         ("select+attend", both, (qi, ck, q, k, v, jnp.int32(off))),
+                         ("dense", dense, (q, k, v, jnp.int32(off)))):
+    jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(3):
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      ts.append(time.perf_counter() - t0)
+    row[f"{name}_ms"] = 1e3 * float(np.median(ts))
+  m = select(qi, ck, n, jnp.int32(off))
+  g = off // bs + jnp.arange(chunk // bs)
+  causal = (jnp.arange(ctx // bs)[None] <= g[:, None])[None, None]
+  row["selected_fraction"] = float(jnp.sum(m & causal) / (jnp.sum(causal) * nh))
+  out.append(row)
+  return out
+
+
+CHECKS = ("model", "model_sparse", "sparse_chunk", "cache_attn")
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -150,26 +238,45 @@ def main(argv=None) -> int:
   ap.add_argument("--ctx", type=int, default=1 << 20, help="context of the timing shape")
   ap.add_argument("--smoke", action="store_true",
                   help="CPU-sized shapes (with RTPURBO_INTERPRET=1: the Pallas interpreter)")
+  ap.add_argument("--checks", default=",".join(CHECKS),
+                  help=f"comma list of checks to run, from {','.join(CHECKS)}")
+  ap.add_argument("--indexer_scale", type=float, default=64.0,
+                  help="W_q multiplier of the sparse-prefill model check (a sharper selection)")
   args = ap.parse_args(argv)
-  if args.smoke:
-    results = [model_check(300, 100, SMOKE_SPARSE, "gpu", "float32")]
-    checks = cache_attention_check(128, 1024, s=128, t=512)
-  else:
-    results = [model_check(6000, 1000, SPARSE, "auto", d) for d in ("float32", "bfloat16")]
-    checks = None
-  for r in results:
-    print(json.dumps(r), flush=True)
-  model_ok = all(r["ok"] for r in results)
-  for r in checks or cache_attention_check(args.chunk, args.ctx):
-    results.append(r)
-    print(json.dumps(r), flush=True)
+  todo = [c.strip() for c in args.checks.split(",") if c.strip()]
+  if unknown := sorted(set(todo) - set(CHECKS)):
+    raise SystemExit(f"--checks: unknown {unknown}; choose from {list(CHECKS)}")
+  sp_sparse = dataclasses.replace(SMOKE_SPARSE if args.smoke else SPARSE, sparse_prefill=True)
+  runs = {
+      "model": lambda: ([model_check(300, 100, SMOKE_SPARSE, "gpu", "float32")] if args.smoke
+                        else [model_check(6000, 1000, SPARSE, "auto", d)
+                              for d in ("float32", "bfloat16")]),
+      "model_sparse": lambda: ([model_check(300, 128, sp_sparse, "gpu", "float32",
+                                            args.indexer_scale)] if args.smoke
+                               else [model_check(6000, 1024, sp_sparse, "auto", d,
+                                                 args.indexer_scale)
+                                     for d in ("float32", "bfloat16")]),
+      "sparse_chunk": lambda: (sparse_chunk_check(128, 1024, s=128, t=512) if args.smoke
+                               else sparse_chunk_check(args.chunk, args.ctx)),
+      "cache_attn": lambda: (cache_attention_check(128, 1024, s=128, t=512) if args.smoke
+                             else cache_attention_check(args.chunk, args.ctx)),
+  }
+  results, ok = [], True
+  for name in todo:
+    for r in runs[name]():
+      results.append(r)
+      print(json.dumps(r), flush=True)
+      if name.startswith("model"):
+        ok &= bool(r["ok"])
   if args.out:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "check.json"), "w") as f:
       json.dump(results, f, indent=1)
-    with open(os.path.join(args.out, "cache_attn.txt"), "w") as f:
-      f.write(results[-1]["impl"])
-  return 0 if model_ok else 1
+    choice = [r["impl"] for r in results if r["check"] == "cache_causal_attention/choice"]
+    if choice:
+      with open(os.path.join(args.out, "cache_attn.txt"), "w") as f:
+        f.write(choice[0])
+  return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -9,6 +9,12 @@ new_tokens tokens; reported: time to first token, prefill tok/s, decode tok/s, K
 bytes, mean selected-block fraction of the retrieval heads, compile time, and the planner's
 numbers. Compilation is done ahead and not counted in the timings.
 
+`--sparse_prefill` runs the rtpurbo variants with indexer-sparse retrieval heads in prefill
+(recorded as `rtpurbo@<ctx>/sparse_prefill`). Random weights give a flat indexer (top-p 0.9
+keeps ~89% of blocks), so `--indexer_scale` multiplies every W_q of the indexer to make the
+synthetic selection sharper; the selected fractions that result (prefill and decode) are
+measured and recorded with the timings.
+
 Results go to --out (default benchmarks/results/e2e_<device>.json), merged by variant name, so
 variants can run in separate processes:
   python benchmarks/e2e.py                           # all variants (long at 1M)
@@ -125,6 +131,16 @@ def build_model(setup: Setup, plan, seed: int):
   return model
 
 
+def sharpened(model, scale: float):
+  """`model` with every layer's indexer W_q multiplied by `scale` (its own variables: a
+  rebuilt model does not share them with the base)."""
+  if scale != 1.0:
+    for layer in model.layers:
+      if hasattr(layer.attn, "indexer_wq"):
+        layer.attn.indexer_wq.set_value(layer.attn.indexer_wq[...] * scale)
+  return model
+
+
 def kernel_choices() -> dict:
   """The kernel settings this process runs with (recorded per variant)."""
   out = {"backend": ops.backend(),
@@ -167,7 +183,14 @@ def main(argv=None):
   ap.add_argument("--dense_cache_attn", default="cudnn", choices=("cudnn", "pallas"),
                   help="RTPURBO_CACHE_ATTN for dense variants: the baseline is cuDNN "
                   "(rtpurbo variants use the environment's setting)")
+  ap.add_argument("--sparse_prefill", action="store_true",
+                  help="rtpurbo variants select key blocks in prefill too (beyond the paper)")
+  ap.add_argument("--indexer_scale", type=float, default=1.0,
+                  help="multiply the indexer's W_q (a sharper synthetic selection for random "
+                  "weights); with --sparse_prefill only")
   args = ap.parse_args(argv)
+  if args.indexer_scale != 1.0 and not args.sparse_prefill:
+    raise SystemExit("--indexer_scale applies to --sparse_prefill runs only")
 
   setup = setups(args.tiny, args.prefill_chunk, args.new_tokens)
   env = environment()
@@ -241,17 +264,25 @@ def main(argv=None):
         f"{build_s:.1f}s; device memory {memory.fmt(dev_mem)}", flush=True)
 
   for mode, ctx in todo:
-    key = f"{mode}@{memory.format_tokens(ctx)}"
+    sparse_prefill = args.sparse_prefill and mode == "rtpurbo"
+    key = f"{mode}@{memory.format_tokens(ctx)}" + ("/sparse_prefill" if sparse_prefill else "")
     mem = plan_for(setup, plan, mode, ctx, dev_mem)
     entry = {"mode": mode, "ctx": ctx, "planner": mem.as_dict()}
+    if sparse_prefill:
+      entry.update(sparse_prefill=True, indexer_scale=args.indexer_scale)
     if not mem.fits:
       entry["skipped"] = "the planner says it does not fit"
       variants[key] = entry
       print(f"{key}: skipped ({mem.describe()})", flush=True)
       save()
       continue
-    model = base if mode == setup.sparse.mode else convert.rebuild(
-        base, sparse=dataclasses.replace(setup.sparse, mode=mode))
+    if sparse_prefill:
+      model = sharpened(convert.rebuild(
+          base, sparse=dataclasses.replace(setup.sparse, sparse_prefill=True)),
+          args.indexer_scale)
+    else:
+      model = base if mode == setup.sparse.mode else convert.rebuild(
+          base, sparse=dataclasses.replace(setup.sparse, mode=mode))
     saved_impl = os.environ.get("RTPURBO_CACHE_ATTN")
     if mode == "dense":  # read at trace time, so it holds for this variant's engine only
       os.environ["RTPURBO_CACHE_ATTN"] = args.dense_cache_attn
@@ -270,11 +301,11 @@ def main(argv=None):
       s = run_variant(model, setup, ctx, args.seed, progress)
       entry.pop("prefill_progress", None)
       entry.update(s)
-      frac = s["selected_fraction"]
+      frac, pfrac = s["selected_fraction"], s.get("prefill_selected_fraction")
       print(f"{key}: TTFT {s['ttft_s']:.2f}s, prefill {s['prefill_tok_s']:.0f} tok/s, decode "
             f"{s['decode_tok_s']:.2f} tok/s, cache {memory.fmt(s['cache_bytes'])}, compile "
-            f"{s['compile_s']:.1f}s" + (f", selected {frac:.4f}" if frac is not None else ""),
-            flush=True)
+            f"{s['compile_s']:.1f}s" + (f", selected {frac:.4f}" if frac is not None else "")
+            + (f", prefill selected {pfrac:.4f}" if pfrac is not None else ""), flush=True)
     except Exception as e:  # record (e.g. out of memory) and go on with the next variant
       entry["error"] = f"{type(e).__name__}: {e}"[:2000]
       entry["traceback"] = traceback.format_exc()[-4000:]

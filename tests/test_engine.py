@@ -46,10 +46,27 @@ def test_chunked_prefill_equals_one_shot(seed, rng):
   assert 0.0 < s["selected_fraction"] <= 1.0
 
 
-def test_sparse_prefill_is_refused_not_ignored(seed):
-  from rtpurbo_jax.config import ConfigError
-  with pytest.raises(ConfigError, match="sparse_prefill"):
-    Engine(_model(seed, sparse_prefill=True))
+def test_sparse_prefill_engine(seed, rng):
+  """`sparse_prefill` in the engine: chunks rounded to whole blocks, the first token's logits
+  equal the one-pass sparse forward, the prefill selection is reported; with top_p 1 every
+  causal block is read, which is the paper mode (dense retrieval heads in prefill)."""
+  ids = rng.integers(0, CFG.vocab_size, (1, 37)).astype(np.int32)
+  sparse = _model(seed, sparse_prefill=True)
+  res = Engine(sparse).generate(ids, 4, prefill_chunk=7)
+  s = res.summary
+  assert s["prefill_chunk"] == 8 and s["chunks"] == 5  # 7 -> one 8-token block
+  want = np.asarray(sparse(ids))[0, -1]
+  np.testing.assert_allclose(res.first_logits[0], want, atol=2e-5, rtol=1e-5)
+  assert 0.0 < s["prefill_selected_fraction"] < 1.0
+  paper = Engine(_model(seed)).generate(ids, 4, prefill_chunk=8)
+  assert paper.summary["prefill_selected_fraction"] is None
+  assert np.max(np.abs(paper.first_logits - res.first_logits)) > 1e-3
+  every = Engine(_model(seed, sparse_prefill=True, top_p=1.0)).generate(ids, 4,
+                                                                         prefill_chunk=8)
+  paper_p1 = Engine(_model(seed, top_p=1.0)).generate(ids, 4, prefill_chunk=8)
+  assert every.summary["prefill_selected_fraction"] == 1.0
+  np.testing.assert_allclose(every.first_logits, paper_p1.first_logits, atol=2e-5, rtol=1e-5)
+  np.testing.assert_array_equal(every.tokens, paper_p1.tokens)
 
 
 @pytest.mark.parametrize("mode", ["rtpurbo", "dense"])

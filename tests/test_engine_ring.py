@@ -38,9 +38,10 @@ CASES = [
 ]
 
 
-def _model(seed, window, sinks, threshold):
-  sp = SparseConfig(mode="rtpurbo", window=window, sinks=sinks, seqlen_threshold=threshold,
-                    block_size=8, indexer_dim=8, top_p=1.0, chunk_size=8)
+def _model(seed, window, sinks, threshold, **sparse):
+  kw = dict(mode="rtpurbo", window=window, sinks=sinks, seqlen_threshold=threshold,
+            block_size=8, indexer_dim=8, top_p=1.0, chunk_size=8)
+  sp = SparseConfig(**(kw | sparse))
   return Transformer(CFG, sparse=sp, plan=PLAN, rngs=nnx.Rngs(seed), init_std=0.3)
 
 
@@ -111,3 +112,31 @@ def test_chunked_prefill_and_decode_equal_one_sequence(window, sinks, threshold,
     n = lengths[r]
     np.testing.assert_allclose(got[r, :n], want[r][:n], atol=3e-4, rtol=3e-4)
     np.testing.assert_allclose(dec[r], want[r][n:n + 3], atol=3e-4, rtol=3e-4)
+
+
+@pytest.mark.parametrize("kernels", ["reference", "gpu-interpret"])
+@pytest.mark.parametrize("chunk", [8, 16, 24])
+def test_sparse_prefill_chunked_equals_one_sequence(chunk, kernels, seed, monkeypatch):
+  """`sparse_prefill`: retrieval heads select key blocks per query block, chunk by chunk
+  (selection over the compressed-key cache at the chunk's offset), as the one-sequence
+  forward selects them; ragged rows end inside a block. top_p 0.5 makes the selection
+  matter: the same prompt prefilled with dense retrieval heads gives other logits."""
+  if kernels == "gpu-interpret":
+    monkeypatch.setenv("RTPURBO_KERNELS", "gpu")
+    monkeypatch.setenv("RTPURBO_INTERPRET", "1")
+  else:
+    monkeypatch.setenv("RTPURBO_KERNELS", "reference")
+  rng = np.random.default_rng(seed)
+  model = _model(seed, 8, 2, 0, top_p=0.5, sparse_prefill=True)
+  s = 45
+  ids = rng.integers(0, CFG.vocab_size, (2, s + 3)).astype(np.int32)
+  lengths = np.asarray([s, int(rng.integers(s // 2, s - 1))], np.int32)
+  # Each row's prompt alone: a query block pools only the prompt's queries (the decode tokens
+  # that follow are decode steps, not prefill queries).
+  want = [np.asarray(model(ids[r:r + 1, :lengths[r]]))[0] for r in range(2)]
+  got, _ = _chunked_logits(model, ids, jnp.asarray(lengths), chunk, rng)
+  for r in range(2):
+    np.testing.assert_allclose(got[r, :lengths[r]], want[r], atol=3e-4, rtol=3e-4)
+  paper = _model(seed, 8, 2, 0, top_p=0.5)
+  dense_ret = np.asarray(paper(ids[:1, :s]))[0]
+  assert np.max(np.abs(dense_ret - want[0])) > 1e-2

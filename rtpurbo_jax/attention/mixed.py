@@ -30,6 +30,11 @@ class SelectionStats(nnx.Intermediate):
   """Sown by decode steps: fraction of causal blocks each retrieval head read."""
 
 
+class PrefillSelectionStats(nnx.Intermediate):
+  """Sown by sparse prefill chunks: [selected, causal] (query block, key block) pairs of the
+  retrieval heads, over the valid query blocks of sparse-active rows (float32 [2])."""
+
+
 def _head_groups(heads: LayerHeads, mode: str, num_heads: int):
   """(local query heads, selected query heads, dense query heads) for a mode."""
   every = tuple(range(num_heads))
@@ -173,8 +178,12 @@ class MixedHeadAttention(nnx.Module):
     pad = ((0, 0), (0, s_pad - s), (0, 0), (0, 0))
     q_ret = q[:, :, jnp.asarray(ret)]
     if sparse_queries is None and use_kernel:
-      mask = ops.prefill_select(jnp.pad(qi, pad), jnp.pad(ki, pad), top_p=sp.top_p,
-                                block_size=bs)
+      if s == s_pad:
+        mask = ops.prefill_select(qi, ki, top_p=sp.top_p, block_size=bs)
+      else:  # the padding is neither pooled nor scored (as in chunked prefill)
+        mask = ops.cache_prefill_select(jnp.pad(qi, pad), jnp.swapaxes(jnp.pad(ki, pad), 1, 2),
+                                        jnp.full((b,), s, jnp.int32), top_p=sp.top_p,
+                                        block_size=bs)
       o, _ = ops.sparse_prefill(jnp.pad(q_ret, pad), jnp.pad(k, pad), jnp.pad(v, pad), kv,
                                 mask, block_size=bs)
       return o[:, :s]
@@ -262,8 +271,20 @@ class MixedHeadAttention(nnx.Module):
                                     full_pos, full_kvh(full_local), chunk=sp.chunk_size,
                                     **window_rule)
         out = put(out, full_local, o)
-    # Dense heads, and retrieval heads outside decode (paper mode: dense in prefill).
-    dense_now = dense + (selected if not decode or sp.mode not in ("rtpurbo", "topk") else ())
+    # Dense heads, and retrieval heads outside decode (paper mode: dense in prefill) unless
+    # `sparse_prefill` makes them indexer-sparse in prefill too.
+    indexed_mode = sp.mode in ("rtpurbo", "topk")
+    sparse_chunk = bool(selected) and not decode and sp.sparse_prefill and indexed_mode
+    dense_now = dense + (selected if (not decode and not sparse_chunk) or not indexed_mode
+                         else ())
+    if sparse_chunk:
+      if not contiguous:
+        raise ValueError("sparse_prefill with a KV cache needs contiguous prefill chunks "
+                         "(positions p0..p0+s-1 in every row, as the inference Engine runs "
+                         "them); run the forward without a cache for one-pass scoring")
+      o = self._selected_chunk_prefill(q[:, :, jnp.asarray(selected)], qi, new,
+                                       full_kvh(selected), positions[0, 0], active)
+      out = put(out, selected, o)
     if dense_now and contiguous and not decode:
       # The cache is read in its own [batch, kv, T, head_dim] layout (no transposed copy).
       o, _ = _traced_offset_call("cache_causal_attention", q[:, :, jnp.asarray(dense_now)],
@@ -290,6 +311,37 @@ class MixedHeadAttention(nnx.Module):
       out = put(out, selected, o)
     return out, new
 
+
+  def _selected_chunk_prefill(self, q, qi, new, kv_heads, p0, active):
+    """Retrieval heads of a contiguous prefill chunk with `sparse_prefill`: indexer-sparse.
+
+    q: [batch, s, n_retrieval, head_dim] at positions p0..p0+s-1 (p0 traced; s and p0
+    multiples of block_size: the Engine rounds its chunk to whole blocks); qi: [batch, s,
+    n_retrieval, r]; new: the cache after this chunk's write; active: [batch] bool.
+    Query block i picks key blocks by top-p of its pooled indexer query over the compressed
+    keys in the cache (`ops.cache_prefill_select`) and attends to them in place
+    (`ops.cache_sparse_prefill`): the one-pass `sparse_prefill` selection, chunk by chunk.
+    Rows below the dense-fallback threshold read every causal block.
+    Returns [batch, s, n_retrieval, head_dim].
+    """
+    sp = self.sparse
+    bs = sp.block_size
+    b, s = q.shape[:2]
+    if s % bs:
+      raise ValueError(f"sparse_prefill: a prefill chunk of {s} tokens is not a whole number "
+                       f"of {bs}-token blocks (the Engine rounds its prefill_chunk up)")
+    mask = ops.cache_prefill_select(qi, new.ckeys, new.length, q_offset=p0, top_p=sp.top_p,
+                                    block_size=bs)
+    nq, nk = mask.shape[2:]
+    g = p0 // bs + jnp.arange(nq, dtype=jnp.int32)  # global block of each query block
+    causal = jnp.arange(nk, dtype=jnp.int32)[None, :] <= g[:, None]  # [nq, nk]
+    mask = mask | (~active[:, None, None, None] & causal)
+    counted = ((g[None, :] * bs < new.length[:, None]) & active[:, None])[:, None, :, None]
+    pairs = jnp.stack([jnp.sum(mask & causal & counted), jnp.sum(causal & counted) * q.shape[2]])
+    self.sow(PrefillSelectionStats, "prefill_blocks", pairs.astype(jnp.float32))
+    o, _ = ops.cache_sparse_prefill(q, new.full_k, new.full_v, kv_heads, mask, q_offset=p0,
+                                    block_size=bs, chunk=sp.chunk_size)
+    return o
 
   def _ring_prefill_fast(self, q, ring_before, chunk_kv, new, kv_heads, p0, active):
     """Local heads on ring KV heads for a contiguous chunk, through the window kernel.

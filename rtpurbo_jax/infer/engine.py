@@ -6,7 +6,8 @@ module-level jitted functions, so repeated calls with the same shapes never reco
   prefill_chunk_step  one chunk of `prefill_chunk` tokens at positions p0..p0+C-1 (p0
                   traced), written into the cache (donated), through the attention's contiguous
                   fast path; keeps the final hidden state of each row's last prompt token (also
-                  the evaluation's prefill).
+                  the evaluation's prefill). With `sparse_prefill` the retrieval heads select
+                  key blocks per query block (chunks are then whole blocks).
   _first_token    logits of those hidden states -> the first new token.
   _decode         a `lax.while_loop` over decode steps up to a traced step limit, stopping early
                   once every row has emitted eos. Streaming (`on_token`) calls it with the limit
@@ -36,7 +37,7 @@ from flax import nnx
 
 from rtpurbo_jax import sharding as sharding_lib
 from rtpurbo_jax.attention import cache as cache_lib
-from rtpurbo_jax.attention.mixed import SelectionStats
+from rtpurbo_jax.attention.mixed import PrefillSelectionStats, SelectionStats
 from rtpurbo_jax.infer import sampling as sampling_lib
 
 
@@ -101,19 +102,35 @@ def tree_bytes(tree, per_device: bool = False) -> int:
 def prefill_chunk_step(state, cache, ids, p0, lengths, last_h, *, graphdef, mesh):
   """ids: [batch, C] at positions p0..p0+C-1; lengths: [batch]; last_h: [batch, embed].
 
-  Returns (cache, last_h) with last_h[b] = final hidden state of token lengths[b]-1 once the
-  chunk holding it has run.
+  Returns (cache, last_h, blocks) with last_h[b] = final hidden state of token lengths[b]-1
+  once the chunk holding it has run, and blocks = float32 [2], the (selected, causal) block
+  pairs that sparse prefill read in this chunk over all layers (zeros without it).
   """
   model = nnx.merge(graphdef, state)
   b, c = ids.shape
   pos = jnp.broadcast_to(p0 + jnp.arange(c, dtype=jnp.int32)[None], (b, c))
   valid = pos < lengths[:, None]
-  h, cache = model.hidden_states(ids, positions=pos, valid=valid, cache=cache, contiguous=True)
+  (h, cache), stats = nnx.capture(model.hidden_states, PrefillSelectionStats)(
+      ids, positions=pos, valid=valid, cache=cache, contiguous=True)
   cache = _constrain(cache, mesh)
   idx = lengths - 1 - p0
   here = (idx >= 0) & (idx < c)
   picked = jnp.take_along_axis(h, jnp.clip(idx, 0, c - 1)[:, None, None], axis=1)[:, 0]
-  return cache, jnp.where(here[:, None], picked.astype(last_h.dtype), last_h)
+  blocks = sum(jax.tree.leaves(stats), jnp.zeros((2,), jnp.float32))
+  return cache, jnp.where(here[:, None], picked.astype(last_h.dtype), last_h), blocks
+
+
+def prefill_chunk_size(requested: int | None, prompt_len: int, sparse) -> int:
+  """The prefill chunk for a prompt of `prompt_len`: `requested` (None = the whole prompt),
+  at most the prompt, rounded up to whole `block_size` blocks with `sparse_prefill` (whose
+  selection works on blocks aligned to absolute positions)."""
+  chunk = prompt_len if requested is None else int(requested)
+  if chunk < 1:
+    raise ValueError(f"prefill_chunk={requested} must be >= 1")
+  chunk = min(chunk, prompt_len)
+  if sparse.sparse_prefill:
+    chunk = -(-chunk // sparse.block_size) * sparse.block_size
+  return chunk
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling"))
@@ -213,11 +230,6 @@ class Engine:
   """
 
   def __init__(self, model, *, mesh=None, progress: bool | None = None):
-    if model.sparse.sparse_prefill:
-      from rtpurbo_jax.config import ConfigError
-      raise ConfigError("sparse.sparse_prefill is not supported by the KV-cache engine yet: "
-                        "chunked prefill runs retrieval heads dense (paper mode); set "
-                        "sparse_prefill=False (one-pass scoring without a cache supports it)")
     if mesh is not None:
       sharding_lib.shard_model(model, mesh)
     self.model = model
@@ -264,10 +276,7 @@ class Engine:
                        f"tokens) plus max_new_tokens={max_new_tokens} needs {need}")
     if max_new_tokens == 0:
       return Generation(np.zeros((b, 0), np.int32), {"batch": b, "generated_tokens": 0})
-    chunk = p if prefill_chunk is None else int(prefill_chunk)
-    if chunk < 1:
-      raise ValueError(f"prefill_chunk={prefill_chunk} must be >= 1")
-    chunk = min(chunk, p)
+    chunk = prefill_chunk_size(prefill_chunk, p, self.model.sparse)
     n_chunks = -(-p // chunk)
     ids = np.pad(ids, ((0, 0), (0, n_chunks * chunk - p)))
     static = dict(graphdef=self.graphdef, mesh=self.mesh)
@@ -305,9 +314,12 @@ class Engine:
       progress = sys.stderr.isatty()
     bar = _progress(n_chunks, progress and n_chunks > 1)
     t0 = time.perf_counter()
+    blocks = jnp.zeros((2,), jnp.float32)
     for i in range(n_chunks):
-      cache, last_h = prefill_chunk_step(self.state, cache, ids[:, i * chunk:(i + 1) * chunk],
-                                         np.int32(i * chunk), lengths_d, last_h, **static)
+      cache, last_h, chunk_blocks = prefill_chunk_step(
+          self.state, cache, ids[:, i * chunk:(i + 1) * chunk], np.int32(i * chunk), lengths_d,
+          last_h, **static)
+      blocks = blocks + chunk_blocks
       if bar is not None or on_prefill_chunk is not None:
         last_h.block_until_ready()
       if bar is not None:
@@ -321,6 +333,8 @@ class Engine:
     first = np.asarray(first)
     ttft = time.perf_counter() - t0
     summary.update(ttft_s=ttft, prefill_s=ttft, prefill_tok_s=summary["prompt_tokens"] / ttft)
+    selected, causal = (float(x) for x in np.asarray(blocks))
+    summary["prefill_selected_fraction"] = selected / causal if causal else None
     if on_token is not None:
       on_token(0, first.copy())
 
