@@ -10,6 +10,9 @@ plan memory for a context length.
                                                    memory plan, dense vs rtpurbo (no weights)
   python infer.py --config=configs/llama8b.py --random_weights --ctx=128K
                                                    shape-only run with random weights and tokens
+  python infer.py --config.sparse.sparse_prefill=True
+                                                   retrieval heads indexer-sparse in prefill too
+                                                   (beyond the paper, which keeps them dense)
 
 Configuration: `--config=configs/<name>.py` (default configs/smollm2_135m.py) with any value
 overridden as `--config.section.key=value` (e.g. --config.sparse.top_p=0.95,
@@ -351,11 +354,12 @@ def run(cfg, ctx):
     answer = tok.decode(row[:cut], skip_special_tokens=True).strip()
     print() if FLAGS.stream else print(f"answer: {answer}")
   s = res.summary
-  frac = s["selected_fraction"]
+  frac, pfrac = s["selected_fraction"], s.get("prefill_selected_fraction")
   print(f"prompt {s['prompt_tokens']} tokens, {s['generated_tokens']} generated | TTFT "
         f"{s['ttft_s']:.2f}s, prefill {s['prefill_tok_s']:.0f} tok/s, decode "
         f"{s['decode_tok_s']:.1f} tok/s | KV cache {memory.fmt(s['cache_bytes'])}"
         + (f" | mean selected-block fraction {frac:.3f}" if frac is not None else "")
+        + (f" (prefill {pfrac:.3f})" if pfrac is not None else "")
         + f" | compile {s['compile_s']:.1f}s")
   if key is not None:
     found = key in (answer or "")

@@ -77,7 +77,11 @@ def model_check(prompt_len: int, chunk: int, sparse: SparseConfig, backend: str,
     os.environ["RTPURBO_KERNELS"] = name
     jax.clear_caches()  # the engine's jitted steps would otherwise reuse the other trace
     t = time.perf_counter()
-    res = Engine(model, progress=False).generate(ids, 2, prefill_chunk=chunk)
+    # XLA's fp32 matmuls on the GPU default to TF32; the Pallas kernels' fp32 dots are exact.
+    # Exact fp32 on both sides keeps a sharp top-p selection from flipping blocks that sit at
+    # the threshold by rounding alone.
+    with jax.default_matmul_precision("highest"):
+      res = Engine(model, progress=False).generate(ids, 2, prefill_chunk=chunk)
     secs[name] = time.perf_counter() - t
     logits[name] = np.asarray(res.first_logits, np.float32)
     fracs[name] = res.summary.get("prefill_selected_fraction")
@@ -181,7 +185,8 @@ def sparse_chunk_check(chunk: int, ctx: int, s: int = 2048, t: int = 16384,
                                                                   q_offset=o, block_size=bs))
   try:
     got = select(qi, ck, lengths, jnp.int32(off))
-    want = ref.cache_prefill_select(qi, ck, lengths, q_offset=off, top_p=0.9, block_size=bs)
+    with jax.default_matmul_precision("highest"):  # exact fp32 scores, as in the kernel
+      want = ref.cache_prefill_select(qi, ck, lengths, q_offset=off, top_p=0.9, block_size=bs)
     g = off // bs + jnp.arange(s // bs)
     causal = (jnp.arange(t // bs)[None] <= g[:, None])[None, None]
     frac = float(jnp.sum(want & causal) / (jnp.sum(causal) * want.shape[0] * nh))

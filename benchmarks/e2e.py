@@ -10,7 +10,7 @@ bytes, mean selected-block fraction of the retrieval heads, compile time, and th
 numbers. Compilation is done ahead and not counted in the timings.
 
 `--sparse_prefill` runs the rtpurbo variants with indexer-sparse retrieval heads in prefill
-(recorded as `rtpurbo@<ctx>/sparse_prefill`). Random weights give a flat indexer (top-p 0.9
+(recorded as `rtpurbo@<ctx>/sparse_prefill[/x<indexer_scale>]`). Random weights give a flat indexer (top-p 0.9
 keeps ~89% of blocks), so `--indexer_scale` multiplies every W_q of the indexer to make the
 synthetic selection sharper; the selected fractions that result (prefill and decode) are
 measured and recorded with the timings.
@@ -265,7 +265,9 @@ def main(argv=None):
 
   for mode, ctx in todo:
     sparse_prefill = args.sparse_prefill and mode == "rtpurbo"
-    key = f"{mode}@{memory.format_tokens(ctx)}" + ("/sparse_prefill" if sparse_prefill else "")
+    key = f"{mode}@{memory.format_tokens(ctx)}"
+    if sparse_prefill:
+      key += "/sparse_prefill" + (f"/x{args.indexer_scale:g}" if args.indexer_scale != 1 else "")
     mem = plan_for(setup, plan, mode, ctx, dev_mem)
     entry = {"mode": mode, "ctx": ctx, "planner": mem.as_dict()}
     if sparse_prefill:

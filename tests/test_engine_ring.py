@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from rtpurbo_jax.attention.mixed import PrefillSelectionStats, SelectionStats
 from rtpurbo_jax.attention.plan import HeadPlan
 from rtpurbo_jax.config import ModelConfig, SparseConfig
 from rtpurbo_jax.models.transformer import Transformer
@@ -69,12 +70,15 @@ def _chunked_logits(model, ids, lengths, chunk, rng):
   def step(cache, x, p0):
     m = nnx.merge(graphdef, state)
     pos = jnp.broadcast_to(p0 + jnp.arange(x.shape[1], dtype=jnp.int32), x.shape)
-    return m(x, positions=pos, valid=pos < lengths[:, None], cache=cache, contiguous=True)
+    out, _, _ = nnx.capture(m, SelectionStats, PrefillSelectionStats)(
+        x, positions=pos, valid=pos < lengths[:, None], cache=cache, contiguous=True)
+    return out
 
   @jax.jit
   def decode(cache, x, pos):
     m = nnx.merge(graphdef, state)
-    return m(x, positions=pos, cache=cache)
+    out, _ = nnx.capture(m, SelectionStats)(x, positions=pos, cache=cache)
+    return out
 
   n = -(-s // chunk)
   padded = np.pad(ids[:, :s], ((0, 0), (0, n * chunk - s)))

@@ -132,7 +132,7 @@ def workspace_bytes(cfg: ModelConfig, sparse: SparseConfig, plan: HeadPlan, ctx:
   acts = batch * c * (4 * e + 2 * (h + 2 * k) * d + 3 * m) * act
   logits = 2 * batch * cfg.vocab_size * 4
   t = -(-ctx // sparse.block_size) * sparse.block_size
-  ring_heads = full_kv = 0
+  ring_heads = full_kv = n_ret = 0
   for layer in range(cfg.num_layers):
     lay = cache_lib.layout_for(plan.layer(layer), sparse.mode, k)
     heads = plan.layer(layer)
@@ -141,13 +141,20 @@ def workspace_bytes(cfg: ModelConfig, sparse: SparseConfig, plan: HeadPlan, ctx:
       local = ()
     ring_heads = max(ring_heads, sum(1 for q in local if heads.kv_of(q) in lay.ring_kv))
     full_kv = max(full_kv, len(lay.full_kv))
+    n_ret = max(n_ret, len(heads.retrieval))
+  # Sparse prefill, per layer: block log-masses (f32), block lists (int32) and two masks over
+  # [retrieval heads, query blocks of the chunk, key blocks of the cache].
+  select_scratch = 0
+  if sparse.sparse_prefill and sparse.mode in ("rtpurbo", "topk"):
+    bs = sparse.block_size
+    select_scratch = batch * n_ret * -(-c // bs) * (t // bs) * 10
   ring_scratch = 0
   if ring_heads:
     ring_scratch = 2 * batch * ring_heads * min(512, c) * (sparse.ring_capacity + c) * 4
   shard = mesh_shape.get("tensor", 1) * mesh_shape.get("context", 1)
   transposed = 2 * batch * t * full_kv * d * act // shard
   reserve = max(256 << 20, int(0.02 * device_memory))
-  return int(acts + logits + ring_scratch + transposed + reserve)
+  return int(acts + logits + ring_scratch + select_scratch + transposed + reserve)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,47 @@
+"""The GPU benchmark scripts on CPU-sized shapes, so that they cannot rot between GPU runs:
+`benchmarks/e2e.py --tiny` (paper mode and sparse prefill, results merged by variant name)
+and `benchmarks/check_prefill.py --smoke` (the sparse-prefill checks in the Pallas
+interpreter against the references)."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(args, tmp_path, **env):
+  full = dict(os.environ, JAX_PLATFORMS="cpu", **env)
+  full.pop("XLA_FLAGS", None)  # one host device, as on a GPU machine
+  proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=full, capture_output=True,
+                        text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return proc.stdout
+
+
+def test_e2e_tiny_paper_and_sparse_prefill(tmp_path):
+  out = tmp_path / "e2e.json"
+  _run(["benchmarks/e2e.py", "--tiny", "--only=rtpurbo@2K", "--out", str(out)], tmp_path)
+  log = _run(["benchmarks/e2e.py", "--tiny", "--only=rtpurbo@2K", "--sparse_prefill",
+              "--indexer_scale", "4", "--out", str(out)], tmp_path)
+  assert "rtpurbo@2K/sparse_prefill/x4: TTFT" in log
+  variants = json.loads(out.read_text())["variants"]
+  paper, sparse = variants["rtpurbo@2K"], variants["rtpurbo@2K/sparse_prefill/x4"]
+  assert paper["prefill_selected_fraction"] is None and "error" not in paper
+  assert sparse["sparse_prefill"] and sparse["indexer_scale"] == 4.0
+  assert 0.0 < sparse["prefill_selected_fraction"] <= 1.0
+  assert sparse["prompt_tokens"] == paper["prompt_tokens"] > 0
+  assert variants["dense@8K:planner"]["fits"] is False  # the tiny setup's refusal
+
+
+def test_check_prefill_smoke(tmp_path):
+  log = _run(["benchmarks/check_prefill.py", "--smoke", "--checks",
+              "model_sparse,sparse_chunk", "--out", str(tmp_path)], tmp_path,
+             RTPURBO_INTERPRET="1", RTPURBO_KERNELS="gpu")
+  rows = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+  by = {r["check"]: r for r in rows}
+  assert by["sparse_prefill_model/float32"]["ok"]
+  assert by["cache_prefill_select"]["ok"] and by["cache_sparse_prefill"]["ok"]
+  assert 0.0 < by["sparse_chunk/time"]["selected_fraction"] < 1.0
+  assert json.loads((tmp_path / "check.json").read_text()) == rows
