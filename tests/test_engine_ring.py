@@ -144,3 +144,31 @@ def test_sparse_prefill_chunked_equals_one_sequence(chunk, kernels, seed, monkey
   paper = _model(seed, 8, 2, 0, top_p=0.5)
   dense_ret = np.asarray(paper(ids[:1, :s]))[0]
   assert np.max(np.abs(dense_ret - want[0])) > 1e-2
+
+
+@pytest.mark.parametrize("kernels", ["reference", "gpu-interpret"])
+def test_dense_mode_chunked_prefill_and_decode_equal_one_sequence(kernels, seed, monkeypatch):
+  """Dense mode: prefill chunks over the cache in place, decode through the split-KV decode
+  kernel over every written block; ragged rows."""
+  calls = []
+  if kernels == "gpu-interpret":
+    from pallas_kernels.gpu import decode as decode_k
+    monkeypatch.setenv("RTPURBO_KERNELS", "gpu")
+    monkeypatch.setenv("RTPURBO_INTERPRET", "1")
+    kernel = decode_k.sparse_decode
+    monkeypatch.setattr(decode_k, "sparse_decode",
+                        lambda *a, **k: calls.append(1) or kernel(*a, **k))
+  else:
+    monkeypatch.setenv("RTPURBO_KERNELS", "reference")
+  rng = np.random.default_rng(seed)
+  model = _model(seed, 8, 2, 0, mode="dense", block_size=16)  # the decode kernel's minimum
+  s = 37
+  ids = rng.integers(0, CFG.vocab_size, (2, s + 3)).astype(np.int32)
+  lengths = np.asarray([s, int(rng.integers(s // 2, s - 1))], np.int32)
+  want = [np.asarray(model(ids[r:r + 1, :lengths[r] + 3]))[0] for r in range(2)]
+  got, dec = _chunked_logits(model, ids, jnp.asarray(lengths), 16, rng)
+  for r in range(2):
+    n = lengths[r]
+    np.testing.assert_allclose(got[r, :n], want[r][:n], atol=3e-4, rtol=3e-4)
+    np.testing.assert_allclose(dec[r], want[r][n:n + 3], atol=3e-4, rtol=3e-4)
+  assert bool(calls) == (kernels == "gpu-interpret")  # traced once per layer

@@ -291,6 +291,14 @@ class MixedHeadAttention(nnx.Module):
                                  new.full_k, new.full_v, full_kvh(dense_now),
                                  q_offset=positions[0, 0], chunk=sp.chunk_size)
       out = put(out, dense_now, o)
+    elif dense_now and decode:
+      # Every written block: the split-KV decode kernel reads the cache in place.
+      bs = sp.block_size
+      every = jnp.arange(t // bs, dtype=jnp.int32)[None, None, :] * bs < new.length[:, None, None]
+      every = jnp.broadcast_to(every, (b, len(dense_now), t // bs))
+      o, _ = ops.sparse_decode(q[:, 0, jnp.asarray(dense_now)], new.full_k, new.full_v,
+                               full_kvh(dense_now), every, new.length, block_size=bs)
+      out = put(out, dense_now, o)
     elif dense_now:
       o, _ = ops.masked_attention(q[:, :, jnp.asarray(dense_now)], full_k, full_v, positions,
                                   full_pos, full_kvh(dense_now), chunk=sp.chunk_size)
