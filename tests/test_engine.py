@@ -100,13 +100,14 @@ def test_contiguous_fast_path_equals_masked_path(mode, seed, rng):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-5)
 
 
-def test_sharded_equals_single_device(seed, rng):
+@pytest.mark.parametrize("sparse_prefill", [False, True])
+def test_sharded_equals_single_device(sparse_prefill, seed, rng):
   assert jax.device_count() >= 8, "conftest provides 8 host CPU devices"
   mesh = sharding.make_mesh({"tensor": 2, "context": 4}, jax.devices()[:8])
   ids = rng.integers(0, CFG.vocab_size, (2, 20)).astype(np.int32)
   kw = dict(prompt_lengths=[20, 11], max_len=64, prefill_chunk=8)
-  single = Engine(_model(seed)).generate(ids, 8, **kw)
-  eng = Engine(_model(seed), mesh=mesh)
+  single = Engine(_model(seed, sparse_prefill=sparse_prefill)).generate(ids, 8, **kw)
+  eng = Engine(_model(seed, sparse_prefill=sparse_prefill), mesh=mesh)
   cache = eng.new_cache(2, 64)
   assert cache[0].ckeys.sharding.spec[2] == "context"  # compressed keys split over sequence
   assert cache[1].full_k.sharding.spec[2] == "context"
@@ -117,6 +118,9 @@ def test_sharded_equals_single_device(seed, rng):
   assert sharded.summary["selected_fraction"] == pytest.approx(
       single.summary["selected_fraction"], abs=1e-6)
   assert sharded.summary["devices"] == 8
+  if sparse_prefill:
+    assert sharded.summary["prefill_selected_fraction"] == pytest.approx(
+        single.summary["prefill_selected_fraction"], abs=1e-6)
 
 
 def test_topp_select_over_sequence_sharded_ckeys(rng):
