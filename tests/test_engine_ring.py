@@ -95,27 +95,41 @@ def _chunked_logits(model, ids, lengths, chunk, rng):
   return np.concatenate(outs, axis=1)[:, :s], np.stack(dec, axis=1)
 
 
-@pytest.mark.parametrize("kernels", ["reference", "gpu-interpret"])
-@pytest.mark.parametrize("window,sinks,threshold,chunk", CASES)
-def test_chunked_prefill_and_decode_equal_one_sequence(window, sinks, threshold, chunk,
-                                                       kernels, seed, monkeypatch):
+def _use_kernels(kernels, monkeypatch):
   if kernels == "gpu-interpret":
     monkeypatch.setenv("RTPURBO_KERNELS", "gpu")
     monkeypatch.setenv("RTPURBO_INTERPRET", "1")
   else:
     monkeypatch.setenv("RTPURBO_KERNELS", "reference")
-  rng = np.random.default_rng(seed)
-  model = _model(seed, window, sinks, threshold)
-  s = 37
+
+
+def _check_rows(model, s, chunk, rng, decode=True):
+  """Chunked prefill of two ragged rows (then 3 decode steps) == each row alone, no cache.
+
+  With decode=False each row's reference is its prompt alone, and only prefill is compared:
+  under `sparse_prefill` a one-sequence forward treats following tokens as prefill queries,
+  which pool into their query block, where the engine decodes them.
+  Returns the reference logits of row 0.
+  """
   ids = rng.integers(0, CFG.vocab_size, (2, s + 3)).astype(np.int32)
   lengths = np.asarray([s, int(rng.integers(s // 2, s - 1))], np.int32)
-  # The one-sequence reference: each row alone (its prompt plus its 3 decode tokens), no cache.
-  want = [np.asarray(model(ids[r:r + 1, :lengths[r] + 3]))[0] for r in range(2)]
+  extra = 3 if decode else 0
+  want = [np.asarray(model(ids[r:r + 1, :lengths[r] + extra]))[0] for r in range(2)]
   got, dec = _chunked_logits(model, ids, jnp.asarray(lengths), chunk, rng)
   for r in range(2):
     n = lengths[r]
     np.testing.assert_allclose(got[r, :n], want[r][:n], atol=3e-4, rtol=3e-4)
-    np.testing.assert_allclose(dec[r], want[r][n:n + 3], atol=3e-4, rtol=3e-4)
+    if decode:
+      np.testing.assert_allclose(dec[r], want[r][n:n + 3], atol=3e-4, rtol=3e-4)
+  return ids, want[0]
+
+
+@pytest.mark.parametrize("kernels", ["reference", "gpu-interpret"])
+@pytest.mark.parametrize("window,sinks,threshold,chunk", CASES)
+def test_chunked_prefill_and_decode_equal_one_sequence(window, sinks, threshold, chunk,
+                                                       kernels, seed, monkeypatch):
+  _use_kernels(kernels, monkeypatch)
+  _check_rows(_model(seed, window, sinks, threshold), 37, chunk, np.random.default_rng(seed))
 
 
 @pytest.mark.parametrize("kernels", ["reference", "gpu-interpret"])
@@ -125,50 +139,25 @@ def test_sparse_prefill_chunked_equals_one_sequence(chunk, kernels, seed, monkey
   (selection over the compressed-key cache at the chunk's offset), as the one-sequence
   forward selects them; ragged rows end inside a block. top_p 0.5 makes the selection
   matter: the same prompt prefilled with dense retrieval heads gives other logits."""
-  if kernels == "gpu-interpret":
-    monkeypatch.setenv("RTPURBO_KERNELS", "gpu")
-    monkeypatch.setenv("RTPURBO_INTERPRET", "1")
-  else:
-    monkeypatch.setenv("RTPURBO_KERNELS", "reference")
-  rng = np.random.default_rng(seed)
+  _use_kernels(kernels, monkeypatch)
   model = _model(seed, 8, 2, 0, top_p=0.5, sparse_prefill=True)
   s = 45
-  ids = rng.integers(0, CFG.vocab_size, (2, s + 3)).astype(np.int32)
-  lengths = np.asarray([s, int(rng.integers(s // 2, s - 1))], np.int32)
-  # Each row's prompt alone: a query block pools only the prompt's queries (the decode tokens
-  # that follow are decode steps, not prefill queries).
-  want = [np.asarray(model(ids[r:r + 1, :lengths[r]]))[0] for r in range(2)]
-  got, _ = _chunked_logits(model, ids, jnp.asarray(lengths), chunk, rng)
-  for r in range(2):
-    np.testing.assert_allclose(got[r, :lengths[r]], want[r], atol=3e-4, rtol=3e-4)
-  paper = _model(seed, 8, 2, 0, top_p=0.5)
-  dense_ret = np.asarray(paper(ids[:1, :s]))[0]
-  assert np.max(np.abs(dense_ret - want[0])) > 1e-2
+  ids, want = _check_rows(model, s, chunk, np.random.default_rng(seed), decode=False)
+  dense_ret = np.asarray(_model(seed, 8, 2, 0, top_p=0.5)(ids[:1, :s]))[0]
+  assert np.max(np.abs(dense_ret - want)) > 1e-2
 
 
 @pytest.mark.parametrize("kernels", ["reference", "gpu-interpret"])
 def test_dense_mode_chunked_prefill_and_decode_equal_one_sequence(kernels, seed, monkeypatch):
   """Dense mode: prefill chunks over the cache in place, decode through the split-KV decode
   kernel over every written block; ragged rows."""
+  _use_kernels(kernels, monkeypatch)
   calls = []
   if kernels == "gpu-interpret":
     from pallas_kernels.gpu import decode as decode_k
-    monkeypatch.setenv("RTPURBO_KERNELS", "gpu")
-    monkeypatch.setenv("RTPURBO_INTERPRET", "1")
     kernel = decode_k.sparse_decode
     monkeypatch.setattr(decode_k, "sparse_decode",
                         lambda *a, **k: calls.append(1) or kernel(*a, **k))
-  else:
-    monkeypatch.setenv("RTPURBO_KERNELS", "reference")
-  rng = np.random.default_rng(seed)
   model = _model(seed, 8, 2, 0, mode="dense", block_size=16)  # the decode kernel's minimum
-  s = 37
-  ids = rng.integers(0, CFG.vocab_size, (2, s + 3)).astype(np.int32)
-  lengths = np.asarray([s, int(rng.integers(s // 2, s - 1))], np.int32)
-  want = [np.asarray(model(ids[r:r + 1, :lengths[r] + 3]))[0] for r in range(2)]
-  got, dec = _chunked_logits(model, ids, jnp.asarray(lengths), 16, rng)
-  for r in range(2):
-    n = lengths[r]
-    np.testing.assert_allclose(got[r, :n], want[r][:n], atol=3e-4, rtol=3e-4)
-    np.testing.assert_allclose(dec[r], want[r][n:n + 3], atol=3e-4, rtol=3e-4)
+  _check_rows(model, 37, 16, np.random.default_rng(seed))
   assert bool(calls) == (kernels == "gpu-interpret")  # traced once per layer
