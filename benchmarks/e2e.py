@@ -10,10 +10,10 @@ bytes, mean selected-block fraction of the retrieval heads, compile time, and th
 numbers. Compilation is done ahead and not counted in the timings.
 
 `--sparse_prefill` runs the rtpurbo variants with indexer-sparse retrieval heads in prefill
-(recorded as `rtpurbo@<ctx>/sparse_prefill[/x<indexer_scale>]`). Random weights give a flat indexer (top-p 0.9
-keeps ~89% of blocks), so `--indexer_scale` multiplies every W_q of the indexer to make the
-synthetic selection sharper; the selected fractions that result (prefill and decode) are
-measured and recorded with the timings.
+(recorded as `rtpurbo@<ctx>/sparse_prefill[/x<indexer_scale>]`). Random weights give a flat
+indexer (top-p 0.9 keeps ~89% of blocks), so `--indexer_scale` multiplies every W_q of the
+indexer to make the synthetic selection sharper; the selected fractions that result (prefill
+and decode) are measured and recorded with the timings.
 
 Results go to --out (default benchmarks/results/e2e_<device>.json), merged by variant name, so
 variants can run in separate processes:

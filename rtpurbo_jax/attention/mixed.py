@@ -201,10 +201,11 @@ class MixedHeadAttention(nnx.Module):
 
     With `contiguous` (a prefill chunk at positions p0..p0+s-1, right padding only), heads that
     read the full cache go through `ops.cache_causal_attention` (q_offset=p0, a traced scalar)
-    and `_local_prefill_fast`, local heads on ring KV heads through `_ring_prefill_fast`,
-    instead of `ops.masked_attention` over all `max_len` slots (or the ring + chunk), whose
-    memory is O(s x max_len) and whose math is fp32 jnp. Keys beyond a valid query's position are hidden by causality, so
-    padding and unwritten slots never reach a valid query.
+    and `_local_prefill_fast`, local heads on ring KV heads through `_ring_prefill_fast`, and,
+    with `sparse_prefill`, retrieval heads through `_selected_chunk_prefill`, instead of
+    `ops.masked_attention` over all `max_len` slots (or the ring + chunk), whose memory is
+    O(s x max_len) and whose math is fp32 jnp. Keys beyond a valid query's position are hidden
+    by causality, so padding and unwritten slots never reach a valid query.
     """
     sp, cfg, lay = self.sparse, self.cfg, self.layout
     b, s, h, d = q.shape
@@ -294,8 +295,9 @@ class MixedHeadAttention(nnx.Module):
     elif dense_now and decode:
       # Every written block: the split-KV decode kernel reads the cache in place.
       bs = sp.block_size
-      every = jnp.arange(t // bs, dtype=jnp.int32)[None, None, :] * bs < new.length[:, None, None]
-      every = jnp.broadcast_to(every, (b, len(dense_now), t // bs))
+      blocks = jnp.arange(t // bs, dtype=jnp.int32)[None, None, :]
+      every = jnp.broadcast_to(blocks * bs < new.length[:, None, None],
+                               (b, len(dense_now), t // bs))
       o, _ = ops.sparse_decode(q[:, 0, jnp.asarray(dense_now)], new.full_k, new.full_v,
                                full_kvh(dense_now), every, new.length, block_size=bs)
       out = put(out, dense_now, o)
@@ -319,7 +321,6 @@ class MixedHeadAttention(nnx.Module):
       out = put(out, selected, o)
     return out, new
 
-
   def _selected_chunk_prefill(self, q, qi, new, kv_heads, p0, active):
     """Retrieval heads of a contiguous prefill chunk with `sparse_prefill`: indexer-sparse.
 
@@ -329,7 +330,8 @@ class MixedHeadAttention(nnx.Module):
     Query block i picks key blocks by top-p of its pooled indexer query over the compressed
     keys in the cache (`ops.cache_prefill_select`) and attends to them in place
     (`ops.cache_sparse_prefill`): the one-pass `sparse_prefill` selection, chunk by chunk.
-    Rows below the dense-fallback threshold read every causal block.
+    Rows below the dense-fallback threshold read every causal block. The selection is top-p
+    in both indexed modes (the top-k baseline is a decode rule).
     Returns [batch, s, n_retrieval, head_dim].
     """
     sp = self.sparse
