@@ -280,7 +280,7 @@ def main(argv=None) -> int:
       print(json.dumps(r), flush=True)
       if name.startswith("model"):
         ok &= bool(r["ok"])
-      if args.out:  # after every check: a run stopped by a time limit keeps what it did
+      if args.out:  # as results come: a run stopped by a time limit keeps what it did
         with open(os.path.join(args.out, "check.json"), "w") as f:
           json.dump(results, f, indent=1)
   if args.out:
