@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from rtpurbo_jax.attention.mixed import SelectionStats
 from rtpurbo_jax.attention.plan import HeadPlan
 from rtpurbo_jax.config import ModelConfig
 from rtpurbo_jax.convert import indexer_weights, to_rtpurbo
@@ -59,7 +60,8 @@ class Harness:
 
     @jax.jit
     def step(state, ids, cache):
-      return nnx.merge(graphdef, state)(ids, cache=cache)
+      out, _ = nnx.capture(nnx.merge(graphdef, state), SelectionStats)(ids, cache=cache)
+      return out
 
     @jax.jit
     def forward(state, ids, positions, valid, sparse_queries):
@@ -256,7 +258,8 @@ def test_layer_matches_bruteforce_rules(layer, rng):
 
   @jax.jit
   def step(state, x, pos, cache):
-    return nnx.merge(graphdef, state)(x, pos, inv, cache=cache)
+    out, _ = nnx.capture(nnx.merge(graphdef, state), SelectionStats)(x, pos, inv, cache=cache)
+    return out
 
   # Prefill with sparse_queries.
   got, _ = attn(x, pos, inv, sparse_queries=jnp.asarray(sq))
