@@ -56,12 +56,17 @@ def run(task_fn, model, o, mesh, batches, tmp_path, name):
 
 def compare(trajs):
   # Selection metrics (recall, fraction) are step functions of the scores: rounding can flip a
-  # block at the top-p boundary, so only the smooth quantities are compared.
+  # block at the top-p boundary, so only the smooth quantities are compared. The first step
+  # (no update yet) must agree to fp32 rounding. Later steps carry Adam's amplification of it:
+  # an early Adam update moves each weight by about lr * sign(gradient), and a gradient near
+  # zero takes either sign under another summation order (seen: 9e-7 relative at step 0,
+  # 9e-5 at step 2). A sharding error is orders of magnitude larger.
   a, b = trajs["one"], trajs["2x4"]
   assert len(a) == len(b) == STEPS
-  for x, y in zip(a, b):
+  for i, (x, y) in enumerate(zip(a, b)):
+    rtol, atol = (2e-5, 1e-7) if i == 0 else (5e-4, 1e-6)
     for k in ("loss", "kl", "grad_norm", "lr", "weight"):
-      np.testing.assert_allclose(y[k], x[k], rtol=2e-5, atol=1e-7, err_msg=k)
+      np.testing.assert_allclose(y[k], x[k], rtol=rtol, atol=atol, err_msg=f"step {i}: {k}")
 
 
 def test_stage1_sharded_equals_single_device(tmp_path, seed):
