@@ -49,6 +49,7 @@ from pallas_kernels import ops  # noqa: E402
 from pallas_kernels import reference as ref  # noqa: E402
 from pallas_kernels.gpu import cudnn_attention  # noqa: E402
 from pallas_kernels.gpu import window_attention as flash  # noqa: E402
+from rtpurbo_jax import convert  # noqa: E402
 from rtpurbo_jax.config import ModelConfig, SparseConfig  # noqa: E402
 from rtpurbo_jax.infer import memory  # noqa: E402
 from rtpurbo_jax.infer.engine import Engine  # noqa: E402
@@ -72,9 +73,7 @@ def model_check(prompt_len: int, chunk: int, sparse: SparseConfig, backend: str,
   plan = memory.synthetic_plan(CFG, 0.25, 1)
   model = Transformer(CFG, sparse=sparse, plan=plan, dtype=dtype, rngs=nnx.Rngs(1),
                       init_std=0.05)
-  for layer in model.layers:
-    if indexer_scale != 1.0 and hasattr(layer.attn, "indexer_wq"):
-      layer.attn.indexer_wq.set_value(layer.attn.indexer_wq[...] * indexer_scale)
+  convert.scale_indexer_queries(model, indexer_scale)
   ids = np.random.default_rng(1).integers(0, CFG.vocab_size, (1, prompt_len), dtype=np.int32)
   logits, secs, fracs = {}, {}, {}
   for name in ("reference", backend):
@@ -99,6 +98,26 @@ def model_check(prompt_len: int, chunk: int, sparse: SparseConfig, backend: str,
           "max_rel_err": rel, "argmax_equal": bool(np.argmax(got) == np.argmax(want)),
           "prefill_selected_fraction": fracs.get(backend), "seconds": secs,
           "ok": bool(np.isfinite(got).all() and rel < tol)}
+
+
+def _seconds(fn, *args, reps: int = 3) -> float:
+  """Median wall time of `fn(*args)` after one warm-up call (compilation)."""
+  jax.block_until_ready(fn(*args))
+  ts = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    ts.append(time.perf_counter() - t0)
+  return float(np.median(ts))
+
+
+def _causal_fraction(mask, q_offset: int, bs: int) -> float:
+  """Fraction of the causal (query block, key block) pairs a [b, h, nq, nk] mask selects for
+  a chunk at q_offset."""
+  nq, nk = mask.shape[2:]
+  g = q_offset // bs + jnp.arange(nq)
+  causal = (jnp.arange(nk)[None] <= g[:, None])[None, None]
+  return float(jnp.sum(mask & causal) / (jnp.sum(causal) * mask.shape[0] * mask.shape[1]))
 
 
 def _impls():
@@ -148,13 +167,7 @@ def cache_attention_check(chunk: int, ctx: int, s: int = 4096, t: int = 32768) -
       continue
     run = jax.jit(fn)
     try:
-      jax.block_until_ready(run(q, k, v, off))
-      ts = []
-      for _ in range(3):
-        t = time.perf_counter()
-        jax.block_until_ready(run(q, k, v, off))
-        ts.append(time.perf_counter() - t)
-      times[name] = float(np.median(ts))
+      times[name] = _seconds(run, q, k, v, off)
       flops = 4 * 128 * chunk * (ctx // 2 + chunk / 2) * len(KV_HEADS)
       out.append({"check": f"cache_causal_attention/{name}/time", "chunk": chunk, "ctx": ctx,
                   "ms": 1e3 * times[name], "tflops": flops / times[name] / 1e12})
@@ -191,9 +204,7 @@ def sparse_chunk_check(chunk: int, ctx: int, s: int = 2048, t: int = 16384,
     got = select(qi, ck, lengths, jnp.int32(off))
     with jax.default_matmul_precision("highest"):  # exact fp32 scores, as in the kernel
       want = ref.cache_prefill_select(qi, ck, lengths, q_offset=off, top_p=0.9, block_size=bs)
-    g = off // bs + jnp.arange(s // bs)
-    causal = (jnp.arange(t // bs)[None] <= g[:, None])[None, None]
-    frac = float(jnp.sum(want & causal) / (jnp.sum(causal) * want.shape[0] * nh))
+    frac = _causal_fraction(want, off, bs)
     # fp32 summation order may flip a block whose cumulative mass sits at p: count them.
     out.append({"check": "cache_prefill_select", "mismatched_blocks": int(jnp.sum(got != want)),
                 "blocks": int(want.size), "selected_fraction": frac,
@@ -221,17 +232,8 @@ def sparse_chunk_check(chunk: int, ctx: int, s: int = 2048, t: int = 16384,
   for name, fn, args in (("select", select, (qi, ck, n, jnp.int32(off))),
                          ("select+attend", both, (qi, ck, q, k, v, jnp.int32(off))),
                          ("dense", dense, (q, k, v, jnp.int32(off)))):
-    jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(3):
-      t0 = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      ts.append(time.perf_counter() - t0)
-    row[f"{name}_ms"] = 1e3 * float(np.median(ts))
-  m = select(qi, ck, n, jnp.int32(off))
-  g = off // bs + jnp.arange(chunk // bs)
-  causal = (jnp.arange(ctx // bs)[None] <= g[:, None])[None, None]
-  row["selected_fraction"] = float(jnp.sum(m & causal) / (jnp.sum(causal) * nh))
+    row[f"{name}_ms"] = 1e3 * _seconds(fn, *args)
+  row["selected_fraction"] = _causal_fraction(select(qi, ck, n, jnp.int32(off)), off, bs)
   out.append(row)
   return out
 

@@ -131,16 +131,6 @@ def build_model(setup: Setup, plan, seed: int):
   return model
 
 
-def sharpened(model, scale: float):
-  """`model` with every layer's indexer W_q multiplied by `scale` (its own variables: a
-  rebuilt model does not share them with the base)."""
-  if scale != 1.0:
-    for layer in model.layers:
-      if hasattr(layer.attn, "indexer_wq"):
-        layer.attn.indexer_wq.set_value(layer.attn.indexer_wq[...] * scale)
-  return model
-
-
 def kernel_choices() -> dict:
   """The kernel settings this process runs with (recorded per variant)."""
   out = {"backend": ops.backend(),
@@ -279,7 +269,8 @@ def main(argv=None):
       save()
       continue
     if sparse_prefill:
-      model = sharpened(convert.rebuild(
+      # A rebuilt model has its own indexer variables: the base keeps its W_q.
+      model = convert.scale_indexer_queries(convert.rebuild(
           base, sparse=dataclasses.replace(setup.sparse, sparse_prefill=True)),
           args.indexer_scale)
     else:

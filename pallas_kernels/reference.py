@@ -276,6 +276,28 @@ def prefill_select(qi, ki, *, top_p: float, block_size: int = 64):
   return topp_from_block_logmass(lm, valid, own, top_p)
 
 
+def pooled_query_blocks(qi, lengths, q_offset, block_size: int):
+  """The query blocks of a prefill chunk as `cache_prefill_select` defines them.
+
+  qi: [batch, s, heads, r] at positions q_offset.. (s, q_offset multiples of block_size);
+  lengths: [batch]. Returns pooled [batch, s // block_size, heads, r] float32, the mean
+  indexer query of each block over its positions < length (zeros for a block of padding),
+  and end [batch, s // block_size] int32, the exclusive bound min(length, block end) of the
+  keys each block reads.
+  """
+  b, s, h, r = qi.shape
+  nq = s // block_size
+  qpos = q_offset + jnp.arange(s, dtype=jnp.int32)
+  row_ok = qpos[None, :] < lengths[:, None]  # [b, s]
+  qsum = jnp.where(row_ok[:, :, None, None], qi.astype(jnp.float32), 0.0)
+  qsum = qsum.reshape(b, nq, block_size, h, r).sum(axis=2)
+  count = row_ok.reshape(b, nq, block_size).sum(axis=-1).astype(jnp.float32)
+  pooled = qsum / jnp.maximum(count, 1.0)[:, :, None, None]
+  g = q_offset // block_size + jnp.arange(nq, dtype=jnp.int32)
+  end = jnp.minimum(lengths[:, None], (g[None, :] + 1) * block_size)
+  return pooled, end.astype(jnp.int32)
+
+
 def cache_prefill_select(qi, ckeys, lengths, *, q_offset=0, top_p: float,
                          block_size: int = 64, chunk: int = 64):
   """`prefill_select` for one chunk of a chunked prefill, over the compressed-key cache.
@@ -291,18 +313,11 @@ def cache_prefill_select(qi, ckeys, lengths, *, q_offset=0, top_p: float,
   always kept. With q_offset 0, T = s and lengths = s this is `prefill_select(qi, ki)`.
   Returns bool [batch, r_heads, s // block_size, T // block_size]. Memory O(chunk x T).
   """
-  b, s, h, r = qi.shape
+  b, s, h, _ = qi.shape
   t = ckeys.shape[2]
   bs = block_size
   nq = s // bs
-  qpos = q_offset + jnp.arange(s, dtype=jnp.int32)
-  row_ok = qpos[None, :] < lengths[:, None]  # [b, s]
-  qsum = jnp.where(row_ok[:, :, None, None], qi.astype(jnp.float32), 0.0)
-  qsum = qsum.reshape(b, nq, bs, h, r).sum(axis=2)
-  count = row_ok.reshape(b, nq, bs).sum(axis=-1).astype(jnp.float32)
-  pooled = qsum / jnp.maximum(count, 1.0)[:, :, None, None]  # [b, nq, h, r]
-  g = q_offset // bs + jnp.arange(nq, dtype=jnp.int32)
-  end = jnp.minimum(lengths[:, None], (g[None, :] + 1) * bs)  # [b, nq], exclusive
+  pooled, end = pooled_query_blocks(qi, lengths, q_offset, bs)
   own = jnp.broadcast_to(((end - 1) // bs)[:, None, :], (b, h, nq))
   ck = ckeys.astype(jnp.float32)
   c = min(chunk, nq)

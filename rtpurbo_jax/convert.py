@@ -55,6 +55,14 @@ def set_indexer(model: Transformer, weights: IndexerWeights) -> None:
     attn.indexer_wk[...] = jnp.asarray(wk, attn.indexer_wk[...].dtype)
 
 
+def scale_indexer_queries(model: Transformer, scale: float) -> Transformer:
+  """Multiply every layer's indexer W_q by `scale` in place (scores scale by it: a sharper or
+  flatter top-p selection, e.g. a synthetic selection on random weights). Returns `model`."""
+  if scale != 1.0:
+    set_indexer(model, {i: (wq * scale, wk) for i, (wq, wk) in indexer_weights(model).items()})
+  return model
+
+
 def rebuild(model: Transformer, *, plan: HeadPlan | None = None,
             sparse: SparseConfig | None = None) -> Transformer:
   """A new Transformer with another plan / sparse config and the same backbone weights.

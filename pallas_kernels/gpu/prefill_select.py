@@ -31,6 +31,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.gpu import common, topp_rows
 from pallas_kernels.reference import cache_prefill_select as reference_cache
+from pallas_kernels.reference import pooled_query_blocks
 from pallas_kernels.reference import prefill_select as reference
 
 __all__ = ["prefill_select", "cache_prefill_select", "pooled_block_logmass", "supported",
@@ -71,28 +72,16 @@ def _kernel(meta_ref, len_ref, pooled_ref, ck_ref, lm_ref, *, bs, qt, kt, heads,
     lm_ref[bh, pl.ds(iq * qt, qt), pl.ds(k_first, kt)] = tile
 
 
-def _pool(qi, lengths, q_offset, block_size):
-  """Mean indexer query per query block over positions < length: [batch, nq, heads, r]."""
-  b, s, h, r = qi.shape
-  nq = s // block_size
-  row_ok = (q_offset + jnp.arange(s, dtype=jnp.int32))[None, :] < lengths[:, None]
-  qsum = jnp.where(row_ok[:, :, None, None], qi.astype(jnp.float32), 0.0)
-  qsum = qsum.reshape(b, nq, block_size, h, r).sum(axis=2)
-  count = row_ok.reshape(b, nq, block_size).sum(axis=-1).astype(jnp.float32)
-  return qsum / jnp.maximum(count, 1.0)[:, :, None, None]
-
-
 @functools.partial(jax.jit, static_argnames=("block_size", "tile", "interpret"))
-def pooled_block_logmass(qi, ckeys, lengths, q_offset, *, block_size: int = 64,
+def pooled_block_logmass(pooled, ckeys, lengths, q_offset, *, block_size: int = 64,
                          tile: int = TILE, interpret: bool = False):
-  """[batch, r_heads, nq, nk_pad] f32 log-masses (nk_pad = T // block_size rounded up to the
-  key tile); entries past a row's own block are unspecified."""
-  b, s, h, r = qi.shape
-  t = ckeys.shape[2]
-  nq, nk = s // block_size, t // block_size
+  """pooled: [batch, nq, r_heads, r] (`pooled_query_blocks`). Returns [batch, r_heads, nq,
+  nk_pad] f32 log-masses (nk_pad = T // block_size rounded up to the key tile); entries past
+  a row's own block are unspecified."""
+  b, nq, h, r = pooled.shape
+  nk = ckeys.shape[2] // block_size
   r_pad = max(16, common.next_pow2(r))
-  pooled = jnp.transpose(_pool(qi, lengths, q_offset, block_size), (0, 2, 1, 3))
-  pooled = pooled.reshape(b * h, nq, r)
+  pooled = jnp.transpose(pooled, (0, 2, 1, 3)).reshape(b * h, nq, r)
   if r_pad != r:  # the fp32 dot needs K >= 16; zero columns change no score
     pooled = jnp.pad(pooled, ((0, 0), (0, 0), (0, r_pad - r)))
     ckeys = jnp.pad(ckeys, ((0, 0), (0, 0), (0, 0), (0, r_pad - r)))
@@ -136,10 +125,9 @@ def cache_prefill_select(qi, ckeys, lengths, *, q_offset=0, top_p: float,
   nq, nk = s // block_size, ckeys.shape[2] // block_size
   q_offset = jnp.asarray(q_offset, jnp.int32)
   lengths = jnp.asarray(lengths, jnp.int32)
-  lm = pooled_block_logmass(qi, ckeys, lengths, q_offset, block_size=block_size,
+  pooled, end = pooled_query_blocks(qi, lengths, q_offset, block_size)
+  lm = pooled_block_logmass(pooled, ckeys, lengths, q_offset, block_size=block_size,
                             interpret=interpret)
-  g = q_offset // block_size + jnp.arange(nq, dtype=jnp.int32)
-  end = jnp.minimum(lengths[:, None], (g[None, :] + 1) * block_size)  # [b, nq]
   own = jnp.broadcast_to(((end - 1) // block_size)[:, None, :], (b, h, nq))
   keep = topp_rows.select_rows(lm, own + 1, own, top_p=top_p, interpret=interpret)
   return keep[..., :nk]

@@ -22,7 +22,7 @@ from flax import nnx
 
 from rtpurbo_jax.attention.mixed import SelectionStats
 from rtpurbo_jax.eval.sparsity import decode_fractions
-from rtpurbo_jax.infer.engine import prefill_chunk_size, prefill_chunk_step
+from rtpurbo_jax.infer.engine import prefill_chunk_size, prefill_chunks
 
 
 class GreedyDecoder:
@@ -58,15 +58,10 @@ class GreedyDecoder:
                        f"{max_len}")
     b, p = ids.shape
     chunk = prefill_chunk_size(self.prefill_chunk, p, self.model.sparse)
-    n_chunks = -(-p // chunk)
-    ids = jnp.pad(ids, ((0, 0), (0, n_chunks * chunk - p)))
-    cache = self.model.init_cache(b, max_len)
     last_h = jnp.zeros((b, self.model.cfg.hidden_size), self.model.dtype)
-    for i in range(n_chunks):
-      # The inference engine's chunk step (one compilation: p0 is traced).
-      cache, last_h, _ = prefill_chunk_step(
-          self.state, cache, ids[:, i * chunk:(i + 1) * chunk], jnp.int32(i * chunk), lengths,
-          last_h, graphdef=self.graphdef, mesh=None)
+    # The inference engine's chunked prefill (one compilation: the chunk offset is traced).
+    cache, last_h, _ = prefill_chunks(self.state, self.model.init_cache(b, max_len), ids,
+                                      lengths, chunk, last_h, graphdef=self.graphdef, mesh=None)
     return self._first(self.state, last_h), cache
 
   def decode(self, first, cache, steps: int):

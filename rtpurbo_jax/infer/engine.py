@@ -120,6 +120,25 @@ def prefill_chunk_step(state, cache, ids, p0, lengths, last_h, *, graphdef, mesh
   return cache, jnp.where(here[:, None], picked.astype(last_h.dtype), last_h), blocks
 
 
+def prefill_chunks(state, cache, ids, lengths, chunk: int, last_h, *, graphdef, mesh,
+                   after_chunk: Callable[[int, jax.Array], None] | None = None):
+  """`prefill_chunk_step` over right-padded prompts ids [batch, p], `chunk` tokens at a time
+  (the last chunk padded). after_chunk(i, last_h) runs once chunk i is dispatched.
+  Returns (cache, last_h, blocks) as `prefill_chunk_step`, blocks summed over the chunks."""
+  ids = np.asarray(ids)
+  n_chunks = -(-ids.shape[1] // chunk)
+  ids = np.pad(ids, ((0, 0), (0, n_chunks * chunk - ids.shape[1])))
+  blocks = jnp.zeros((2,), jnp.float32)
+  for i in range(n_chunks):
+    cache, last_h, chunk_blocks = prefill_chunk_step(
+        state, cache, ids[:, i * chunk:(i + 1) * chunk], np.int32(i * chunk), lengths, last_h,
+        graphdef=graphdef, mesh=mesh)
+    blocks = blocks + chunk_blocks
+    if after_chunk is not None:
+      after_chunk(i, last_h)
+  return cache, last_h, blocks
+
+
 def prefill_chunk_size(requested: int | None, prompt_len: int, sparse) -> int:
   """The prefill chunk for a prompt of `prompt_len`: `requested` (None = the whole prompt),
   at most the prompt, rounded up to whole `block_size` blocks with `sparse_prefill` (whose
@@ -278,7 +297,6 @@ class Engine:
       return Generation(np.zeros((b, 0), np.int32), {"batch": b, "generated_tokens": 0})
     chunk = prefill_chunk_size(prefill_chunk, p, self.model.sparse)
     n_chunks = -(-p // chunk)
-    ids = np.pad(ids, ((0, 0), (0, n_chunks * chunk - p)))
     static = dict(graphdef=self.graphdef, mesh=self.mesh)
     key = jax.random.key(seed)
     lengths_d = jnp.asarray(lengths)
@@ -298,8 +316,8 @@ class Engine:
     t = time.perf_counter()
     last_h = jnp.zeros((b, cfg.hidden_size), self.model.dtype)
     carry = self._carry(np.full((b,), pad_token_id, np.int32), n_max, pad_token_id, eos)
-    prefill_chunk_step.lower(self.state, cache, ids[:, :chunk], np.int32(0), lengths_d,
-                             last_h, **static).compile()
+    prefill_chunk_step.lower(self.state, cache, np.zeros((b, chunk), np.int32), np.int32(0),
+                             lengths_d, last_h, **static).compile()
     _first_token.lower(self.state, last_h, key, graphdef=self.graphdef,
                        sampling=sampling).compile()
     dec_static = dict(sampling=sampling, eos=eos, pad_id=int(pad_token_id), **static)
@@ -314,18 +332,17 @@ class Engine:
       progress = sys.stderr.isatty()
     bar = _progress(n_chunks, progress and n_chunks > 1)
     t0 = time.perf_counter()
-    blocks = jnp.zeros((2,), jnp.float32)
-    for i in range(n_chunks):
-      cache, last_h, chunk_blocks = prefill_chunk_step(
-          self.state, cache, ids[:, i * chunk:(i + 1) * chunk], np.int32(i * chunk), lengths_d,
-          last_h, **static)
-      blocks = blocks + chunk_blocks
+
+    def after_chunk(i, last_h):
       if bar is not None or on_prefill_chunk is not None:
         last_h.block_until_ready()
       if bar is not None:
         bar.update(1)
       if on_prefill_chunk is not None:
         on_prefill_chunk(i + 1, n_chunks, time.perf_counter() - t0)
+
+    cache, last_h, blocks = prefill_chunks(self.state, cache, ids, lengths_d, chunk, last_h,
+                                           after_chunk=after_chunk, **static)
     if bar is not None:
       bar.close()
     first, logits = _first_token(self.state, last_h, key, graphdef=self.graphdef,
