@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from rtpurbo_jax.config import ConfigError
+from rtpurbo_jax.train import data as data_lib
 
 
 class CheckpointMismatch(ConfigError):
@@ -136,7 +137,8 @@ class Checkpointer:
     except Exception as e:
       raise CheckpointMismatch(f"checkpoint step {step} in {self.directory} cannot be restored "
                                f"({type(e).__name__}: {e})") from e
-    return got.trainable, got.opt_state, (dict(got.data) if has_data else None), meta
+    data_state = data_lib.state_from_json(dict(got.data)) if has_data else None
+    return got.trainable, got.opt_state, data_state, meta
 
   def wait(self):
     self.manager.wait_until_finished()

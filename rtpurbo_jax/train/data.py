@@ -24,6 +24,20 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+def state_from_json(state):
+  """A grain iterator state read back from JSON, with its tuples restored.
+
+  JSON has lists only, and grain compares some state fields with tuples: the packing
+  iterator's empty remainder is `(-1, -1)`, so `[-1, -1]` restores as a remainder that does
+  not exist and the stream resumes at the wrong place.
+  """
+  if isinstance(state, dict):
+    return {k: state_from_json(v) for k, v in state.items()}
+  if isinstance(state, list):
+    return tuple(state_from_json(v) for v in state)
+  return state
+
+
 # ---------------------------------------------------------------------------
 # Tokenisers: anything with `encode(text) -> list[int]`; two self-contained ones for tests.
 
