@@ -19,8 +19,10 @@
 3. `cache_causal_attention` (retrieval heads of a chunk over the KV cache): the Pallas
    flash kernel (kv_major) and the cuDNN split against the reference at a moderate size, then
    both timed at the 1M shape (one chunk at the middle of a 1M-slot cache, 5 query heads on
-   4 KV heads). The faster correct one is written to OUT/cache_attn.txt for the e2e run
-   (`RTPURBO_CACHE_ATTN`).
+   4 KV heads). The faster correct one is written to OUT/cache_attn.txt, next to the
+   dispatch's own choice on this device (`dispatch` in the choice row): on Hopper the
+   dispatch defaults to cudnn from this measurement (82.9 vs 104.7 ms on the H200), so e2e.py
+   needs `RTPURBO_CACHE_ATTN=<cache_attn.txt>` only where the two differ.
 
   python benchmarks/check_prefill.py --out DIR      # prints one JSON line per check
   python benchmarks/check_prefill.py --checks=model_sparse,sparse_chunk   # a subset
@@ -175,7 +177,11 @@ def cache_attention_check(chunk: int, ctx: int, s: int = 4096, t: int = 32768) -
       out.append({"check": f"cache_causal_attention/{name}/time", "ok": False,
                   "error": f"{type(e).__name__}: {e}"[:500]})
   best = min(times, key=times.get) if times else "pallas"
-  out.append({"check": "cache_causal_attention/choice", "impl": best})
+  row = {"check": "cache_causal_attention/choice", "impl": best}
+  if ops.backend() == "gpu":
+    from pallas_kernels.gpu import dispatch
+    row["dispatch"] = dispatch.cache_attn_impl(q.dtype)
+  out.append(row)
   return out
 
 

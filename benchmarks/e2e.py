@@ -18,8 +18,14 @@ and decode) are measured and recorded with the timings.
 Results go to --out (default benchmarks/results/e2e_<device>.json), merged by variant name, so
 variants can run in separate processes:
   python benchmarks/e2e.py                           # all variants (long at 1M)
+  python benchmarks/e2e.py --only=rtpurbo@1M         # the README's 1M row
   python benchmarks/e2e.py --only=rtpurbo@128K,dense@128K
   python benchmarks/e2e.py --tiny                    # CPU smoke run with tiny shapes
+
+Kernel implementations are the GPU dispatch's defaults (`pallas_kernels/gpu/dispatch.py`:
+the faster measured one for the device; on Hopper cuDNN for the cache attention of prefill
+chunks); RTPURBO_CACHE_ATTN / RTPURBO_WINDOW_ATTN / RTPURBO_CAUSAL_ATTN override them. The
+choices are recorded per variant (`kernels`).
 
 Imports only jax / flax / numpy and this repo (no grain, ml_collections or gguf).
 """
@@ -131,13 +137,17 @@ def build_model(setup: Setup, plan, seed: int):
   return model
 
 
-def kernel_choices() -> dict:
-  """The kernel settings this process runs with (recorded per variant)."""
-  out = {"backend": ops.backend(),
-         "cache_attn": os.environ.get("RTPURBO_CACHE_ATTN", "pallas")}
+def kernel_choices(dtype: str) -> dict:
+  """The kernel settings this process runs with (recorded per variant): the backend, on the
+  GPU the implementation the dispatch picks per switchable operation (its measured default or
+  an override), and every RTPURBO_* variable set."""
+  out = {"backend": ops.backend()}
   if ops.backend() == "gpu":
     from pallas_kernels.gpu import dispatch
-    out["window_impl"] = dispatch.WINDOW_IMPL
+    picks = dispatch.current_impls(dtype)
+    out.update(cache_attn=picks["cache_causal_attention"], window_impl=picks["window_attention"],
+               causal_attn=picks["causal_attention"])
+  out["environment"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("RTPURBO_")}
   return out
 
 
@@ -172,7 +182,8 @@ def main(argv=None):
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--dense_cache_attn", default="cudnn", choices=("cudnn", "pallas"),
                   help="RTPURBO_CACHE_ATTN for dense variants: the baseline is cuDNN "
-                  "(rtpurbo variants use the environment's setting)")
+                  "(rtpurbo variants use the dispatch's choice: its measured default, cudnn "
+                  "on Hopper, or RTPURBO_CACHE_ATTN if set)")
   ap.add_argument("--sparse_prefill", action="store_true",
                   help="rtpurbo variants select key blocks in prefill too (beyond the paper)")
   ap.add_argument("--indexer_scale", type=float, default=1.0,
@@ -280,7 +291,7 @@ def main(argv=None):
     if mode == "dense":  # read at trace time, so it holds for this variant's engine only
       os.environ["RTPURBO_CACHE_ATTN"] = args.dense_cache_attn
     print(f"{key}: running ...", flush=True)
-    entry.update(build_s=build_s, prefill_chunk=setup.prefill_chunk, kernels=kernel_choices())
+    entry.update(build_s=build_s, prefill_chunk=setup.prefill_chunk, kernels=kernel_choices(setup.dtype))
     variants[key] = entry
 
     def progress(done, total, seconds, entry=entry, key=key):

@@ -19,6 +19,10 @@ several cache copies so the L2 cache does not hold a layer's data between steps.
 Import only pallas_kernels + jax/numpy (the GPU image has no other project deps).
 
   PYTHONPATH=. python benchmarks/kernels.py --out results_dir      # on a GPU
+  PYTHONPATH=. python benchmarks/kernels.py --out DIR --prefill=512K,1M --decode=  # a subset
+Every implementation of the window part is timed by name; the sparse-mode layer, the
+retrieval heads' dense attention (`ops.causal_attention`) and `meta.kernel_impls` follow the
+GPU dispatch's choice (its measured default, or RTPURBO_* / --window-impl overrides).
   PYTHONPATH=. RTPURBO_INTERPRET=1 python benchmarks/kernels.py --smoke   # plumbing, CPU
 """
 
@@ -137,7 +141,8 @@ class Run:
         gpu=dev.device_kind, platform=dev.platform, jax=jax.__version__,
         jaxlib=jaxlib.__version__, triton=triton_version, python=platform.python_version(),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        window_impl=dispatch.WINDOW_IMPL, smoke=smoke, config=dataclasses.asdict(cfg),
+        window_impl=dispatch.impl_for("window_attention", cfg.dtype),
+        kernel_impls=dispatch.current_impls(cfg.dtype), smoke=smoke, config=dataclasses.asdict(cfg),
         ceilings=dict(bf16_flops=BF16_FLOPS, fp32_flops=FP32_FLOPS, hbm_bytes=HBM_BYTES))
 
   def check(self, name, ctx, **vals):
@@ -217,7 +222,7 @@ def ring_positions(cfg, q_pos, capacity):
 
 
 def window_fn(impl):
-  """The local-head prefill implementation named `impl` (see dispatch.WINDOW_IMPL)."""
+  """The local-head prefill implementation named `impl` (see dispatch.IMPLS)."""
   if impl == "pallas":
     return flash_k.window_attention
   return functools.partial(cudnn_attention.window_attention, chunked=impl == "cudnn_chunked")
@@ -390,7 +395,8 @@ def run_prefill(run, cfg, s, reps, smoke, densities, variants, skip=()):
       a, c, top_p=cfg.top_p, block_size=cfg.bs), (qi, ki), reps=reps,
       flops=nr * sel_pairs * cfg.bs * cfg.r * 2.0, flop_rate=FP32_FLOPS,
       bytes_=nr * sel_pairs * 4.0 * 2, **ph)
-  best = dispatch.WINDOW_IMPL if not smoke else "pallas"
+  # The window implementation the dispatch picks here (measured default or override).
+  best = dispatch.impl_for("window_attention", cfg.dtype) if not smoke else "pallas"
   for dens in densities:
     mask = masks[dens]
     n_sel = float(jnp.sum(mask))
@@ -639,7 +645,8 @@ def main(argv=None):
   p.add_argument("--variants", default="paper,sparse")
   p.add_argument("--skip", default="", help="comma list: pallas, cudnn, cudnn_chunked, tiles, "
                  "retrieval_pallas")
-  p.add_argument("--window-impl", default=None, help="override dispatch.WINDOW_IMPL")
+  p.add_argument("--window-impl", default=None,
+                 help="override the dispatch's window implementation (dispatch.WINDOW_IMPL)")
   p.add_argument("--out", default=os.environ.get("OUT"))
   p.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode, CPU")
   p.add_argument("--budget-s", type=float, default=1e9,

@@ -1,19 +1,32 @@
 """GPU entry points for `pallas_kernels.ops` (backend "gpu").
 
 Each function has the reference's signature and returns `NotImplemented` for inputs it
-does not handle (the jnp reference then runs). Choices, measured on an H200
-(benchmarks/NOTES.md):
-  causal_attention   cuDNN flash attention; Pallas flash kernel where cuDNN does not apply
-                     (q_offset != 0 or traced, fp32) or in interpret mode.
-  window_attention   WINDOW_IMPL: "cudnn_chunked" (two causal cuDNN calls over window-sized
-                     chunks + LSE-merged sinks), "cudnn" (cuDNN's sliding-window mask) or
-                     "pallas" (one flash kernel with the sink + window rule); the Pallas
-                     kernel also wherever q_offset is not a static 0.
-A traced q_offset (a jitted chunked prefill whose offset changes per chunk) goes to the
-Pallas flash kernel, which reads the offset at run time; cuDNN takes no offset.
-  cache_causal_attention  a prefill chunk over the KV cache in place ([b, kv, T, d]):
-                     the Pallas flash kernel (kv_major) or, with RTPURBO_CACHE_ATTN=cudnn,
-                     a cuDNN prefix call (padding mask) + a causal call on the chunk.
+does not handle (the jnp reference then runs).
+
+Which implementation runs is decided by `select_impl`, a pure function of the operation, the
+GPU architecture (compute capability or device kind), the dtype, whether cuDNN is usable and
+an optional override; `impl_for` feeds it this process's device and overrides. The default is
+the implementation measured faster on that architecture (`MEASURED`, from
+benchmarks/results/*.json, see benchmarks/NOTES.md); an architecture without measurements
+keeps the choices made before any measurement (`UNMEASURED`: cuDNN for whole-sequence causal
+and window attention, Pallas for the cache attention of prefill chunks and everything else).
+An override names an implementation for one operation:
+  RTPURBO_CAUSAL_ATTN    causal_attention        pallas | cudnn
+  RTPURBO_WINDOW_ATTN    window_attention        pallas | cudnn | cudnn_chunked
+                         (or, inside a process, the module attribute WINDOW_IMPL)
+  RTPURBO_CACHE_ATTN     cache_causal_attention  pallas | cudnn
+An invalid value is a ValueError naming the variable and the choices. Where the chosen cuDNN
+path cannot run (no cuDNN, interpret mode, fp32, a shape cuDNN does not take, or a q_offset
+that is not a static 0 for causal / window attention), the Pallas kernel runs.
+
+Implementations:
+  causal_attention   cuDNN flash attention, or the Pallas flash kernel (runtime q_offset).
+  window_attention   "cudnn" (cuDNN's sliding-window mask), "cudnn_chunked" (two causal cuDNN
+                     calls over window-sized chunks + LSE-merged sinks) or "pallas" (one flash
+                     kernel with the sink + window rule, runtime q_offset).
+  cache_causal_attention  a prefill chunk over the KV cache in place ([b, kv, T, d]): the
+                     Pallas flash kernel (kv_major, traced offset) or "cudnn", a prefix call
+                     (padding mask) + a causal call on the chunk, merged by LSE.
   topp_select        block-LSE kernel + register top-p kernel (exact or histogram).
   sparse_decode      mask -> block lists, split-KV decode kernel.
   ring_decode        visible ring blocks -> block list, same decode kernel (GQA-grouped).
@@ -21,12 +34,14 @@ Pallas flash kernel, which reads the offset at run time; cuDNN takes no offset.
                      variant reads the compressed-key cache at a runtime chunk offset.
   sparse_prefill     mask -> block lists, block-sparse flash kernel; the cache_ variant
                      reads the KV cache in place at a runtime chunk offset.
+The last five (and their cache_ variants) have one implementation, Pallas.
 Interpret mode (`RTPURBO_INTERPRET=1`) runs every Pallas kernel on the CPU; cuDNN is skipped.
 """
 
 from __future__ import annotations
 
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -39,19 +54,154 @@ from pallas_kernels.gpu import sparse_prefill as sparse_prefill_k
 from pallas_kernels.gpu import topp_select as topp_select_k
 from pallas_kernels.gpu import window_attention as flash_k
 
-# Set from the H200 measurements (benchmarks/NOTES.md): the faster of the two.
-WINDOW_IMPL = "cudnn"
+# ---------------------------------------------------------------------------
+# Implementation choice.
+
+# The implementations of each operation; "pallas" runs wherever the Pallas kernels do.
+IMPLS: dict[str, tuple[str, ...]] = {
+    "causal_attention": ("pallas", "cudnn"),
+    "window_attention": ("pallas", "cudnn", "cudnn_chunked"),
+    "cache_causal_attention": ("pallas", "cudnn"),
+    "topp_select": ("pallas",),
+    "sparse_decode": ("pallas",),
+    "ring_decode": ("pallas",),
+    "prefill_select": ("pallas",),
+    "sparse_prefill": ("pallas",),
+    "cache_prefill_select": ("pallas",),
+    "cache_sparse_prefill": ("pallas",),
+}
+
+# The environment variable that overrides the choice, per operation with a choice.
+OVERRIDE_ENV: dict[str, str] = {
+    "causal_attention": "RTPURBO_CAUSAL_ATTN",
+    "window_attention": "RTPURBO_WINDOW_ATTN",
+    "cache_causal_attention": "RTPURBO_CACHE_ATTN",
+}
+
+# The faster implementation measured per architecture (H200, jax 0.11.2, Llama-3.1-8B attention
+# shapes, bf16; benchmarks/NOTES.md). Operations not listed get "pallas"; architectures not
+# listed get UNMEASURED.
+MEASURED: dict[str, dict[str, str]] = {
+    "hopper": {
+        # 5 retrieval heads dense causal, cuDNN vs Pallas: 2.6 vs 3.8 ms at 32K, 39 vs 53 ms
+        # at 128K, 710 vs 910 ms at 512K, 2793 vs 3622 ms at 1M (kernels_h200.json, runs 1-2).
+        "causal_attention": "cudnn",
+        # Paper-mode layer: cuDNN's mask 9.3 / 73.5 / 851 / 3133 ms vs Pallas 10.6 / 77.5 /
+        # 853 / 3105 ms at 32K / 128K / 512K / 1M (runs 1-2); vs cudnn_chunked 9.56 / 74.2 /
+        # 885 / 3307 against 9.76 / 72.7 / 882 / 3310 ms (run 3): within 2 % from 128K on,
+        # fastest at 32K, and it needs no reversed copies.
+        "window_attention": "cudnn",
+        # One 32K chunk at the middle of a 1M cache, 5 heads on 4 KV heads: 82.9 ms cuDNN vs
+        # 104.7 ms Pallas (check_prefill_h200.json); e2e rtpurbo@1M TTFT 114.8 vs 137.4 s.
+        "cache_causal_attention": "cudnn",
+    },
+}
+
+# Architectures without measurements (Ampere, Ada, Blackwell, ...): the choices made before any
+# measurement, unchanged until one is made there. Operations not listed get "pallas".
+UNMEASURED: dict[str, str] = {"causal_attention": "cudnn", "window_attention": "cudnn"}
+
+# cuDNN's flash attention takes half-precision inputs only.
+CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+# In-process override of RTPURBO_WINDOW_ATTN (e.g. `benchmarks/kernels.py --window-impl`);
+# None: the environment variable, else the measured default.
+WINDOW_IMPL: str | None = None
 
 
-def cache_attn_impl() -> str:
-  """`cache_causal_attention` implementation: RTPURBO_CACHE_ATTN=pallas (default: the flash
-  kernel reading the cache in place at a traced offset) or cudnn (prefix call with a padding
-  mask + causal call on the chunk, merged by LSE; `benchmarks/check_prefill.py` measures both).
+def gpu_arch(compute_capability=None, device_kind: str | None = None) -> str | None:
+  """The architecture family that `MEASURED` is keyed by: "hopper" for compute capability 9.x
+  (or, without one, an H100 / H200 / H800 / H20 / GH200 device kind), else "sm_<major><minor>";
+  None when neither input names a GPU.
+
+  compute_capability: "9.0" (as `jax.Device.compute_capability`), (9, 0) or None.
   """
-  choice = os.environ.get("RTPURBO_CACHE_ATTN", "pallas").lower()
-  if choice not in ("pallas", "cudnn"):
-    raise ValueError(f"RTPURBO_CACHE_ATTN={choice!r}: expected pallas or cudnn")
-  return choice
+  if compute_capability is not None:
+    if isinstance(compute_capability, str):
+      parts = compute_capability.strip().split(".")
+    else:
+      parts = [str(x) for x in tuple(compute_capability)]
+    digits = ["".join(c for c in p if c.isdigit()) for p in parts] + ["0"]
+    if digits[0]:
+      major = int(digits[0])
+      return "hopper" if major == 9 else f"sm_{major}{digits[1] or '0'}"
+  if device_kind and re.search(r"\bG?H(20|100|200|800)\b", device_kind.upper()):
+    return "hopper"
+  return None
+
+
+def select_impl(op: str, *, dtype, cudnn_available: bool, compute_capability=None,
+                device_kind: str | None = None, override: str | None = None,
+                source: str | None = None) -> str:
+  """The implementation of `op` (a key of `IMPLS`) to run: pure, no device or environment read.
+
+  override: an implementation name (case-insensitive; None or "" = none), validated against
+    `IMPLS[op]` even where it could not run; an invalid one raises ValueError naming `source`
+    (default: the op's environment variable) and the choices.
+  Without an override: `MEASURED[gpu_arch(...)]` (`UNMEASURED` for an architecture not
+  listed there), "pallas" for an op it does not list.
+  A cuDNN choice becomes "pallas" unless cuDNN is available and `dtype` is bf16 / fp16.
+  """
+  if op not in IMPLS:
+    raise ValueError(f"unknown GPU operation {op!r}; expected one of {sorted(IMPLS)}")
+  choices = IMPLS[op]
+  if override is not None and str(override).strip():
+    want = str(override).strip().lower()
+    if want not in choices:
+      name = source or OVERRIDE_ENV.get(op, f"the {op} override")
+      raise ValueError(f"{name}={override!r} is not an implementation of {op}: expected one "
+                       f"of {', '.join(choices)}")
+  else:
+    table = MEASURED.get(gpu_arch(compute_capability, device_kind), UNMEASURED)
+    want = table.get(op, "pallas")
+  if want.startswith("cudnn") and not (cudnn_available and jnp.dtype(dtype) in CUDNN_DTYPES):
+    return "pallas"
+  return want
+
+
+def default_impls(*, dtype, cudnn_available: bool, compute_capability=None,
+                  device_kind: str | None = None) -> dict[str, str]:
+  """`select_impl` of every operation without overrides: what the dispatch picks by default."""
+  return {op: select_impl(op, dtype=dtype, cudnn_available=cudnn_available,
+                          compute_capability=compute_capability, device_kind=device_kind)
+          for op in IMPLS}
+
+
+def device_info() -> tuple[str, str | None]:
+  """(device kind, compute capability) of this process's default device."""
+  dev = jax.devices()[0]
+  return str(getattr(dev, "device_kind", "")), getattr(dev, "compute_capability", None)
+
+
+def override_for(op: str) -> tuple[str | None, str | None]:
+  """(override, where it came from) for `op` in this process: WINDOW_IMPL for window
+  attention, else the op's environment variable; (None, None) without one."""
+  if op == "window_attention" and WINDOW_IMPL:
+    return WINDOW_IMPL, "dispatch.WINDOW_IMPL"
+  name = OVERRIDE_ENV.get(op)
+  value = os.environ.get(name) if name else None
+  return (value, name) if value else (None, None)
+
+
+def impl_for(op: str, dtype) -> str:
+  """The implementation of `op` at `dtype` in this process: `select_impl` on the default
+  device, cuDNN's availability here and the override (read at each call, i.e. at trace
+  time)."""
+  kind, cc = device_info()
+  override, source = override_for(op)
+  return select_impl(op, dtype=dtype, cudnn_available=_cudnn_ok(), compute_capability=cc,
+                     device_kind=kind, override=override, source=source)
+
+
+def current_impls(dtype) -> dict[str, str]:
+  """`impl_for` of every operation (what a benchmark records as its kernel choices)."""
+  return {op: impl_for(op, dtype) for op in IMPLS}
+
+
+def cache_attn_impl(dtype=jnp.bfloat16) -> str:
+  """`cache_causal_attention` implementation in this process (see `impl_for`): cudnn on
+  Hopper by default, RTPURBO_CACHE_ATTN=pallas|cudnn overrides."""
+  return impl_for("cache_causal_attention", dtype)
 
 
 def _pallas_ok() -> bool:
@@ -73,7 +223,8 @@ def _static_zero(q_offset) -> bool:
 
 def causal_attention(q, k, v, kv_heads, *, q_offset=0, chunk: int = 512):
   kv_heads = tuple(int(x) for x in kv_heads)
-  if _cudnn_ok() and _static_zero(q_offset) and cudnn.supported(q, k, v, kv_heads):
+  if (impl_for("causal_attention", q.dtype) == "cudnn" and _static_zero(q_offset)
+      and cudnn.supported(q, k, v, kv_heads)):
     return cudnn.causal_attention(q, k, v, kv_heads)
   if _pallas_ok() and flash_k.supported(q, k, v, kv_heads):
     return flash_k.causal_attention(q, k, v, kv_heads, q_offset=q_offset)
@@ -83,8 +234,8 @@ def causal_attention(q, k, v, kv_heads, *, q_offset=0, chunk: int = 512):
 def cache_causal_attention(q, k_cache, v_cache, kv_heads, *, q_offset=0, chunk: int = 512):
   kv_heads = tuple(int(x) for x in kv_heads)
   d = q.shape[-1]
-  if (cache_attn_impl() == "cudnn" and _cudnn_ok() and d % 8 == 0 and d <= 256
-      and q.dtype == k_cache.dtype == v_cache.dtype and q.dtype in (jnp.bfloat16, jnp.float16)
+  if (cache_attn_impl(q.dtype) == "cudnn" and d % 8 == 0 and d <= 256
+      and q.dtype == k_cache.dtype == v_cache.dtype
       and k_cache.shape == v_cache.shape and k_cache.shape[-1] == d):
     return cudnn.cache_causal_attention(q, k_cache, v_cache, kv_heads, q_offset=q_offset)
   if _pallas_ok() and flash_k.supported(q, k_cache, v_cache, kv_heads, kv_major=True):
@@ -96,10 +247,10 @@ def cache_causal_attention(q, k_cache, v_cache, kv_heads, *, q_offset=0, chunk: 
 def window_attention(q, k, v, kv_heads, *, sinks: int, window: int, q_offset=0,
                      chunk: int = 512):
   kv_heads = tuple(int(x) for x in kv_heads)
-  if (WINDOW_IMPL.startswith("cudnn") and _cudnn_ok() and _static_zero(q_offset)
-      and cudnn.supported(q, k, v, kv_heads)):
+  impl = impl_for("window_attention", q.dtype)
+  if impl.startswith("cudnn") and _static_zero(q_offset) and cudnn.supported(q, k, v, kv_heads):
     return cudnn.window_attention(q, k, v, kv_heads, sinks=sinks, window=window,
-                                  chunked=WINDOW_IMPL == "cudnn_chunked")
+                                  chunked=impl == "cudnn_chunked")
   if _pallas_ok() and flash_k.supported(q, k, v, kv_heads):
     return flash_k.window_attention(q, k, v, kv_heads, sinks=sinks, window=window,
                                     q_offset=q_offset)

@@ -1,0 +1,237 @@
+"""Which implementation the GPU dispatch picks per operation, checked on the CPU.
+
+`dispatch.select_impl` is pure (architecture, dtype, cuDNN availability, override), so the
+defaults are pinned here without a GPU: on Hopper cuDNN for causal, window and cache
+attention (measured faster on the H200), Pallas for the other operations; elsewhere the
+unmeasured defaults (cuDNN for causal and window attention, Pallas for the cache attention),
+and Pallas wherever cuDNN cannot run. The committed H200 results
+are checked to have run with those same defaults, so the README's figures reproduce from the
+default command.
+"""
+
+import json
+import os
+
+import jax.numpy as jnp
+import pytest
+
+from pallas_kernels import reference as ref
+from pallas_kernels.gpu import dispatch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+
+PALLAS_ONLY = ("topp_select", "sparse_decode", "ring_decode", "prefill_select",
+               "sparse_prefill", "cache_prefill_select", "cache_sparse_prefill")
+HOPPER_DEFAULTS = {"causal_attention": "cudnn", "window_attention": "cudnn",
+                   "cache_causal_attention": "cudnn", **{op: "pallas" for op in PALLAS_ONLY}}
+ALL_PALLAS = {op: "pallas" for op in HOPPER_DEFAULTS}
+UNMEASURED_DEFAULTS = dict(ALL_PALLAS, causal_attention="cudnn", window_attention="cudnn")
+KV = (0, 0, 1, 1)
+CALLS: list[str] = []  # implementations the recorders below were called as
+
+
+@pytest.fixture
+def no_overrides(monkeypatch):
+  """No override from the environment or the module attribute."""
+  for name in dispatch.OVERRIDE_ENV.values():
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.setattr(dispatch, "WINDOW_IMPL", None)
+
+
+@pytest.mark.parametrize("cc,kind", [("9.0", None), ((9, 0), None), (None, "NVIDIA H200"),
+                                     (None, "NVIDIA H100 80GB HBM3"), ("9.0", "NVIDIA H200")])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_hopper_defaults_per_op(cc, kind, dtype):
+  got = dispatch.default_impls(dtype=dtype, cudnn_available=True, compute_capability=cc,
+                               device_kind=kind)
+  assert got == HOPPER_DEFAULTS
+  assert dispatch.gpu_arch(cc, kind) == "hopper"
+
+
+def test_hopper_defaults_need_cudnn_and_half_precision():
+  kw = dict(compute_capability="9.0", device_kind="NVIDIA H200")
+  assert dispatch.default_impls(dtype=jnp.bfloat16, cudnn_available=False, **kw) == ALL_PALLAS
+  assert dispatch.default_impls(dtype=jnp.float32, cudnn_available=True, **kw) == ALL_PALLAS
+
+
+@pytest.mark.parametrize("cc,kind", [("8.0", "NVIDIA A100-SXM4-80GB"), ("8.9", None),
+                                     ("10.0", "NVIDIA B200"), (None, "NVIDIA A100-SXM4-80GB"),
+                                     (None, "cpu"), (None, None)])
+def test_unmeasured_hardware_keeps_the_unmeasured_defaults(cc, kind):
+  """No measurement there: cache attention stays on Pallas, causal / window on cuDNN."""
+  got = dispatch.default_impls(dtype=jnp.bfloat16, cudnn_available=True,
+                               compute_capability=cc, device_kind=kind)
+  assert got == UNMEASURED_DEFAULTS
+  assert dispatch.gpu_arch(cc, kind) != "hopper"
+  assert dispatch.default_impls(dtype=jnp.bfloat16, cudnn_available=False,
+                                compute_capability=cc, device_kind=kind) == ALL_PALLAS
+
+
+@pytest.mark.parametrize("op,override,cc,cudnn,want", [
+    ("cache_causal_attention", "pallas", "9.0", True, "pallas"),
+    ("cache_causal_attention", "CUDNN", "8.0", True, "cudnn"),  # explicit, unmeasured arch
+    ("cache_causal_attention", "cudnn", "9.0", False, "pallas"),  # cuDNN cannot run
+    ("window_attention", "cudnn_chunked", "9.0", True, "cudnn_chunked"),
+    ("window_attention", "pallas", "9.0", True, "pallas"),
+    ("window_attention", " cudnn ", "8.0", True, "cudnn"),
+    ("causal_attention", "pallas", "9.0", True, "pallas"),
+    ("causal_attention", "", "9.0", True, "cudnn"),  # empty = no override
+    ("sparse_decode", "pallas", "9.0", True, "pallas"),
+])
+def test_override_wins_over_the_default(op, override, cc, cudnn, want):
+  assert dispatch.select_impl(op, dtype=jnp.bfloat16, cudnn_available=cudnn,
+                              compute_capability=cc, override=override) == want
+
+
+@pytest.mark.parametrize("op,override,env", [
+    ("cache_causal_attention", "bogus", "RTPURBO_CACHE_ATTN"),
+    ("cache_causal_attention", "cudnn_chunked", "RTPURBO_CACHE_ATTN"),
+    ("window_attention", "chunked", "RTPURBO_WINDOW_ATTN"),
+    ("causal_attention", "triton", "RTPURBO_CAUSAL_ATTN"),
+])
+def test_invalid_override_is_one_clear_error(op, override, env):
+  # Validated even where cuDNN could not run and the choice would not matter.
+  for cudnn in (True, False):
+    with pytest.raises(ValueError) as e:
+      dispatch.select_impl(op, dtype=jnp.float32, cudnn_available=cudnn, override=override)
+    msg = str(e.value)
+    assert msg.startswith(f"{env}={override!r}")
+    assert ", ".join(dispatch.IMPLS[op]) in msg and op in msg
+  with pytest.raises(ValueError, match="sparse_decode"):
+    dispatch.select_impl("sparse_decode", dtype=jnp.bfloat16, cudnn_available=True,
+                         override="cudnn")
+  with pytest.raises(ValueError, match="unknown GPU operation"):
+    dispatch.select_impl("flash", dtype=jnp.bfloat16, cudnn_available=True)
+
+
+def _hopper(monkeypatch, cudnn=True):
+  monkeypatch.setattr(dispatch, "device_info", lambda: ("NVIDIA H200", "9.0"))
+  monkeypatch.setattr(dispatch, "_cudnn_ok", lambda: cudnn)
+
+
+def test_process_choice_reads_device_and_overrides(monkeypatch, no_overrides):
+  _hopper(monkeypatch)
+  assert dispatch.current_impls(jnp.bfloat16) == HOPPER_DEFAULTS
+  assert dispatch.cache_attn_impl() == "cudnn"
+  monkeypatch.setenv("RTPURBO_CACHE_ATTN", "pallas")
+  monkeypatch.setenv("RTPURBO_WINDOW_ATTN", "cudnn_chunked")
+  assert dispatch.current_impls(jnp.bfloat16) == dict(
+      HOPPER_DEFAULTS, cache_causal_attention="pallas", window_attention="cudnn_chunked")
+  monkeypatch.setattr(dispatch, "WINDOW_IMPL", "pallas")  # in-process override wins
+  assert dispatch.impl_for("window_attention", jnp.bfloat16) == "pallas"
+  monkeypatch.setattr(dispatch, "WINDOW_IMPL", "sliding")
+  with pytest.raises(ValueError, match=r"^dispatch\.WINDOW_IMPL='sliding'"):
+    dispatch.impl_for("window_attention", jnp.bfloat16)
+  monkeypatch.setenv("RTPURBO_CAUSAL_ATTN", "bogus")
+  with pytest.raises(ValueError, match=r"^RTPURBO_CAUSAL_ATTN='bogus'"):
+    dispatch.impl_for("causal_attention", jnp.bfloat16)
+  monkeypatch.delenv("RTPURBO_CAUSAL_ATTN")
+  monkeypatch.delenv("RTPURBO_CACHE_ATTN")
+  monkeypatch.delenv("RTPURBO_WINDOW_ATTN")
+  monkeypatch.setattr(dispatch, "WINDOW_IMPL", None)
+  monkeypatch.setattr(dispatch, "device_info", lambda: ("NVIDIA A100-SXM4-80GB", "8.0"))
+  assert dispatch.current_impls(jnp.bfloat16) == UNMEASURED_DEFAULTS
+  monkeypatch.setattr(dispatch, "_cudnn_ok", lambda: False)  # e.g. interpret mode on a CPU
+  monkeypatch.setattr(dispatch, "device_info", lambda: ("cpu", None))
+  assert dispatch.current_impls(jnp.bfloat16) == ALL_PALLAS
+
+
+def _record(monkeypatch, calls):
+  """cuDNN and Pallas entry points replaced by recorders that return the reference."""
+  monkeypatch.setattr(dispatch.cudnn, "causal_attention",
+                      lambda q, k, v, kv, **kw: calls.append("cudnn")
+                      or ref.causal_attention(q, k, v, kv))
+  monkeypatch.setattr(dispatch.cudnn, "window_attention",
+                      lambda q, k, v, kv, *, sinks, window, chunked: calls.append(
+                          "cudnn_chunked" if chunked else "cudnn")
+                      or ref.window_attention(q, k, v, kv, sinks=sinks, window=window))
+  monkeypatch.setattr(dispatch.cudnn, "cache_causal_attention",
+                      lambda q, k, v, kv, *, q_offset: calls.append("cudnn")
+                      or ref.cache_causal_attention(q, k, v, kv, q_offset=q_offset))
+
+  def flash(q, k, v, kv, *, q_offset=0, kv_major=False, sinks=None, window=None):
+    calls.append("pallas")
+    if kv_major:
+      return ref.cache_causal_attention(q, k, v, kv, q_offset=q_offset)
+    if window is not None:
+      return ref.window_attention(q, k, v, kv, sinks=sinks, window=window, q_offset=q_offset)
+    return ref.causal_attention(q, k, v, kv, q_offset=q_offset)
+
+  monkeypatch.setattr(dispatch.flash_k, "causal_attention", flash)
+  monkeypatch.setattr(dispatch.flash_k, "window_attention", flash)
+  monkeypatch.setattr(dispatch, "_pallas_ok", lambda: True)
+
+
+def _calls_per_op(dtype, q_offset=0):
+  """The implementation each switchable dispatch entry point called."""
+  q = jnp.ones((1, 64, 4, 32), dtype)
+  k = v = jnp.ones((1, 64, 2, 32), dtype)
+  kc = vc = jnp.ones((1, 2, 128, 32), dtype)
+  out = {}
+  for op, call in (
+      ("causal_attention", lambda: dispatch.causal_attention(q, k, v, KV, q_offset=q_offset)),
+      ("window_attention", lambda: dispatch.window_attention(q, k, v, KV, sinks=4, window=16,
+                                                             q_offset=q_offset)),
+      ("cache_causal_attention", lambda: dispatch.cache_causal_attention(
+          q, kc, vc, KV, q_offset=q_offset + 32))):
+    CALLS.clear()
+    call()
+    out[op] = list(CALLS)
+  return out
+
+
+def test_dispatch_entry_points_follow_the_selection(monkeypatch, no_overrides):
+  """The dispatch functions run what select_impl picks: cuDNN on Hopper for bf16, Pallas for
+  fp32, without cuDNN, for the cache attention off Hopper, or with an override; cuDNN's
+  offset rules still apply."""
+  _record(monkeypatch, CALLS)
+  _hopper(monkeypatch)
+  assert _calls_per_op(jnp.bfloat16) == {"causal_attention": ["cudnn"],
+                                         "window_attention": ["cudnn"],
+                                         "cache_causal_attention": ["cudnn"]}
+  assert _calls_per_op(jnp.float32) == {op: ["pallas"] for op in dispatch.OVERRIDE_ENV}
+  # A nonzero offset: causal / window cuDNN take none; the cache split takes it.
+  assert _calls_per_op(jnp.bfloat16, q_offset=8) == {"causal_attention": ["pallas"],
+                                                     "window_attention": ["pallas"],
+                                                     "cache_causal_attention": ["cudnn"]}
+  monkeypatch.setenv("RTPURBO_CACHE_ATTN", "pallas")
+  monkeypatch.setenv("RTPURBO_WINDOW_ATTN", "cudnn_chunked")
+  assert _calls_per_op(jnp.bfloat16) == {"causal_attention": ["cudnn"],
+                                         "window_attention": ["cudnn_chunked"],
+                                         "cache_causal_attention": ["pallas"]}
+  monkeypatch.setenv("RTPURBO_CACHE_ATTN", "bogus")
+  with pytest.raises(ValueError, match="RTPURBO_CACHE_ATTN"):
+    _calls_per_op(jnp.bfloat16)
+  monkeypatch.delenv("RTPURBO_CACHE_ATTN")
+  monkeypatch.delenv("RTPURBO_WINDOW_ATTN")
+  monkeypatch.setattr(dispatch, "device_info", lambda: ("NVIDIA A100-SXM4-80GB", "8.0"))
+  assert _calls_per_op(jnp.bfloat16) == {"causal_attention": ["cudnn"],
+                                         "window_attention": ["cudnn"],
+                                         "cache_causal_attention": ["pallas"]}
+  _hopper(monkeypatch, cudnn=False)  # e.g. interpret mode
+  assert _calls_per_op(jnp.bfloat16) == {op: ["pallas"] for op in dispatch.OVERRIDE_ENV}
+
+
+def _load(name):
+  with open(os.path.join(RESULTS, name)) as f:
+    return json.load(f)
+
+
+def test_committed_h200_figures_ran_with_the_defaults():
+  """The README / NOTES figures (benchmarks/results/*_h200.json) were measured with the
+  implementations the dispatch now picks on the H200 by default."""
+  want = dispatch.default_impls(dtype=jnp.bfloat16, cudnn_available=True,
+                                compute_capability="9.0", device_kind="NVIDIA H200")
+  choice = [r for r in _load("check_prefill_h200.json")
+            if r["check"] == "cache_causal_attention/choice"]
+  assert [r["impl"] for r in choice] == [want["cache_causal_attention"]]
+  e2e = _load("e2e_h200.json")["variants"]
+  measured = {name: v["kernels"] for name, v in e2e.items()
+              if name.startswith("rtpurbo@") and "kernels" in v}
+  assert {"rtpurbo@128K", "rtpurbo@512K", "rtpurbo@1M"} <= set(measured)
+  for name, kernels in measured.items():
+    assert kernels["backend"] == "gpu", name
+    assert kernels["cache_attn"] == want["cache_causal_attention"], name
+    assert kernels["window_impl"] == want["window_attention"], name
+  assert _load("kernels_h200.json")["dispatch_window_impl"] == want["window_attention"]
