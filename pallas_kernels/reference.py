@@ -404,3 +404,77 @@ def cache_sparse_prefill(q, k_cache, v_cache, kv_heads, block_mask, *, q_offset=
   return masked_attention(q, jnp.swapaxes(k_cache, 1, 2), jnp.swapaxes(v_cache, 1, 2),
                           _contiguous_pos(b, s, q_offset), _contiguous_pos(b, t), kv_heads,
                           key_block_mask=per_query, block_size=block_size, chunk=chunk)
+
+
+# ---------------------------------------------------------------------------
+# Banded local attention for training (differentiable, O(S x (window + block))).
+
+
+def banded_window_attention(q, k, v, kv_heads, *, sinks: int, window: int, q_offset=0,
+                            block: int = 512, scale: float | None = None):
+  """`window_attention` with compute and memory O(q_len x (sinks + window + block)).
+
+  Same contract as `window_attention`: q: [batch, q_len, q_heads, head_dim] at positions
+  q_offset.. (an int or a traced int32 scalar); k, v: [batch, kv_len, kv_heads, head_dim], key
+  j at position j; query t sees key j iff j <= t and (j < sinks or t - window < j).
+  Returns out [batch, q_len, q_heads, head_dim] in q.dtype and lse [batch, q_len, q_heads]
+  float32 (-inf and zeros for a query that sees no key).
+
+  `masked_attention` scores every query chunk against all kv_len keys; a local head only
+  needs the sinks and a band. Query block [p0, p0 + block) (static `block`) scores two
+  disjoint key sets, softmaxed together:
+    sinks: keys j < sinks with j <= t - window (those inside the window belong to the band,
+      so a sink that is also in the window is counted once);
+    band: the static-length slice [start, start + span), span = min(kv_len, window - 1 +
+      block), start = clip(p0 - window + 1, 0, kv_len - span), masked to t - window < j <= t.
+      The slice holds every key in [p0 - window + 1, p0 + block - 1] that exists.
+  Math is float32 plain jnp, so JAX autodiff applies; each block runs under `jax.checkpoint`,
+  so the backward pass keeps only the block index and recomputes the block's scores
+  (memory O(batch x heads x block x (sinks + span)) at a time). With window >= kv_len this is
+  causal attention (the band is every key). block=512: on the H200 at S=8192, window=1024
+  (8 heads) fwd+bwd took 3.5 ms against 3.9 ms at 256 and 17.7 ms for `window_attention`.
+  """
+  b, sq, hq, d = q.shape
+  t = k.shape[1]
+  scale = 1.0 / math.sqrt(d) if scale is None else scale
+  blk = max(1, min(block, sq))
+  n_blocks = -(-sq // blk)
+  qp = jnp.pad(q, ((0, 0), (0, n_blocks * blk - sq), (0, 0), (0, 0)))
+  span = min(t, max(window, 1) - 1 + blk)
+  n_sink = min(max(sinks, 0), t)
+  heads = jnp.asarray(kv_heads, jnp.int32)
+  q_offset = jnp.asarray(q_offset, jnp.int32)
+
+  def one_block(i):
+    p0 = q_offset + i * blk
+    qpos = p0 + jnp.arange(blk, dtype=jnp.int32)  # [c]; padding rows past sq are dropped
+    start = jnp.clip(p0 - window + 1, 0, t - span)
+    kpos = start + jnp.arange(span, dtype=jnp.int32)
+    vis = (kpos[None, :] > qpos[:, None] - window) & (kpos[None, :] <= qpos[:, None])
+    kb = jax.lax.dynamic_slice_in_dim(k, start, span, axis=1)
+    vb = jax.lax.dynamic_slice_in_dim(v, start, span, axis=1)
+    if n_sink:
+      spos = jnp.arange(n_sink, dtype=jnp.int32)
+      vis = jnp.concatenate([spos[None, :] <= qpos[:, None] - window, vis], axis=1)
+      kb = jnp.concatenate([k[:, :n_sink], kb], axis=1)
+      vb = jnp.concatenate([v[:, :n_sink], vb], axis=1)
+    # Heads are gathered per block (n_sink + span rows), not for the whole sequence.
+    kb = jnp.take(kb, heads, axis=2).astype(jnp.float32)
+    vb = jnp.take(vb, heads, axis=2).astype(jnp.float32)
+    qc = jax.lax.dynamic_slice_in_dim(qp, i * blk, blk, axis=1).astype(jnp.float32)
+    s = jnp.einsum("bqhd,bkhd->bhqk", qc, kb) * scale
+    s = jnp.where(vis[None, None], s, NEG_INF)
+    mx = jnp.max(s, axis=-1, keepdims=True)
+    mx_safe = jax.lax.stop_gradient(jnp.where(jnp.isfinite(mx), mx, 0.0))
+    p = jnp.exp(s - mx_safe)
+    den = jnp.sum(p, axis=-1, keepdims=True)
+    o = jnp.einsum("bhqk,bkhd->bqhd", p / jnp.where(den > 0, den, 1.0), vb)
+    # log of a guarded den: an empty row must give a zero (not NaN) gradient.
+    lse = jnp.where(den[..., 0] > 0, jnp.log(jnp.where(den > 0, den, 1.0))[..., 0]
+                    + mx_safe[..., 0], NEG_INF)
+    return o, jnp.transpose(lse, (0, 2, 1))
+
+  out, lse = jax.lax.map(jax.checkpoint(one_block), jnp.arange(n_blocks, dtype=jnp.int32))
+  out = jnp.moveaxis(out, 0, 1).reshape(b, n_blocks * blk, hq, d)
+  lse = jnp.moveaxis(lse, 0, 1).reshape(b, n_blocks * blk, hq)
+  return out[:, :sq].astype(q.dtype), lse[:, :sq]

@@ -140,7 +140,15 @@ class MixedHeadAttention(nnx.Module):
 
     if local:
       idx = jnp.asarray(local)
-      if contiguous and static_sparse:
+      if contiguous and sparse_queries is not None:
+        # Stage-2 training / decode-style scoring: the window kernels have no VJP, and the jnp
+        # `window_attention` scores all S keys. The banded form is differentiable and
+        # O(S x window) on every backend; window=s is exactly causal (below the threshold).
+        from pallas_kernels import reference
+        o, _ = reference.banded_window_attention(
+            q[:, :, idx], k, v, kv_of(local), sinks=sp.sinks,
+            window=sp.window if static_sparse else s)
+      elif contiguous and static_sparse:
         o, _ = ops.window_attention(q[:, :, idx], k, v, kv_of(local), sinks=sp.sinks,
                                     window=sp.window)
       elif contiguous:
