@@ -73,25 +73,20 @@ def heldout_indexer_metrics(teacher, ids, chunk: int) -> dict:
   """Stage-1 metrics of `teacher`'s indexer on `ids` [1, S], every query position."""
   sp = teacher.sparse
   graphdef, state = nnx.split(teacher)
+  queries = np.arange(ids.shape[1], dtype=np.int32)
 
   @jax.jit
   def run(state, ids):
     m = nnx.merge(graphdef, state)
-    queries = jnp.arange(ids.shape[1], dtype=jnp.int32)
-    acts = losses.teacher_acts(m, ids, queries, chunk=chunk)
-    out = {}
-    for a in acts:
-      attn = m.layers[a.layer].attn
-      out[a.layer] = losses.stage1_layer(attn.indexer_wq[...], attn.indexer_wk[...], a, queries,
-                                         chunk=chunk, top_p=sp.top_p, block_size=sp.block_size)
-    return out
+    acts = losses.teacher_acts(m, ids)
+    wq, wk = losses.stacked_indexer(m, acts)
+    sums = losses.stage1_sums(wq, wk, acts, queries, chunk=chunk, top_p=sp.top_p,
+                              block_size=sp.block_size)
+    return losses.per_head_means(sums)
 
-  sums = jax.device_get(run(state, ids))
-  per_head = {k: [] for k in ("kl", "recall", "fraction", "oracle_fraction")}
-  for layer in sorted(sums):
-    s = sums[layer]
-    for k in per_head:
-      per_head[k].extend((s[k][0] / np.maximum(s["count"][0], 1)).tolist())
+  means = jax.device_get(run(state, ids))
+  per_head = {k: np.asarray(means[k][0]).tolist() for k in ("kl", "recall", "fraction",
+                                                              "oracle_fraction")}
   return {**{k: float(np.mean(v)) for k, v in per_head.items()},
           "per_head": {k: [round(x, 4) for x in v] for k, v in per_head.items()}}
 

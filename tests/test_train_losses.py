@@ -72,32 +72,44 @@ def tiny_model(seed, *, tie=True, plan_mask=((0, 1, 0, 0), (1, 0, 0, 1)), layers
 # Stage 1
 
 
-@pytest.mark.parametrize("fraction,chunk", [(1.0, 16), (0.4, 7)])
-def test_stage1_loss_matches_bruteforce(seed, rng, fraction, chunk):
+@pytest.mark.parametrize("fraction,chunk,stride", [(1.0, 16, 1), (0.4, 7, 1), (1.0, 13, 3)])
+def test_stage1_loss_matches_bruteforce(seed, rng, fraction, chunk, stride):
   b, s, h, d, r, bs = 2, 45, 2, 16, 4, 8  # s not a multiple of the block size
   q_pre, k_pre, q, k = (jnp.asarray(rng.normal(size=(b, s, h, d)) * 1.5, jnp.float32)
                         for _ in range(4))
   wq = jnp.asarray(rng.normal(size=(h, r, d)) * 0.5, jnp.float32)
   wk = jnp.asarray(rng.normal(size=(h, r, d)) * 0.5, jnp.float32)
   queries = losses.query_positions(s, fraction, 3, jax.random.key(seed))
-  lse = losses.causal_lse(q, k, queries, chunk=chunk)
-  acts = losses.TeacherActs(0, q_pre, k_pre, q, k, lse)
-  got = jax.jit(lambda wq, wk, acts: losses.stage1_layer(wq, wk, acts, queries, chunk=chunk,
-                                                         top_p=0.7, block_size=bs))(wq, wk, acts)
-  want = np_stage1(*(np.asarray(x, np.float64) for x in (q_pre, k_pre, q, k, wq, wk)),
-                   np.asarray(queries), bs, 0.7)
+  # Concrete positions (fraction 1) take the causal per-chunk key bound; sampled ones do not.
+  assert isinstance(queries, np.ndarray) == (fraction == 1.0)
+  acts = losses.TeacherActs(((0, 0), (0, 1)), q_pre, k_pre, q, k)
+  got = jax.jit(lambda wq, wk, acts: losses.stage1_sums(
+      wq, wk, acts, queries, chunk=chunk, top_p=0.7, block_size=bs,
+      stats_stride=stride))(wq, wk, acts)
   n = len(queries)
   assert n == (s - 3 if fraction == 1.0 else round(0.4 * (s - 3)))
   np.testing.assert_allclose(np.asarray(got["count"]), n)
-  for key in want:
-    np.testing.assert_allclose(np.asarray(got[key]) / n, want[key], rtol=2e-4, atol=2e-5,
-                               err_msg=key)
+  want = np_stage1(*(np.asarray(x, np.float64) for x in (q_pre, k_pre, q, k, wq, wk)),
+                   np.asarray(queries), bs, 0.7)
+  np.testing.assert_allclose(np.asarray(got["kl"]) / n, want["kl"], rtol=2e-4, atol=2e-5)
+  # Selection statistics come from every `stride`-th row of each query chunk.
+  qs = np.asarray(queries)
+  n_chunks = -(-n // chunk)
+  stats_rows = np.concatenate([qs[i * chunk:(i + 1) * chunk][::stride] for i in range(n_chunks)])
+  np.testing.assert_allclose(np.asarray(got["stats_count"]), len(stats_rows))
+  want_stats = np_stage1(*(np.asarray(x, np.float64) for x in (q_pre, k_pre, q, k, wq, wk)),
+                         stats_rows, bs, 0.7)
+  for key in ("recall", "fraction", "oracle_fraction"):
+    np.testing.assert_allclose(np.asarray(got[key]) / len(stats_rows), want_stats[key],
+                               rtol=2e-4, atol=2e-5, err_msg=key)
   # The whole objective: sum over heads of per-head means, summed over the batch.
-  loss, weight, metrics = losses.stage1_loss({0: (wq, wk)}, [acts], queries, chunk=chunk,
-                                             top_p=0.7, block_size=bs)
+  loss, weight, metrics = losses.stage1_loss(wq, wk, acts, queries, chunk=chunk, top_p=0.7,
+                                             block_size=bs, stats_stride=stride)
   np.testing.assert_allclose(float(loss), want["kl"].sum(), rtol=2e-4)
   assert float(weight) == b
   np.testing.assert_allclose(float(metrics["kl"]) / b, want["kl"].mean(), rtol=2e-4)
+  np.testing.assert_allclose(float(metrics["recall"]) / b, want_stats["recall"].mean(),
+                             rtol=2e-4)
 
 
 def test_stage1_gradient_matches_bruteforce(rng):
@@ -106,11 +118,10 @@ def test_stage1_gradient_matches_bruteforce(rng):
                         for _ in range(4))
   wq = jnp.asarray(rng.normal(size=(h, r, d)) * 0.5, jnp.float32)
   wk = jnp.asarray(rng.normal(size=(h, r, d)) * 0.5, jnp.float32)
-  queries = jnp.arange(s, dtype=jnp.int32)
-  acts = losses.TeacherActs(0, q_pre, k_pre, q, k, losses.causal_lse(q, k, queries, chunk=6))
+  acts = losses.TeacherActs(((0, 0),), q_pre, k_pre, q, k)
 
-  def chunked(wq, wk):
-    return losses.stage1_layer(wq, wk, acts, queries, chunk=6, top_p=0.9, block_size=4)["kl"].sum()
+  def chunked(wq, wk, queries):
+    return losses.stage1_sums(wq, wk, acts, queries, chunk=6, top_p=0.9, block_size=4)["kl"].sum()
 
   def dense(wq, wk):  # materialised [s, s] reference in jnp
     a = jax.nn.softmax(jnp.where(jnp.tril(jnp.ones((s, s), bool)),
@@ -119,20 +130,23 @@ def test_stage1_gradient_matches_bruteforce(rng):
     logp = jax.nn.log_softmax(jnp.where(jnp.tril(jnp.ones((s, s), bool)), sc, -jnp.inf))
     return jnp.sum(jnp.where(a > 0, a * (jnp.log(jnp.where(a > 0, a, 1)) - logp), 0.0))
 
-  np.testing.assert_allclose(chunked(wq, wk), dense(wq, wk), rtol=1e-5)
-  g1 = jax.jit(jax.grad(chunked, argnums=(0, 1)))(wq, wk)
   g2 = jax.grad(dense, argnums=(0, 1))(wq, wk)
-  for a, b_ in zip(g1, g2):
-    np.testing.assert_allclose(a, b_, rtol=2e-4, atol=1e-5)
+  # Concrete positions (per-chunk causal key bounds, unrolled) and traced ones (one scan).
+  for queries in (np.arange(s, dtype=np.int32), jnp.arange(s, dtype=jnp.int32)):
+    np.testing.assert_allclose(chunked(wq, wk, queries), dense(wq, wk), rtol=1e-5)
+    g1 = jax.jit(jax.grad(lambda a, b: chunked(a, b, queries), argnums=(0, 1)))(wq, wk)
+    for a, b_ in zip(g1, g2):
+      np.testing.assert_allclose(a, b_, rtol=2e-4, atol=1e-5)
 
 
 def test_teacher_acts_match_model_attention(seed):
   model = tiny_model(seed)
   s = 33
   ids = jax.random.randint(jax.random.key(seed), (2, s), 0, 97)
-  queries = jnp.arange(s, dtype=jnp.int32)
-  acts = nnx.jit(lambda m, i: losses.teacher_acts(m, i, queries, chunk=8))(model, ids)
-  assert [a.layer for a in acts] == [0, 1]
+  acts = nnx.jit(losses.teacher_acts)(model, ids)
+  # plan: layer 0 head 1, layer 1 heads 0 and 3, stacked in layer order.
+  assert acts.heads == ((0, 1), (1, 0), (1, 3))
+  assert acts.layer_counts() == [(0, 1), (1, 2)]
 
   @nnx.jit
   def layer1_inputs(model, ids):  # run layer 0 of the dense model by hand
@@ -143,13 +157,14 @@ def test_teacher_acts_match_model_attention(seed):
                                             model.inv_freq())
 
   q_pre, k_pre, q, k, _ = layer1_inputs(model, ids)
-  a = acts[1]  # retrieval heads (0, 3) -> kv heads (0, 1)
-  np.testing.assert_allclose(a.q_pre, q_pre[:, :, [0, 3]], rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(a.k, k[:, :, [0, 1]], rtol=1e-5, atol=1e-6)
-  z = np.einsum("bqhd,bkhd->bhqk", np.asarray(a.q, np.float64), np.asarray(a.k, np.float64))
-  z = np.where(np.tril(np.ones((s, s), bool)), z / 4.0, -np.inf)
-  want = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
-  np.testing.assert_allclose(a.lse, want.transpose(0, 2, 1), rtol=1e-5, atol=1e-5)
+  # retrieval heads (0, 3) of layer 1 -> kv heads (0, 1)
+  np.testing.assert_allclose(acts.q_pre[:, :, 1:], q_pre[:, :, [0, 3]], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(acts.k[:, :, 1:], k[:, :, [0, 1]], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(acts.q[:, :, 1:], q[:, :, [0, 3]], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(acts.k_pre[:, :, 1:], k_pre[:, :, [0, 1]], rtol=1e-5, atol=1e-6)
+  wq, wk = losses.stacked_indexer(model, acts)
+  np.testing.assert_array_equal(wq[1:], model.layers[1].attn.indexer_wq[...])
+  np.testing.assert_array_equal(wk[:1], model.layers[0].attn.indexer_wk[...])
 
 
 def test_stage1_gradients_reach_only_the_indexer(seed):

@@ -59,7 +59,7 @@ from pallas_kernels.gpu import window_attention as flash_k
 
 # The implementations of each operation; "pallas" runs wherever the Pallas kernels do.
 IMPLS: dict[str, tuple[str, ...]] = {
-    "causal_attention": ("pallas", "cudnn"),
+    "causal_attention": ("pallas", "cudnn", "xla"),
     "window_attention": ("pallas", "cudnn", "cudnn_chunked"),
     "cache_causal_attention": ("pallas", "cudnn"),
     "topp_select": ("pallas",),
@@ -94,6 +94,17 @@ MEASURED: dict[str, dict[str, str]] = {
         # One 32K chunk at the middle of a 1M cache, 5 heads on 4 KV heads: 82.9 ms cuDNN vs
         # 104.7 ms Pallas (check_prefill_h200.json); e2e rtpurbo@1M TTFT 114.8 vs 137.4 s.
         "cache_causal_attention": "cudnn",
+    },
+}
+
+# float32 inputs (cuDNN takes none), where measured: "xla" returns NotImplemented, so the
+# jnp reference runs as XLA fusions.
+MEASURED_FP32: dict[str, dict[str, str]] = {
+    "hopper": {
+        # SmolLM2-135M teacher pass at 8K tokens (30 layers, 9 heads, head_dim 64, fp32): the
+        # Pallas flash kernel 1751 ms against about 126 ms through XLA
+        # (benchmarks/results/stage1_speed_h200.json).
+        "causal_attention": "xla",
     },
 }
 
@@ -140,6 +151,7 @@ def select_impl(op: str, *, dtype, cudnn_available: bool, compute_capability=Non
     (default: the op's environment variable) and the choices.
   Without an override: `MEASURED[gpu_arch(...)]` (`UNMEASURED` for an architecture not
   listed there), "pallas" for an op it does not list.
+  float32 inputs take `MEASURED_FP32[arch]` over that table where it has the op.
   A cuDNN choice becomes "pallas" unless cuDNN is available and `dtype` is bf16 / fp16.
   """
   if op not in IMPLS:
@@ -152,7 +164,10 @@ def select_impl(op: str, *, dtype, cudnn_available: bool, compute_capability=Non
       raise ValueError(f"{name}={override!r} is not an implementation of {op}: expected one "
                        f"of {', '.join(choices)}")
   else:
-    table = MEASURED.get(gpu_arch(compute_capability, device_kind), UNMEASURED)
+    arch = gpu_arch(compute_capability, device_kind)
+    table = MEASURED.get(arch, UNMEASURED)
+    if jnp.dtype(dtype) == jnp.float32:
+      table = {**table, **MEASURED_FP32.get(arch, {})}
     want = table.get(op, "pallas")
   if want.startswith("cudnn") and not (cudnn_available and jnp.dtype(dtype) in CUDNN_DTYPES):
     return "pallas"
@@ -223,8 +238,10 @@ def _static_zero(q_offset) -> bool:
 
 def causal_attention(q, k, v, kv_heads, *, q_offset=0, chunk: int = 512):
   kv_heads = tuple(int(x) for x in kv_heads)
-  if (impl_for("causal_attention", q.dtype) == "cudnn" and _static_zero(q_offset)
-      and cudnn.supported(q, k, v, kv_heads)):
+  impl = impl_for("causal_attention", q.dtype)
+  if impl == "xla":
+    return NotImplemented
+  if impl == "cudnn" and _static_zero(q_offset) and cudnn.supported(q, k, v, kv_heads):
     return cudnn.causal_attention(q, k, v, kv_heads)
   if _pallas_ok() and flash_k.supported(q, k, v, kv_heads):
     return flash_k.causal_attention(q, k, v, kv_heads, q_offset=q_offset)

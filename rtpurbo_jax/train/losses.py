@@ -16,6 +16,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from pallas_kernels import reference as ref
@@ -29,199 +30,218 @@ NEG_INF = -jnp.inf
 
 @dataclasses.dataclass(frozen=True)
 class TeacherActs:
-  """What stage 1 needs from one layer of the frozen model, for its retrieval heads only.
+  """What stage 1 needs from the frozen model: every retrieval head of every layer, stacked
+  on one head axis so that the loss handles all of them in one pass.
 
+  heads: static ((layer, query head), ...) of the stacked axis, in layer order.
   q_pre, q: [batch, seq, n_ret, head_dim] the head's query before / after RoPE.
   k_pre, k: [batch, seq, n_ret, head_dim] the key of the head's KV head, before / after RoPE.
-  lse: [batch, n_queries, n_ret] float32 log-sum-exp of the teacher's causal attention logits
-    (q . k / sqrt(head_dim)) at the loss's query positions (a first pass), so the loss can
-    form the teacher's probabilities chunk by chunk.
   """
 
-  layer: int
+  heads: tuple[tuple[int, int], ...]
   q_pre: jax.Array
   k_pre: jax.Array
   q: jax.Array
   k: jax.Array
-  lse: jax.Array
+
+  def layer_counts(self) -> list[tuple[int, int]]:
+    """[(layer, number of its retrieval heads)] in stacking order."""
+    counts: dict[int, int] = {}
+    for layer, _ in self.heads:
+      counts[layer] = counts.get(layer, 0) + 1
+    return list(counts.items())
 
 
-jax.tree_util.register_dataclass(TeacherActs, data_fields=["q_pre", "k_pre", "q", "k", "lse"],
-                                 meta_fields=["layer"])
+jax.tree_util.register_dataclass(TeacherActs, data_fields=["q_pre", "k_pre", "q", "k"],
+                                 meta_fields=["heads"])
 
 
-def causal_lse(q, k, queries, *, chunk: int) -> jax.Array:
-  """Log-sum-exp over causal keys of q . k / sqrt(d), at the given query positions.
+def teacher_acts(model, input_ids) -> TeacherActs:
+  """Run the frozen (dense) model and collect the retrieval heads' pre/post-RoPE q and k.
 
-  q, k: [batch, seq, heads, d] (one key head per query head); queries: int32 [n] positions
-  (-1 = padding, treated as position 0). Returns [batch, n, heads] float32. Chunked over the
-  queries: memory O(seq x chunk).
-  """
-  b, s, h, d = q.shape
-  n = queries.shape[0]
-  chunk = min(chunk, n)
-  n_chunks = -(-n // chunk)
-  qidx = jnp.pad(jnp.maximum(queries, 0), (0, n_chunks * chunk - n)).reshape(n_chunks, chunk)
-  kf = k.astype(jnp.float32)
-  key_pos = jnp.arange(s)
-
-  def one(qc):
-    qq = jnp.take(q, qc, axis=1).astype(jnp.float32)
-    z = jnp.einsum("bqhd,bkhd->bhqk", qq, kf) / math.sqrt(d)
-    z = jnp.where(key_pos[None, :] <= qc[:, None], z, NEG_INF)
-    return jax.nn.logsumexp(z, axis=-1)  # [b, h, c]
-
-  lse = jax.lax.map(one, qidx)  # [n_chunks, b, h, c]
-  lse = jnp.moveaxis(lse, 0, 2).reshape(b, h, n_chunks * chunk)[:, :, :n]
-  return jnp.transpose(lse, (0, 2, 1))
-
-
-def teacher_acts(model, input_ids, queries, *, chunk: int = 512) -> list[TeacherActs]:
-  """Run the frozen (dense) model and collect each retrieval layer's TeacherActs.
-
-  input_ids: [batch, seq] int32 (contiguous positions 0..seq-1); queries: int32 [n] the
-  query positions the loss will use (the teacher log-sum-exp is computed only there).
-  Layers after the last one with retrieval heads are not run. Every output is wrapped in
-  `stop_gradient`.
+  input_ids: [batch, seq] int32 (contiguous positions 0..seq-1). Layers after the last one
+  with retrieval heads are not run. Every output is wrapped in `stop_gradient`.
   """
   b, s = input_ids.shape
   positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
   inv_freq = model.inv_freq()
   ret_layers = [i for i, l in enumerate(model.layers) if l.attn.heads.retrieval]
-  out = []
   if not ret_layers:
-    return out
+    raise ValueError("the head plan has no retrieval heads: stage 1 has nothing to train")
+  heads, parts = [], []
   x = jnp.take(model.embed[...], input_ids, axis=0)
   for i, layer in enumerate(model.layers[:ret_layers[-1] + 1]):
-    heads = layer.attn.heads
-    if heads.retrieval:
+    lh = layer.attn.heads
+    if lh.retrieval:
       q_pre, k_pre, q, k, _ = layer.attn.project_qkv(layer.input_norm(x), positions, inv_freq)
-      ret = jnp.asarray(heads.retrieval)
-      kv = jnp.asarray([heads.kv_of(h) for h in heads.retrieval])
-      q_pre, q = q_pre[:, :, ret], q[:, :, ret]
-      k_pre, k = k_pre[:, :, kv], k[:, :, kv]
-      lse = causal_lse(q, k, queries, chunk=chunk)
-      out.append(jax.tree.map(jax.lax.stop_gradient, TeacherActs(i, q_pre, k_pre, q, k, lse)))
+      ret = jnp.asarray(lh.retrieval)
+      kv = jnp.asarray([lh.kv_of(h) for h in lh.retrieval])
+      parts.append((q_pre[:, :, ret], k_pre[:, :, kv], q[:, :, ret], k[:, :, kv]))
+      heads += [(i, h) for h in lh.retrieval]
     if i < ret_layers[-1]:
       x, _ = layer(x, positions, inv_freq)
-  return out
+  stacked = [jax.lax.stop_gradient(jnp.concatenate(p, axis=2)) for p in zip(*parts)]
+  return TeacherActs(tuple(heads), *stacked)
 
 
-def query_positions(seq_len: int, fraction: float, min_pos: int, rng) -> jax.Array:
+def stacked_indexer(model, acts: TeacherActs) -> tuple[jax.Array, jax.Array]:
+  """The indexer weights (W_q, W_k), each [n_ret, r, head_dim], in `acts`' head order."""
+  layers = [layer for layer, _ in acts.layer_counts()]
+  wq = jnp.concatenate([model.layers[i].attn.indexer_wq[...] for i in layers], axis=0)
+  wk = jnp.concatenate([model.layers[i].attn.indexer_wk[...] for i in layers], axis=0)
+  return wq, wk
+
+
+def query_positions(seq_len: int, fraction: float, min_pos: int, rng):
   """Query positions for stage 1: all of [min_pos, seq_len) when fraction >= 1, else a
   seeded uniform subset of round(fraction * (seq_len - min_pos)) of them (sorted).
 
-  Returns int32 [n] with a static n.
+  Returns int32 [n] with a static n: a numpy array when every position is taken (its values
+  are then static, which lets the loss skip keys past each chunk's last query), else a jax
+  array.
   """
   if not 0 <= min_pos < seq_len:
     raise ValueError(f"query_min_pos={min_pos} must be in [0, seq_len={seq_len})")
   span = seq_len - min_pos
   if fraction >= 1.0:
-    return jnp.arange(min_pos, seq_len, dtype=jnp.int32)
+    return np.arange(min_pos, seq_len, dtype=np.int32)
   n = max(1, int(round(fraction * span)))
   pick = jax.random.permutation(rng, span)[:n]
   return (jnp.sort(pick) + min_pos).astype(jnp.int32)
 
 
-def stage1_layer(wq, wk, acts: TeacherActs, queries, *, chunk: int, top_p: float,
-                 block_size: int):
+def _round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
+def _chunk_key_lengths(queries, n_chunks: int, chunk: int, s_pad: int, bs: int) -> list[int]:
+  """Static number of keys each query chunk needs: up to its last query (rounded to whole
+  blocks) when the positions are concrete, else the whole padded sequence."""
+  if not isinstance(queries, np.ndarray):
+    return [s_pad] * n_chunks
+  q = np.pad(queries, (0, n_chunks * chunk - len(queries)), constant_values=-1)
+  return [min(s_pad, _round_up(max(int(c.max()), 0) + 1, bs)) for c in q.reshape(n_chunks, -1)]
+
+
+STAGE1_SUMS = ("kl", "count", "recall", "fraction", "oracle_fraction", "stats_count")
+
+
+def stage1_sums(wq, wk, acts: TeacherActs, queries, *, chunk: int, top_p: float,
+                block_size: int, stats_stride: int = 1) -> dict:
   """Per-head sums over queries of KL(teacher attention || softmax(indexer scores)).
 
-  wq, wk: [n_ret, r, head_dim] (the only differentiable inputs). queries: int32 [n] query
-  positions (-1 = padding, ignored), the ones `acts.lse` was computed at.
-  Returns a dict of [batch, n_ret] sums over queries: kl, recall (teacher mass inside the
-  indexer's top-p block set), fraction (selected causal blocks), oracle_fraction (blocks the
-  teacher's own top-p needs), and count.
+  wq, wk: [n_ret, r, head_dim] (the only differentiable inputs), in `acts`' head order.
+  queries: int32 [n] query positions (-1 = padding, ignored); a numpy array of concrete
+  positions lets each query chunk read only the keys up to its last query.
+  The teacher's attention row of each query is formed whole ([batch, n_ret, chunk, keys]
+  per chunk, fp32), so its log-sum-exp needs no separate pass; memory is O(keys x chunk),
+  and each chunk runs under `jax.checkpoint`.
+  Selection statistics (block top-p of the indexer and of the teacher) are metrics only:
+  they are taken on every `stats_stride`-th query row of each chunk.
+  Returns a dict of [batch, n_ret] float32 sums: kl and count over the queries; recall
+  (teacher mass inside the indexer's top-p blocks), fraction (selected causal blocks),
+  oracle_fraction (blocks the teacher's own top-p needs) and stats_count over the
+  statistics rows.
   """
   b, s, h, d = acts.q.shape
   bs = block_size
-  s_pad = -(-s // bs) * bs
-  nb = s_pad // bs
-  ki = indexer_lib.project(wk, acts.k_pre)  # [b, s, h, r]: grads reach W_k here
-  kf = acts.k.astype(jnp.float32)
+  s_pad = _round_up(s, bs)
+  pad = ((0, 0), (0, s_pad - s), (0, 0), (0, 0))
+  ki = jnp.pad(indexer_lib.project(wk, acts.k_pre), pad)  # [b, s_pad, h, r]: grads reach W_k
+  kf = jnp.pad(acts.k.astype(jnp.float32), pad)
   n = queries.shape[0]
   chunk = min(chunk, n)
   n_chunks = -(-n // chunk)
-  qidx = jnp.pad(queries, (0, n_chunks * chunk - n), constant_values=-1)
-  qidx = qidx.reshape(n_chunks, chunk)
-  lses = jnp.pad(acts.lse, ((0, 0), (0, n_chunks * chunk - n), (0, 0)))
-  lses = jnp.moveaxis(lses.reshape(b, n_chunks, chunk, h), 1, 0)  # [n_chunks, b, c, h]
-  key_pos = jnp.arange(s)
+  lengths = _chunk_key_lengths(queries, n_chunks, chunk, s_pad, bs)
+  qidx = jnp.pad(jnp.asarray(queries, jnp.int32), (0, n_chunks * chunk - n),
+                 constant_values=-1).reshape(n_chunks, chunk)
 
-  def body(carry, xs):
-    qc, lse = xs
+  def body(wq, ki, kf, qc, length):
     safe = jnp.maximum(qc, 0)
     q = jnp.take(acts.q, safe, axis=1).astype(jnp.float32)  # [b, c, h, d]
     qi = indexer_lib.project(wq, jnp.take(acts.q_pre, safe, axis=1))  # [b, c, h, r]
-    lse = jnp.transpose(lse, (0, 2, 1))[..., None]  # [b, h, c, 1]
-    z = jnp.einsum("bqhd,bkhd->bhqk", q, kf) / math.sqrt(d)  # teacher logits [b, h, c, s]
-    sc = indexer_lib.scores(qi, ki)  # indexer logits [b, h, c, s]
+    z = jnp.einsum("bqhd,bkhd->bhqk", q, kf[:, :length]) / math.sqrt(d)  # [b, h, c, L]
+    sc = indexer_lib.scores(qi, ki[:, :length])  # indexer logits [b, h, c, L]
     # Padding queries (-1) act as query 0 so that no row is empty (an empty row would give
     # -inf log-sum-exp and NaN gradients); their terms are zeroed below.
-    vis = key_pos[None, :] <= safe[:, None]  # [c, s]
-    a = jnp.where(vis, jnp.exp(z - lse), 0.0)  # teacher attention
+    vis = jnp.arange(length)[None, :] <= safe[:, None]  # [c, L]; also hides padded keys
+    zm = jnp.where(vis, z, NEG_INF)
+    lse_t = jax.nn.logsumexp(zm, axis=-1, keepdims=True)
+    a = jnp.exp(zm - lse_t)  # teacher attention, 0 where invisible
     lse_s = jax.nn.logsumexp(jnp.where(vis, sc, NEG_INF), axis=-1)  # [b, h, c]
-    # KL = sum_j a_j (log a_j - log p_j) with log a_j = z_j - lse, log p_j = s_j - lse_s.
-    kl = jnp.sum(jnp.where(vis, a * ((z - lse) - sc), 0.0), axis=-1) + lse_s
-    real = (qc >= 0)[None, None, :]
-    kl = jnp.where(real, kl, 0.0)
-    stats = _selection_stats(jax.lax.stop_gradient(sc), jax.lax.stop_gradient(z), a, vis, qc,
-                             top_p, bs, s_pad, nb)
-    stats = {k: jnp.sum(jnp.where(real, v, 0.0), axis=-1) for k, v in stats.items()}
-    sums = {"kl": jnp.sum(kl, axis=-1), **stats,
-            "count": jnp.broadcast_to(jnp.sum(real, axis=-1), (b, h)).astype(jnp.float32)}
-    return jax.tree.map(jnp.add, carry, sums), None
+    # KL = sum_j a_j (log a_j - log p_j) with log a_j = z_j - lse_t, log p_j = s_j - lse_s.
+    kl = jnp.sum(jnp.where(vis, a * ((z - lse_t) - sc), 0.0), axis=-1) + lse_s
+    real = qc >= 0
+    out = {"kl": jnp.sum(jnp.where(real, kl, 0.0), axis=-1),
+           "count": jnp.broadcast_to(jnp.sum(real), (b, h)).astype(jnp.float32)}
+    rows = slice(None, None, stats_stride)
+    stats = _selection_stats(jax.lax.stop_gradient(sc[:, :, rows]),
+                             jax.lax.stop_gradient(zm[:, :, rows]),
+                             jax.lax.stop_gradient(a[:, :, rows]), vis[rows], qc[rows],
+                             top_p, bs)
+    sreal = real[rows]
+    out.update({k: jnp.sum(jnp.where(sreal, v, 0.0), axis=-1) for k, v in stats.items()})
+    out["stats_count"] = jnp.broadcast_to(jnp.sum(sreal), (b, h)).astype(jnp.float32)
+    return out
 
+  step = jax.checkpoint(body, static_argnums=(4,))
   zero = jnp.zeros((b, h), jnp.float32)
-  init = {k: zero for k in ("kl", "recall", "fraction", "oracle_fraction", "count")}
-  sums, _ = jax.lax.scan(jax.checkpoint(body), init, (qidx, lses))
+  sums = {k: zero for k in STAGE1_SUMS}
+  if len(set(lengths)) == 1:  # one shape: a scan keeps the program small
+    def scan_body(carry, qc):
+      return jax.tree.map(jnp.add, carry, step(wq, ki, kf, qc, lengths[0])), None
+    sums, _ = jax.lax.scan(scan_body, sums, qidx)
+    return sums
+  for i, length in enumerate(lengths):  # causal: chunk i reads keys up to its last query only
+    sums = jax.tree.map(jnp.add, sums, step(wq, ki, kf, qidx[i], length))
   return sums
 
 
-def _selection_stats(sc, z, a, vis, qc, top_p, bs, s_pad, nb):
-  """Block top-p (the DESIGN.md contract) of the indexer and of the teacher per query."""
-  pad = ((0, 0), (0, 0), (0, 0), (0, s_pad - sc.shape[-1]))
-  vis_p = jnp.broadcast_to(jnp.pad(vis, ((0, 0), (0, s_pad - vis.shape[-1]))),
-                           sc.shape[:2] + (vis.shape[0], s_pad))
+def _selection_stats(sc, zm, a, vis, qc, top_p, bs):
+  """Block top-p (the DESIGN.md contract) of the indexer and of the teacher per query.
+
+  sc, zm, a: [b, h, c, L] indexer logits, masked teacher logits, teacher attention;
+  vis: [c, L]; L % bs == 0. Returns [b, h, c] recall, fraction and oracle_fraction.
+  """
+  length = sc.shape[-1]
+  nb = length // bs
+  vis_b = jnp.broadcast_to(vis, sc.shape)
   own = jnp.broadcast_to(jnp.maximum(qc, 0) // bs, sc.shape[:3])
-  lm_i, ok = ref.block_logmass(jnp.pad(sc, pad), vis_p, bs)
-  lm_t, _ = ref.block_logmass(jnp.pad(z, pad), vis_p, bs)
+  lm_i, ok = ref.block_logmass(sc, vis_b, bs)
+  lm_t, _ = ref.block_logmass(zm, vis_b, bs)
   sel_i = ref.topp_from_block_logmass(lm_i, ok, own, top_p)
   sel_t = ref.topp_from_block_logmass(lm_t, ok, own, top_p)
-  t_mass = jnp.pad(a, pad).reshape(a.shape[:3] + (nb, bs)).sum(-1)
+  t_mass = a.reshape(a.shape[:3] + (nb, bs)).sum(-1)
   n_ok = jnp.maximum(jnp.sum(ok, axis=-1), 1)
   return {"recall": jnp.sum(jnp.where(sel_i, t_mass, 0.0), axis=-1),
           "fraction": jnp.sum(sel_i, axis=-1) / n_ok,
           "oracle_fraction": jnp.sum(sel_t, axis=-1) / n_ok}
 
 
-def stage1_loss(indexer: dict, acts: list[TeacherActs], queries, *, chunk: int, top_p: float,
-                block_size: int):
-  """Stage-1 objective over all retrieval heads.
+def per_head_means(sums: dict) -> dict:
+  """{kl, recall, fraction, oracle_fraction}: [batch, n_ret] means from `stage1_sums`."""
+  out = {"kl": sums["kl"] / jnp.maximum(sums["count"], 1.0)}
+  for k in ("recall", "fraction", "oracle_fraction"):
+    out[k] = sums[k] / jnp.maximum(sums["stats_count"], 1.0)
+  return out
 
-  indexer: {layer: (W_q [n_ret, r, d], W_k [n_ret, r, d])}; acts from `teacher_acts` with
-  the same `queries`.
+
+def stage1_loss(wq, wk, acts: TeacherActs, queries, *, chunk: int, top_p: float,
+                block_size: int, stats_stride: int = 1):
+  """Stage-1 objective over all retrieval heads (stacked as in `acts`).
+
   Per sequence the loss is the sum over retrieval heads of the head's KL averaged over the
   query positions (heads train independently). Returns (loss_sum over the batch, weight =
-  batch size, metric sums: per-sequence means over heads and queries of kl, recall, fraction,
-  oracle_fraction).
+  batch size, metric sums: per-sequence means over heads of kl, recall, fraction,
+  oracle_fraction, summed over the batch).
   """
-  if not acts:
-    raise ValueError("the head plan has no retrieval heads: stage 1 has nothing to train")
-  loss = 0.0
-  tot = {k: 0.0 for k in ("kl", "recall", "fraction", "oracle_fraction")}
-  n_heads = 0
-  for a in acts:
-    wq, wk = indexer[a.layer]
-    sums = stage1_layer(wq, wk, a, queries, chunk=chunk, top_p=top_p, block_size=block_size)
-    cnt = jnp.maximum(sums["count"], 1.0)
-    loss = loss + jnp.sum(sums["kl"] / cnt)
-    for k in tot:
-      tot[k] = tot[k] + jnp.sum(sums[k] / cnt)  # summed over batch and heads
-    n_heads += a.q.shape[2]
-  batch = acts[0].q.shape[0]
-  metrics = {k: v / n_heads for k, v in tot.items()}
-  return loss, jnp.asarray(batch, jnp.float32), metrics
+  sums = stage1_sums(wq, wk, acts, queries, chunk=chunk, top_p=top_p, block_size=block_size,
+                     stats_stride=stats_stride)
+  means = per_head_means(sums)
+  n_heads = acts.q.shape[2]
+  loss = jnp.sum(means["kl"])
+  metrics = {k: jnp.sum(v) / n_heads for k, v in means.items()}
+  return loss, jnp.asarray(acts.q.shape[0], jnp.float32), metrics
 
 
 # ---------------------------------------------------------------------------
