@@ -200,11 +200,16 @@ def run_config():
       # PAPER.md §5: one long sequence per step; KL over query chunks, optional subsampling.
       "stage1": _train_stage(steps=600, lr=1e-3, warmup=100, schedule="cosine", batch_size=1,
                              seq_len=32768, query_chunk=256, query_fraction=1.0,
-                             query_min_pos=0),
+                             query_min_pos=0, stats_stride=8),
       # PAPER.md §5: top-10 KL on label tokens, global batch 8 by accumulation.
+      # lora_rank 0: every backbone weight is trained (the paper); r > 0: only rank-r LoRA
+      # factors of the attention / MLP weights (scale lora_alpha / r), plus full deltas of
+      # the 1-D weights (norm gains) when lora_norms, so the result saves as a small
+      # backbone delta (rtpurbo_jax/lowrank.py). LoRA usually wants a larger lr than 3e-6.
       "stage2": _train_stage(steps=600, lr=3e-6, warmup=200, schedule="constant",
                              batch_size=8, seq_len=32768, topk=10, label_tokens=300,
-                             max_examples=0, teacher_batch=1, position_chunk=512),
+                             max_examples=0, teacher_batch=1, position_chunk=512,
+                             lora_rank=0, lora_alpha=16.0, lora_norms=True),
       "lm": _train_stage(steps=1000, lr=1e-5, warmup=100, schedule="cosine", batch_size=8,
                          seq_len=4096, position_chunk=512),
   })
@@ -222,17 +227,28 @@ def run_config():
   # `python -m rtpurbo_jax.eval`: sizes like "4K", comma-separated lists.
   c.eval = ml_collections.ConfigDict({
       "model": "",  # what is evaluated: an HF folder or registered name; "" = model_path
+      # The weights of the dense and streaming modes (rtpurbo / topk run `model`); "" = model.
+      "baseline_model": "",
       "lengths": "2K,4K",
       "modes": "dense,rtpurbo,streaming,topk",
-      "tasks": "passkey,niah_single,niah_multikey,variable_tracking,common_words",
+      "tasks": "passkey,niah_single,niah_multikey,niah_multivalue,variable_tracking,"
+               "common_words",
       "samples": "2",  # per task: one count, or one per length ("4,2,1")
       "depths": "0.1,0.5,0.9",
       "seed": 0,
       "out_dir": "eval_results",
       "ppl_length": "",  # "" = every eval length; else sizes, e.g. "8K"
-      "ppl_samples": 1,  # held-out windows per length
+      "ppl_samples": 1,  # held-out windows per length (>= 2 for a bootstrap interval)
       "sparsity_queries": 32,
-      "batch": 1,
+      "batch": 1,  # task prompts per batch (all tasks of a length mixed, one padded shape)
+      "prefill_chunk": 1024,
+      # topk's tokens per retrieval head: "binding" = what rtpurbo reads at that length
+      # (measured first, rounded up to whole blocks), or a fixed count like "4K".
+      "topk_budget": "binding",
+      "decode_steps": 0,  # greedy steps per prompt; 0 = the longest answer of the tasks
+      # A results.json to rerun (its recorded config, plan and settings) and check against:
+      # identical predictions, perplexities to 1e-4 relative.
+      "reproduce": "",
   })
   # Locked: a config file or a --config.x=v override naming an unknown key is an error.
   c.lock()

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rtpurbo_jax import assets
+from rtpurbo_jax import assets, lowrank
 from rtpurbo_jax.attention.indexer import rotary_init
 from rtpurbo_jax.config import ConfigError, SparseConfig
 from rtpurbo_jax.hf import config_io, gguf_io, mapping, safetensors_io
@@ -54,7 +54,10 @@ SMOLLM2_RTPURBO = "smollm2-135m-rtpurbo"
 # (headwise_config + sparse settings) and the indexer tensors.
 ARTIFACT_CONFIG = "rtpurbo_config.json"
 ARTIFACT_INDEXER = "indexer.safetensors"
+# rtpurbo_config.json key of an optional low-rank backbone delta: {"rank", "file", ...}.
+ARTIFACT_DELTA_KEY = "backbone_delta"
 _BASE_PREFIX = "base-"
+_MERGED_PREFIX = "merged-"
 
 
 def _digest(paths) -> str:
@@ -70,39 +73,61 @@ def overlay_folder(base: str, artifacts: str, target: str) -> str:
   """An HF folder at `target` = the base model folder + RTPurbo artifacts.
 
   The base weight files are linked (not copied) and the indexer tensors added through a
-  safetensors index; config.json is the base's plus the artifacts' keys. Rebuilt when the
-  artifact files change (their digest is recorded in the folder).
+  safetensors index; config.json is the base's plus the artifacts' keys. With a backbone
+  delta (`backbone_delta` in rtpurbo_config.json, see `rtpurbo_jax.lowrank`) each base file
+  holding a weight it changes is written merged instead (`merged-<file>`; changed tensors in
+  float32, so a small delta is not rounded away), which keeps `target` a plain HF folder that
+  transformers loads too. Rebuilt when the artifact files change (their digest, the delta file
+  included, is recorded in the folder).
   """
+  import json
+
   cfg_path = os.path.join(artifacts, ARTIFACT_CONFIG)
   idx_path = os.path.join(artifacts, ARTIFACT_INDEXER)
   for p in (cfg_path, idx_path):
     if not os.path.isfile(p):
       raise FileNotFoundError(f"RTPurbo artifact {p} is missing (expected {ARTIFACT_CONFIG} "
                               f"and {ARTIFACT_INDEXER} in {artifacts})")
-  digest = _digest((cfg_path, idx_path))
+  with open(cfg_path) as f:
+    extra = json.load(f)
+  # Not a config.json key: the delta is merged into the weights of `target`.
+  delta_info = extra.pop(ARTIFACT_DELTA_KEY, None)
+  digested = [cfg_path, idx_path]
+  delta_path = None
+  if delta_info is not None:
+    delta_path = os.path.join(artifacts, delta_info.get("file", lowrank.DELTA_FILE))
+    if not os.path.isfile(delta_path):
+      raise FileNotFoundError(f"{cfg_path} records a backbone delta but {delta_path} is missing")
+    digested.append(delta_path)
+  digest = _digest(digested)
   stamp = os.path.join(target, "artifacts.sha256")
   if _is_overlay(target) and os.path.isfile(stamp):
     with open(stamp) as f:
       if f.read().strip() == digest:
         return target
-  import json
   import shutil
   from safetensors import safe_open
 
-  with open(cfg_path) as f:
-    extra = json.load(f)
   config = config_io.read_config_json(base)
   config.update(extra)
   with safetensors_io.WeightReader(base) as reader:  # single file or sharded
     base_files = {n: os.path.basename(reader.file_of(n)) for n in reader.names()}
   with safe_open(idx_path, framework="numpy") as r:
     idx_names = list(r.keys())
+  delta = lowrank.load_delta(delta_path) if delta_path else {}
+  if delta:
+    lowrank.check_delta_names(delta, base_files)
+  changed = {f for n, f in base_files.items() if lowrank.hf_delta(delta, n) is not None}
   # Base files are linked under a prefix so that no name collides with the indexer file.
-  weight_map = {**{n: _BASE_PREFIX + f for n, f in base_files.items()},
+  prefix = {f: _MERGED_PREFIX if f in changed else _BASE_PREFIX for f in base_files.values()}
+  weight_map = {**{n: prefix[f] + f for n, f in base_files.items()},
                 **{n: ARTIFACT_INDEXER for n in idx_names}}
   with safetensors_io.staged_folder(target) as tmp:
     for f in sorted(set(base_files.values())):
-      os.symlink(os.path.abspath(os.path.join(base, f)), os.path.join(tmp, _BASE_PREFIX + f))
+      if f in changed:
+        _write_merged(os.path.join(base, f), os.path.join(tmp, _MERGED_PREFIX + f), delta)
+      else:
+        os.symlink(os.path.abspath(os.path.join(base, f)), os.path.join(tmp, _BASE_PREFIX + f))
     shutil.copyfile(idx_path, os.path.join(tmp, ARTIFACT_INDEXER))
     for name in os.listdir(base):
       if name.startswith("tokenizer") or name in ("special_tokens_map.json",
@@ -114,6 +139,27 @@ def overlay_folder(base: str, artifacts: str, target: str) -> str:
     with open(os.path.join(tmp, "artifacts.sha256"), "w") as f:
       f.write(digest + "\n")
   return target
+
+
+def _write_merged(src: str, dst: str, delta: dict) -> None:
+  """Copy of safetensors file `src` with `delta` added to the tensors it covers (float32)."""
+  from safetensors import safe_open
+  from safetensors.numpy import save_file
+
+  out = {}
+  with safe_open(src, framework="numpy") as r:
+    meta = dict(r.metadata() or {})
+    for n in r.keys():
+      x = r.get_tensor(n)
+      d = lowrank.hf_delta(delta, n)
+      if d is not None:
+        if tuple(d.shape) != tuple(x.shape):
+          raise ValueError(f"backbone delta of {n} has shape {tuple(d.shape)}, the base "
+                           f"weight in {src} {tuple(x.shape)}")
+        x = x.astype(np.float32) + d
+      out[n] = x
+  meta.setdefault("format", "pt")  # transformers refuses files without it
+  save_file(out, dst, metadata=meta)
 
 
 def _is_overlay(folder: str) -> bool:
@@ -254,21 +300,54 @@ def save_pretrained(model: Transformer, path, *, max_shard_bytes: int | None = N
   return path
 
 
-def save_artifacts(model: Transformer, path) -> str:
+def save_artifacts(model: Transformer, path, *, base: Transformer | None = None,
+                   delta_rank: int | None = None, delta_dtype: str = "float32") -> str:
   """Write only what RTPurbo adds to the base model (`overlay_folder` reads it back):
   `rtpurbo_config.json` (headwise_config + sparse settings) and `indexer.safetensors`
-  (float32, HF names). Atomic like `save_pretrained`. Returns `path`."""
-  from safetensors.numpy import save_file
+  (float32, HF names). Atomic like `save_pretrained`. Returns `path`.
+
+  base: the model `model`'s backbone was fine-tuned from (stage 2). Then the backbone's change
+    is also written, as the rank-`delta_rank` delta of `rtpurbo_jax.lowrank` (truncated SVD;
+    exact for a LoRA-trained model of that rank), to `backbone_delta.safetensors` in
+    `delta_dtype` (float32 | float16), and rtpurbo_config.json records
+    {"backbone_delta": {"rank", "file", "dtype", "max_rel_error"}}. Without `base` a delta
+    file left in `path` by an earlier save is removed (the artifacts then overlay the base's
+    backbone unchanged).
+  """
+  import logging
 
   path = os.fspath(path)
   if not model.plan.mask().any():
     raise ValueError("the model has no retrieval heads: nothing RTPurbo-specific to save")
+  if base is not None and (delta_rank is None or delta_rank < 1):
+    raise ValueError(f"save_artifacts(base=...) needs delta_rank >= 1 (got {delta_rank})")
+  if delta_dtype not in ("float16", "float32"):
+    raise ValueError(f"delta_dtype={delta_dtype!r}: float16 or float32")
   tensors = {e.hf: np.ascontiguousarray(np.asarray(_var(model, e.ours)[...], np.float32))
              for e in mapping.indexer_entries(_retrieval_layers(model))}
+  config = config_io.sparse_to_hf(model.plan, model.sparse)
+  delta = errors = None
+  if base is not None:
+    delta, errors = lowrank.compute_delta(base, model, delta_rank)
+    worst = max(errors, key=errors.get) if errors else None
+    config[ARTIFACT_DELTA_KEY] = {
+        "rank": int(delta_rank), "file": lowrank.DELTA_FILE, "dtype": np.dtype(delta_dtype).name,
+        "max_rel_error": float(errors[worst]) if worst else 0.0}
+    logging.getLogger(__name__).info(
+        "backbone delta rank %d: max relative error %.3g (%s)", delta_rank,
+        errors[worst] if worst else 0.0, worst)
+  from safetensors.numpy import save_file
   with safetensors_io.staged_folder(path) as tmp:
     save_file(tensors, os.path.join(tmp, ARTIFACT_INDEXER))
-    safetensors_io.write_json(os.path.join(tmp, ARTIFACT_CONFIG),
-                              config_io.sparse_to_hf(model.plan, model.sparse))
+    if delta is not None:
+      lowrank.save_delta(delta, os.path.join(tmp, lowrank.DELTA_FILE), dtype=delta_dtype)
+    safetensors_io.write_json(os.path.join(tmp, ARTIFACT_CONFIG), config)
+  if delta is None:
+    # staged_folder keeps files it did not write; a stale delta would not be applied (the
+    # config no longer records it) but would mislead a reader of the folder.
+    stale = os.path.join(path, lowrank.DELTA_FILE)
+    if os.path.isfile(stale):
+      os.remove(stale)
   return path
 
 

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rtpurbo_jax import lowrank
 from rtpurbo_jax import sharding as shd
 from rtpurbo_jax.attention.indexer import IndexerParam
 from rtpurbo_jax.attention.plan import HeadPlan, load_headwise_config
@@ -85,9 +86,12 @@ def validate_train(cfg) -> None:
                       f"[0, seq_len={o.seq_len})")
   if o.query_chunk < 1:
     raise ConfigError("train.stage1.query_chunk must be >= 1")
+  if o.stats_stride < 1:
+    raise ConfigError("train.stage1.stats_stride must be >= 1")
   o = cfg.train.stage2
   if o.topk < 1:
     raise ConfigError("train.stage2.topk must be >= 1")
+  lowrank.check_lora_config(o)
   needs_data = [s for s in stages if s in ("stage1", "lm")]
   if needs_data and not cfg.data.train_files:
     raise ConfigError(f"stages {needs_data} need data: set --config.data.train_files")
@@ -207,14 +211,13 @@ def stage1_task(split: ParamSplit, o, sparse: SparseConfig) -> Task:
 
   def prepare(model, mb, rng):
     queries = losses.query_positions(mb["ids"].shape[1], o.query_fraction, o.query_min_pos, rng)
-    return losses.teacher_acts(model, mb["ids"], queries, chunk=o.query_chunk), queries
+    return losses.teacher_acts(model, mb["ids"]), queries
 
   def loss(model, mb, aux, rng):
     acts, queries = aux
-    idx = {a.layer: (model.layers[a.layer].attn.indexer_wq[...],
-                     model.layers[a.layer].attn.indexer_wk[...]) for a in acts}
-    return losses.stage1_loss(idx, acts, queries, chunk=o.query_chunk, top_p=sparse.top_p,
-                              block_size=sparse.block_size)
+    wq, wk = losses.stacked_indexer(model, acts)
+    return losses.stage1_loss(wq, wk, acts, queries, chunk=o.query_chunk, top_p=sparse.top_p,
+                              block_size=sparse.block_size, stats_stride=o.stats_stride)
 
   return Task("stage1", split, loss, prepare, batch_axes={"ids": ("seq",)},
               tokens_per_example=o.seq_len)
@@ -407,8 +410,13 @@ def run_stage2(cfg, model, tok, mesh, *, on_step=None):
         "seq_len": o.seq_len, "label_tokens": o.label_tokens, "tokenizer": cfg.data.tokenizer}
   store = TeacherStore(os.path.join(cfg.train.workdir, f"teacher_top{o.topk}"), n, o.topk, fp)
   student = with_mode(model, sparse.mode, sparse=sparse)
-  task = stage2_task(ParamSplit(student, BACKBONE), o, remat=cfg.train.remat)
+  # lora_rank > 0: train rank-r factors over the frozen model (a small backbone delta).
+  split = (lowrank.LoraSplit(student, o.lora_rank, o.lora_alpha, norms=o.lora_norms,
+                             seed=cfg.seed) if o.lora_rank else ParamSplit(student, BACKBONE))
+  task = stage2_task(split, o, remat=cfg.train.remat)
   task.fingerprint_extra = {"teacher": json.loads(json.dumps(fp, default=str))}
+  if o.lora_rank:  # the scale is not in the trainable shapes: a resume must match it too
+    task.fingerprint_extra["lora"] = {"alpha": float(o.lora_alpha), "norms": bool(o.lora_norms)}
   trainer = Trainer(task, student, o, run_options(cfg, "stage2"), mesh)
   data = None
   if _needs_training(trainer):
