@@ -17,10 +17,12 @@ def get_config():
   c.sparse.update(mode="rtpurbo", window=1024, sinks=4, top_p=0.9, block_size=64,
                   seqlen_threshold=0, indexer_dim=16)
   c.plan.retrieval_ratio = 0.15
-  # infer.py and the evaluation run the base + its committed plan and indexer (assets/);
-  # training starts from the base (model_path).
+  # infer.py and the evaluation's rtpurbo / topk run the base + its committed plan and indexer
+  # (assets/; a stage-2 backbone when it carries one); the evaluation's dense / streaming
+  # baselines run the original model; training starts from the base (model_path).
   c.infer.model = "smollm2-135m-rtpurbo"
   c.eval.model = "smollm2-135m-rtpurbo"
+  c.eval.baseline_model = "smollm2-135m"
   c.infer.ctx = "4K"
   c.infer.max_new_tokens = 48
   c.infer.prefill_chunk = 1024
@@ -31,9 +33,12 @@ def get_config():
   c.train.stage1.query_fraction = 0.25
   c.train.stage2.seq_len = 4096
   c.train.stage2.steps = 100
-  # Evaluation sized for ~30 min on a 2-core CPU (an 8K prefill is minutes there): task samples
-  # per length 3 (2K), 1 (4K), 0 (8K: perplexity and sparsity only).
+  # Evaluation sized for one H200 (issue 15): 50 samples per task per length at 2K / 4K / 8K,
+  # 4 modes, topk at rtpurbo's measured budget, 8 held-out windows per length for the
+  # perplexity intervals. On a CPU use e.g. --config.eval.samples=2 --config.eval.lengths=2K.
   c.eval.lengths = "2K,4K,8K"
-  c.eval.samples = "3,1,0"
-  c.eval.ppl_samples = 1
+  c.eval.samples = "50"
+  c.eval.batch = 50
+  c.eval.ppl_samples = 8
+  c.eval.topk_budget = "binding"
   return c

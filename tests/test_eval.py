@@ -453,6 +453,7 @@ def test_cli_end_to_end_on_tiny(tmp_path):
   # A second run at another length (relabelled copy) merges into one report.
   other = json.loads(json.dumps(res).replace('"768"', '"640"'))
   other["settings"]["lengths"] = [640]
+  other["meta"]["lengths_done"] = [640]
   for e in other["examples"]:
     e["length"] = 640
     e["scores"] = {m: 1.0 - v for m, v in e["scores"].items()}
@@ -477,3 +478,266 @@ def test_cli_bad_values_give_one_clear_error(tmp_path):
   assert r.returncode == 2
   assert "unknown mode 'fast'" in r.stderr
   assert "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------------------
+# Intervals, binding top-k budget, baseline weights, merging by mode, variants table,
+# reproduction.
+
+
+def test_wilson_interval_hand_value_and_brute_force(rng):
+  from rtpurbo_jax.eval import stats
+  # 7 of 10 by hand: centre (0.7 + z^2/20) / (1 + z^2/10), half-width
+  # z / (1 + z^2/10) * sqrt(0.021 + z^2/400), z = 1.96 -> [0.3968, 0.8922].
+  lo, hi = stats.wilson(0.7, 10)
+  assert lo == pytest.approx(0.39677, abs=1e-4) and hi == pytest.approx(0.89224, abs=1e-4)
+  assert stats.wilson(0.3, 0) == (0.0, 1.0)
+  # Brute force: the interval is {p : (p_hat - p)^2 <= z^2 p (1 - p) / n} on a fine grid.
+  grid = np.linspace(0.0, 1.0, 200001)
+  for _ in range(5):
+    n = int(rng.integers(1, 300))
+    p_hat = float(rng.integers(0, n + 1) / n) if rng.random() < 0.7 else float(rng.random())
+    inside = grid[(p_hat - grid) ** 2 <= stats.Z95 ** 2 * grid * (1 - grid) / n]
+    lo, hi = stats.wilson(p_hat, n)
+    assert lo == pytest.approx(inside.min(), abs=1e-5) and hi == pytest.approx(inside.max(),
+                                                                               abs=1e-5)
+
+
+def test_paired_bootstrap_is_seeded_and_matches_a_loop(rng, seed):
+  from rtpurbo_jax.eval import stats
+  a = rng.normal(3.0, 0.2, 7)
+  b = a - rng.normal(0.01, 0.02, 7)
+  r1 = stats.paired_bootstrap_rel(a, b, [seed, 1], n_boot=500)
+  assert r1 == stats.paired_bootstrap_rel(a, b, [seed, 1], n_boot=500)
+  assert r1 != stats.paired_bootstrap_rel(a, b, [seed, 2], n_boot=500)
+  assert r1["rel"] == pytest.approx(np.exp(a.mean()) / np.exp(b.mean()) - 1, rel=1e-12)
+  # The same resamples drawn and evaluated one at a time.
+  draw = np.random.default_rng([seed, 1]).integers(0, 7, (500, 7))
+  reps = sorted(np.exp(a[i].mean()) / np.exp(b[i].mean()) - 1 for i in draw)
+  assert r1["lo"] == pytest.approx(np.quantile(reps, 0.025), rel=1e-9)
+  assert r1["hi"] == pytest.approx(np.quantile(reps, 0.975), rel=1e-9)
+  assert r1["lo"] <= r1["rel"] <= r1["hi"]
+  # A constant per-window change has a zero-width interval.
+  c = stats.paired_bootstrap_rel(b + 0.01, b, seed)
+  assert c["lo"] == pytest.approx(np.expm1(0.01)) and c["hi"] == pytest.approx(np.expm1(0.01))
+  assert stats.fmt_pct_interval(0.008, 0.005, 0.011) == "+0.8% [+0.5, +1.1]"
+
+
+def test_largest_fitting_from_a_guess_equals_bisection(rng):
+  from rtpurbo_jax.eval import tasks as tasks_lib
+  for _ in range(30):
+    n = int(rng.integers(1, 400))
+    cum = np.concatenate([[0], np.cumsum(rng.integers(1, 30, n))])
+    budget = int(rng.integers(0, cum[-1] + 40))
+    calls = []
+
+    class Codec:
+      def encode(self, k):
+        calls.append(k)
+        return [0] * int(cum[k])
+
+    build = lambda k: (k,)
+    want = int(np.searchsorted(cum, budget, side="right") - 1)
+    assert tasks_lib._largest_fitting(build, n, Codec(), budget) == want
+    for guess in (want, want + 1, want - 2, int(rng.integers(-5, n + 5))):
+      calls.clear()
+      assert tasks_lib._largest_fitting(build, n, Codec(), budget, guess) == want
+    calls.clear()
+    tasks_lib._largest_fitting(build, n, Codec(), budget, want)
+    assert len(calls) <= 2  # a right guess costs the guess and its successor
+
+
+def _selection_suite(base, plan, modes, sparse=SPARSE, **kw):
+  from rtpurbo_jax.eval import runner
+
+  class Bar:
+    def step(self, *a, **k):
+      pass
+
+  st = EvalSettings(lengths=(200,), modes=modes, sparsity_queries=6, **kw)
+  return runner._Suite(base, base, ByteCodec(), plan, st, sparse, Bar())
+
+
+def test_binding_topk_budget_is_rtpurbo_tokens_rounded_to_blocks(seed, rng):
+  """topk's budget = rtpurbo's measured tokens per retrieval head, rounded up to blocks; topk
+  then keeps exactly that many blocks (+ the own block when it is not among them)."""
+  base = _tiny(seed, layers=1)
+  plan = HeadPlan.from_mask([[False, True, True, False]], 2)
+  suite = _selection_suite(base, plan, ("topk",))  # rtpurbo is measured though not evaluated
+  windows = rng.integers(3, 300, (2, 200)).astype(np.int32)
+  reports, budget = suite.selection(200, windows)
+  assert set(reports) == {"topk"}
+  qpos = sparsity.query_positions(200, 6, 0)
+  rt = _models(base, plan, ("rtpurbo",))["rtpurbo"]
+  measured = sparsity.selection_report(rt, windows, qpos)["tokens_per_head"]
+  bs = SPARSE.block_size
+  assert budget["rule"] == "binding"
+  assert budget["rtpurbo_tokens_per_head"] == pytest.approx(measured, rel=1e-6)
+  assert budget["tokens"] == int(np.ceil(measured / bs)) * bs and budget["blocks"] == int(
+      np.ceil(measured / bs))
+  assert suite.models["topk"].sparse.topk_tokens == budget["tokens"]
+  # Brute force topk's selection: the k heaviest blocks by indexer log-mass, plus the own one.
+  k = budget["blocks"]
+  attn = suite.models["topk"].layers[0].attn
+  pos = jnp.arange(200)[None]
+  wq, wk = np.asarray(attn.indexer_wq[...]), np.asarray(attn.indexer_wk[...])
+  for j, h in enumerate(attn.heads.retrieval):
+    fracs = []
+    for w in range(2):
+      x = attn.project_qkv(base.layers[0].input_norm(jnp.take(base.embed[...],
+                                                              jnp.asarray(windows[w:w + 1]),
+                                                              axis=0)), pos, base.inv_freq())
+      q_pre, k_pre = (np.asarray(a, np.float64) for a in x[:2])
+      for t in qpos:
+        sc = (wq[j] @ q_pre[0, t, h]) @ (wk[j] @ k_pre[0, :t + 1, attn.heads.kv_of(h)].T)
+        nb = t // bs + 1
+        lm = np.array([np.logaddexp.reduce(sc[b * bs:(b + 1) * bs]) for b in range(nb)])
+        top = set(np.argsort(-lm, kind="stable")[:k].tolist())
+        count = len(top | {nb - 1})
+        if nb > k:
+          assert count == k + (nb - 1 not in top)
+        fracs.append(count / nb)
+    assert reports["topk"]["heads"][j]["fraction"] == pytest.approx(np.mean(fracs), abs=1e-6)
+  # A fixed budget is used as given.
+  fixed = _selection_suite(base, plan, ("topk",), topk_budget="40")
+  _, b2 = fixed.selection(200, windows)
+  assert b2 == {"tokens": 40, "blocks": 3, "rule": "fixed", "rtpurbo_tokens_per_head": None}
+
+
+def _tiny_settings(**kw):
+  d = dict(lengths=(512,), tasks=("passkey", "niah_single"), samples=(2,), depths=(0.3, 0.7),
+           ppl_samples=3, sparsity_queries=4, batch=3, prefill_chunk=256)
+  d.update(kw)
+  return EvalSettings(**d)
+
+
+def _run(model, plan, corpus, settings, baseline=None, name="run"):
+  from rtpurbo_jax.eval import runner
+  return runner.evaluate(model, ByteCodec(), plan, settings, sparse=SPARSE, corpus=corpus,
+                         baseline=baseline, progress=False, meta={"name": name, "model": "A",
+                                                                  "baseline_model": "B"})
+
+
+def test_merge_by_mode_and_variants_table(corpus, seed, rng, tmp_path):
+  """Mode subsets (dense,streaming + rtpurbo,topk) merge into the run of all four modes, and the
+  variants table reads its numbers from those runs."""
+  base = _tiny(seed)
+  plan = _plan(base, rng)
+  full = _run(base, plan, corpus, _tiny_settings())
+  b_run = _run(base, plan, corpus, _tiny_settings(modes=("dense", "streaming")), name="base")
+  v_run = _run(base, plan, corpus, _tiny_settings(modes=("rtpurbo", "topk")), name="v")
+  merged = report.merge([b_run, v_run])
+  assert merged["settings"]["modes"] == list(full["settings"]["modes"])
+  key = lambda e: (e["task"], e["index"])
+  for a, b in zip(sorted(merged["examples"], key=key), sorted(full["examples"], key=key),
+                  strict=True):
+    assert a["predictions"] == b["predictions"] and a["scores"] == b["scores"]
+  for m in full["settings"]["modes"]:
+    assert merged["perplexity"][m]["512"]["ppl"] == pytest.approx(
+        full["perplexity"][m]["512"]["ppl"], rel=1e-6)
+  assert merged["accuracy"]["scores"] == full["accuracy"]["scores"]
+  assert merged["perplexity_vs_dense"]["rtpurbo"]["512"]["ppl"]["rel"] == pytest.approx(
+      full["perplexity_vs_dense"]["rtpurbo"]["512"]["ppl"]["rel"], rel=1e-5)
+  assert merged["topk_budget"] == full["topk_budget"]
+  assert merged["mode_sources"]["dense"]["weights"] == "B"
+  assert merged["mode_sources"]["rtpurbo"]["weights"] == "A"
+  with pytest.raises(ValueError, match="appears in runs"):
+    report.merge([b_run, full])
+  other_seed = json.loads(json.dumps(v_run))
+  other_seed["settings"]["seed"] = 1
+  with pytest.raises(ValueError, match="different seed"):
+    report.merge([b_run, other_seed])
+  md = report.markdown(merged)
+  assert "| **average** | 512 | 4 |" in md and "[" in md
+
+  # Variants table: v (rtpurbo + topk, merged with the baseline run) and the full run. Random
+  # weights answer nothing: scores drawn here give the table something to average.
+  for e in v_run["examples"]:
+    e["scores"]["rtpurbo"] = float(rng.integers(0, 2))
+  for name, res in (("base", b_run), ("v", v_run)):
+    report.write(res, str(tmp_path / name))
+  report.main(["--compare", f"v={tmp_path / 'v'}", f"full={tmp_path / 'base'}",
+               f"--baseline={tmp_path / 'base'}", f"--out={tmp_path / 'cmp'}"])
+  table = json.loads((tmp_path / "cmp" / "variants.json").read_text())
+  rows = {(r["name"], r["length"]): r for r in table["rows"]}
+  assert set(rows) == {("baseline dense", 512), ("baseline streaming", 512), ("v", 512),
+                       ("v topk", 512)}  # "full" has no rtpurbo: no row
+  v = rows[("v", 512)]
+  want = np.mean([np.mean([e["scores"]["rtpurbo"] for e in v_run["examples"] if e["task"] == t])
+                  for t in ("passkey", "niah_single")])
+  assert v["accuracy"]["mean"] == pytest.approx(want) and v["accuracy"]["n"] == 4
+  assert (v["accuracy"]["lo"], v["accuracy"]["hi"]) == pytest.approx(
+      __import__("rtpurbo_jax.eval.stats", fromlist=["x"]).wilson(want, 4))
+  assert v["ppl_vs_dense"]["rel"] == pytest.approx(
+      full["perplexity_vs_dense"]["rtpurbo"]["512"]["ppl"]["rel"], rel=1e-5)
+  assert v["selected_fraction"] == pytest.approx(
+      full["sparsity"]["rtpurbo"]["512"]["selected_fraction"])
+  assert rows[("v topk", 512)]["topk_budget"] == full["topk_budget"]["512"]["tokens"]
+  md = (tmp_path / "cmp" / "variants.md").read_text()
+  assert "| v | A | 512 |" in md and "| baseline dense | B | 512 |" in md
+
+
+def test_baseline_weights_run_dense_and_streaming(corpus, seed, rng, tmp_path):
+  """eval.baseline_model: dense / streaming run the baseline's weights, rtpurbo the model's."""
+  import rtpurbo_jax
+  from rtpurbo_jax.eval import runner
+  cfg = _tiny_config()
+  cfg.seed = seed % 1000
+  model_a, _ = runner.load_model(cfg)
+  other = Transformer(model_a.cfg, rngs=nnx.Rngs(cfg.seed + 1))
+  rtpurbo_jax.save_pretrained(other, tmp_path / "baseline")
+  plan = {str(l): [int(h == l + 1) for h in range(4)] for l in range(2)}
+  (tmp_path / "plan.json").write_text(json.dumps(plan))
+  cfg.plan.path = str(tmp_path / "plan.json")
+  cfg.eval.baseline_model = str(tmp_path / "baseline")
+  cfg.eval.update(lengths="512", tasks="passkey", samples="1", ppl_samples=2,
+                  sparsity_queries=4, modes="dense,rtpurbo,streaming")
+  res = runner.run_from_config(cfg, progress=False, corpus=corpus)
+  assert res["meta"]["baseline_model"] == str(tmp_path / "baseline")
+  st = runner.EvalSettings.from_config(cfg.eval)
+  windows = ppl_lib.heldout_windows(ByteCodec(), corpus.heldout_text(), 512, 2, st.seed)
+  hp = res["plan_mask"]
+  plan_obj = HeadPlan.from_mask(np.asarray(hp, bool), 2)
+  sp = runner.SparseConfig(**res["sparse"])
+
+  def ppl_of(weights, mode):
+    m = runner.mode_models(weights, plan_obj, sp, [mode])[mode]
+    sq = np.ones(windows.shape, bool) if ppl_lib.decode_style(mode) else None
+    return ppl_lib.perplexity(ppl_lib.make_nll_fn(m, sp.chunk_size)(windows, sq))
+
+  got = {m: res["perplexity"][m]["512"]["ppl"] for m in ("dense", "rtpurbo", "streaming")}
+  assert got["dense"] == pytest.approx(ppl_of(other, "dense"), rel=1e-5)
+  assert got["streaming"] == pytest.approx(ppl_of(other, "streaming"), rel=1e-5)
+  assert got["rtpurbo"] == pytest.approx(ppl_of(model_a, "rtpurbo"), rel=1e-5)
+  assert abs(got["dense"] / ppl_of(model_a, "dense") - 1) > 1e-3  # really other weights
+
+
+def test_reproduce_rechecks_a_recorded_run(corpus, seed, tmp_path):
+  from rtpurbo_jax.eval import runner
+  cfg = _tiny_config()
+  cfg.seed = seed % 1000
+  plan = {str(l): [int(h == 2 - l) for h in range(4)] for l in range(2)}
+  (tmp_path / "plan.json").write_text(json.dumps(plan))
+  cfg.plan.path = str(tmp_path / "plan.json")
+  cfg.eval.update(lengths="512", tasks="passkey,variable_tracking", samples="2", ppl_samples=2,
+                  sparsity_queries=4, batch=3, out_dir=str(tmp_path / "ref"),
+                  modes="dense,rtpurbo,topk")
+  ref = runner.run_from_config(cfg, progress=False, corpus=corpus)
+  report.write(ref, str(tmp_path / "ref"))
+  os.remove(tmp_path / "plan.json")  # the recorded plan is used, not the path
+  fresh_cfg = _tiny_config()  # the recorded config replaces these values
+  out = runner.reproduce(fresh_cfg, str(tmp_path / "ref" / "results.json"),
+                         out_dir=str(tmp_path / "ref"))
+  assert out["ok"], out["mismatches"]
+  assert out["predictions"] == 4 * 3 and out["perplexities"] == 3 * 2
+  assert out["fresh"]["settings"]["out_dir"] == str(tmp_path / "ref" / "reproduce")
+  # It fails on a changed prediction or a perplexity off by more than 1e-4.
+  bad = json.loads(json.dumps(ref))
+  bad["examples"][1]["predictions"]["rtpurbo"] += " x"
+  bad["perplexity"]["topk"]["512"]["ppl"] *= 1 + 3e-4
+  got = runner.compare_results(bad, out["fresh"])
+  assert not got["ok"] and len(got["mismatches"]) == 2
+  assert "rtpurbo" in got["mismatches"][0] and "topk 512 ppl" in got["mismatches"][1]
+  fine = json.loads(json.dumps(ref))
+  fine["perplexity"]["dense"]["512"]["ppl"] *= 1 + 5e-5
+  assert runner.compare_results(fine, out["fresh"])["ok"]

@@ -15,18 +15,20 @@ several times over against one [prompt, max_len] pass.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from rtpurbo_jax.attention.mixed import SelectionStats
-from rtpurbo_jax.eval.sparsity import decode_fractions
 from rtpurbo_jax.infer.engine import prefill_chunk_size, prefill_chunks
 
 
 class GreedyDecoder:
-  """Jitted prefill and single decode steps for one model (mode fixed at construction)."""
+  """Jitted prefill and a compiled greedy decode loop for one model (mode fixed at
+  construction)."""
 
   def __init__(self, model, prefill_chunk: int = 1024):
     if prefill_chunk < 1:
@@ -40,14 +42,32 @@ class GreedyDecoder:
       m = nnx.merge(graphdef, state)
       return jnp.argmax(m.logits_from_hidden(last_h[:, None])[:, 0], axis=-1).astype(jnp.int32)
 
-    @jax.jit
-    def step(state, tok, cache):
-      m = nnx.merge(graphdef, state)
-      (logits, cache), stats = nnx.capture(m, SelectionStats)(tok[:, None], cache=cache)
-      return (jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache,
-              nnx.to_pure_dict(stats))
+    # Retrieval-head layers whose decode steps sow a selected fraction ([n_ret] each).
+    self.selecting = {i: len(l.attn.heads.retrieval) for i, l in enumerate(model.layers)
+                      if l.attn.heads.retrieval and model.sparse.mode in ("rtpurbo", "topk")}
+    selecting = self.selecting
 
-    self._first, self._step = first_token, step
+    @functools.partial(jax.jit, static_argnames=("steps",))
+    def loop(state, first, cache, steps):
+      """`steps` greedy decode steps in one compiled loop: (tokens [steps, batch], summed
+      selected fractions {layer: [n_ret]})."""
+      def body(carry, _):
+        tok, cache, sums = carry
+        m = nnx.merge(graphdef, state)  # inside the loop body: capture sows at its trace level
+        (logits, cache), stats = nnx.capture(m, SelectionStats)(tok[:, None], cache=cache)
+        fr = _step_fractions(nnx.to_pure_dict(stats))
+        if set(fr) - set(sums):
+          raise ValueError(f"layers {sorted(set(fr) - set(sums))} sow selection stats but "
+                           "have no retrieval heads")
+        sums = {layer: sums[layer] + fr[layer] for layer in sums}
+        nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+        return (nxt, cache, sums), nxt
+
+      sums = {layer: jnp.zeros((n,), jnp.float32) for layer, n in selecting.items()}
+      (_, _, sums), toks = jax.lax.scan(body, (first, cache, sums), None, length=steps)
+      return toks, sums
+
+    self._first, self._loop = first_token, loop
 
   def prefill(self, input_ids, prompt_lengths, max_len: int):
     """Returns (first new token [batch], cache holding the prompts)."""
@@ -66,14 +86,26 @@ class GreedyDecoder:
 
   def decode(self, first, cache, steps: int):
     """Greedy tokens [batch, steps] (the first is `first`) and the mean selected fraction per
-    retrieval head over the decode steps ({layer: [n_ret]}, empty for dense / streaming)."""
-    toks, sums, n = [np.asarray(first)], {}, 0
-    tok = first
-    for _ in range(steps - 1):
-      tok, cache, stats = self._step(self.state, tok, cache)
-      toks.append(np.asarray(tok))
-      for layer, f in decode_fractions(stats).items():
-        sums[layer] = sums.get(layer, 0.0) + f
-      n += 1
-    fractions = {layer: s / n for layer, s in sums.items()}
-    return np.stack(toks, axis=1), fractions
+    retrieval head over the decode steps ({layer: [n_ret]}, empty for dense / streaming).
+
+    The cache is not donated: modes sharing a prefill decode from the same cache."""
+    if steps < 1:
+      raise ValueError(f"steps={steps} must be >= 1")
+    if steps == 1:
+      return np.asarray(first)[:, None], {}
+    # One compiled loop per (steps, cache shape): no per-step dispatch or host sync.
+    toks, sums = jax.device_get(self._loop(self.state, first, cache, steps - 1))
+    fractions = {layer: np.asarray(s) / (steps - 1) for layer, s in sums.items()}
+    return np.concatenate([np.asarray(first)[:, None], np.asarray(toks).T], axis=1), fractions
+
+
+def _step_fractions(stats: dict) -> dict:
+  """{layer: selected fraction per retrieval head [n_ret]} of one decode step's sown stats
+  (inside jit: the jnp form of `sparsity.decode_fractions`)."""
+  out = {}
+  for layer, sub in (stats.get("layers") or {}).items():
+    vals = sub.get("attn", {}).get("selected_fraction")
+    if vals is not None:
+      out[int(layer)] = jnp.mean(jnp.stack([jnp.asarray(v, jnp.float32) for v in vals]),
+                                 axis=0)
+  return out

@@ -34,7 +34,12 @@ def heldout_windows(codec, text: str, length: int, count: int, seed: int) -> np.
 
   The offset of the first window depends on `seed`; windows may overlap when the text is short.
   """
-  ids = np.asarray(codec.encode(text), np.int32)
+  return windows_from_ids(np.asarray(codec.encode(text), np.int32), length, count, seed)
+
+
+def windows_from_ids(ids, length: int, count: int, seed: int) -> np.ndarray:
+  """`heldout_windows` from the text's token ids [n] (encode a long text once, cut many)."""
+  ids = np.asarray(ids, np.int32)
   if len(ids) < length + 1:
     raise ValueError(f"held-out text has {len(ids)} tokens, fewer than the {length} asked for")
   span = len(ids) - length
@@ -42,6 +47,42 @@ def heldout_windows(codec, text: str, length: int, count: int, seed: int) -> np.
   first = int(rng.integers(0, max(span // max(count, 1), 1)))
   starts = [first + (span - first) * i // max(count, 1) for i in range(count)]
   return np.stack([ids[s:s + length] for s in starts])
+
+
+def window_nll(nll, length: int) -> dict:
+  """Per-window mean nll of nll [windows, length - 1]: {"all": [windows], "tail": [windows]}
+  (tail: predicted positions in the second half, as `perplexity(nll, length // 2)`)."""
+  nll = np.asarray(nll, np.float64)
+  return {"all": nll.mean(axis=1).tolist(),
+          "tail": nll[:, max(length // 2 - 1, 0):].mean(axis=1).tolist()}
+
+
+def relative_to_dense(ppl: dict, seed: int, n_boot: int = 2000) -> dict:
+  """{mode: {length: {"ppl": interval, "tail": interval}}} for every non-dense mode with a dense
+  counterpart at that length: `stats.paired_bootstrap_rel` over the held-out windows (the same
+  windows for every mode: same seed, count and length). Entries without per-window nlls (older
+  results) give the point value with lo = hi = rel."""
+  from rtpurbo_jax.eval.stats import paired_bootstrap_rel
+  dense = ppl.get("dense") or {}
+  out: dict = {}
+  for mode, per_length in ppl.items():
+    if mode == "dense":
+      continue
+    for length, r in per_length.items():
+      d = dense.get(length)
+      if d is None:
+        continue
+      cell = {}
+      for key, src in (("ppl", "all"), ("tail", "tail")):
+        wa, wb = (r.get("window_nll") or {}).get(src), (d.get("window_nll") or {}).get(src)
+        if wa is not None and wb is not None and len(wa) == len(wb):
+          cell[key] = paired_bootstrap_rel(wa, wb, [int(seed), int(length), len(key)], n_boot)
+        else:
+          rel = r["ppl" if key == "ppl" else "ppl_tail"] / d[
+              "ppl" if key == "ppl" else "ppl_tail"] - 1
+          cell[key] = {"rel": rel, "lo": rel, "hi": rel, "windows": 0, "n_boot": 0}
+      out.setdefault(mode, {})[length] = cell
+  return out
 
 
 def make_nll_fn(model, chunk: int = 512):

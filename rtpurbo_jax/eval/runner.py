@@ -1,23 +1,39 @@
 """The evaluation run: every task x length x mode, perplexity, and decode sparsity.
 
-    results = evaluate(model, codec, plan, settings, sparse=sparse, corpus=corpus)
+    results = evaluate(model, codec, plan, settings, sparse=sparse, corpus=corpus,
+                       baseline=baseline)
 
-One set of weights is rebuilt per mode with `to_rtpurbo` (dense / rtpurbo / streaming / topk).
-Per context length: the task prompts are right-padded to one length (one compilation per
-mode and length); rtpurbo and topk share each prefill (their prefill is identical: local heads
-sinks + window, retrieval heads dense) and differ in decode only. Perplexity and the selection
-report run on held-out windows of the same length.
+The modes are models rebuilt with `to_rtpurbo`: `dense` and `streaming` from the baseline
+weights (`eval.baseline_model`, e.g. the original model), `rtpurbo` and `topk` from the
+evaluated weights (`eval.model`, e.g. a stage-2 fine-tuned backbone + indexer); all share
+the plan. Per context length, in this order:
 
-`run_from_config(cfg)` builds the model, tokenizer and head plan from a run config
-(configs/*.py + the `eval` section) and calls `evaluate`.
+  1. selection reports on the held-out windows: rtpurbo's mean tokens per retrieval head sets
+     topk's *binding* budget (`eval.topk_budget=binding`: rounded up to whole blocks, so both
+     read about the same number of tokens), then topk's own report;
+  2. the task prompts, all right-padded to `length` tokens and run in batches of `eval.batch`
+     rows (the last batch filled with copies), one prefill per class of modes with the same
+     prefill (rtpurbo and topk share theirs) and one compiled decode loop of `decode_steps`
+     per mode: a handful of compilations per length;
+  3. perplexity on the held-out windows (per-window nll kept for the paired bootstrap).
+
+Results are handed to `on_length` after every length (the CLI writes the files then), so a
+killed run keeps what it finished. Task prompts of the next lengths are generated on a
+background thread while the device works.
+
+`run_from_config(cfg)` builds the models, tokenizer and head plan from a run config
+(configs/*.py + the `eval` section) and calls `evaluate`; `reproduce(cfg, path)` reruns the
+settings recorded in a results.json and checks predictions and perplexities against it.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import datetime
 import json
 import os
+import threading
 import time
 
 import jax
@@ -26,22 +42,40 @@ import numpy as np
 from rtpurbo_jax.attention.plan import HeadPlan
 from rtpurbo_jax.config import ConfigError, SparseConfig, parse_size
 from rtpurbo_jax.eval import perplexity as ppl_lib
-from rtpurbo_jax.eval import scoring, sparsity
+from rtpurbo_jax.eval import scoring, sparsity, stats
 from rtpurbo_jax.eval.corpus import ByteCodec, Corpus, HFCodec
 from rtpurbo_jax.eval.decode import GreedyDecoder
 from rtpurbo_jax.eval.tasks import TASKS, TaskContext, make_examples
 
 MODES = ("dense", "rtpurbo", "streaming", "topk")
-DEFAULT_TASKS = ("passkey", "niah_single", "niah_multikey", "variable_tracking", "common_words")
+DEFAULT_TASKS = ("passkey", "niah_single", "niah_multikey", "niah_multivalue",
+                 "variable_tracking", "common_words")
 # Modes whose prefill (and cache layout) is the same: one prefill serves all of them.
 _PREFILL_CLASS = {"dense": "dense", "streaming": "streaming", "rtpurbo": "indexed",
                   "topk": "indexed"}
+# Modes run on the baseline weights; the others on the evaluated model's.
+BASELINE_MODES = ("dense", "streaming")
+N_BOOT = 2000  # bootstrap resamples of the perplexity intervals
 
 
 def _split(text) -> list[str]:
   if isinstance(text, (list, tuple)):
     return [str(x).strip() for x in text if str(x).strip()]
   return [x.strip() for x in str(text).split(",") if x.strip()]
+
+
+def parse_topk_budget(value) -> int | str:
+  """"binding" (topk reads what rtpurbo reads) or a fixed token count (an int or "4K")."""
+  if isinstance(value, str) and value.strip().lower() == "binding":
+    return "binding"
+  try:
+    n = value if isinstance(value, int) else parse_size(str(value))
+  except (ConfigError, ValueError):
+    raise ConfigError(f"eval.topk_budget={value!r}: expected 'binding' or a token count "
+                      "like 2048 or 2K") from None
+  if n < 1:
+    raise ConfigError(f"eval.topk_budget={value!r} must be >= 1 token")
+  return int(n)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +95,8 @@ class EvalSettings:
   sparsity_queries: int = 32  # sampled query positions for the selection report
   batch: int = 1
   prefill_chunk: int = 1024  # task prompts are prefilled in chunks (eval/decode.py)
+  topk_budget: int | str = "binding"  # "binding" or tokens per retrieval head
+  decode_steps: int = 0  # greedy steps per prompt; 0 = the largest max_new_tokens of the tasks
 
   def __post_init__(self):
     if not self.lengths:
@@ -77,11 +113,17 @@ class EvalSettings:
     if len(self.samples) not in (1, len(self.lengths)) or min(self.samples) < 0:
       raise ConfigError(f"eval.samples={self.samples}: one count >= 0, or one per length "
                         f"({len(self.lengths)})")
-    for name in ("ppl_samples", "sparsity_queries", "batch", "prefill_chunk"):
-      if getattr(self, name) < (0 if name == "ppl_samples" else 1):
+    for name in ("ppl_samples", "sparsity_queries", "batch", "prefill_chunk", "decode_steps"):
+      if getattr(self, name) < (0 if name in ("ppl_samples", "decode_steps") else 1):
         raise ConfigError(f"eval.{name}={getattr(self, name)} is out of range")
     if not self.modes:
       raise ConfigError("eval.modes is empty")
+    object.__setattr__(self, "topk_budget", parse_topk_budget(self.topk_budget))
+    short = [t for t in self.tasks if self.decode_steps and
+             TASKS[t].max_new_tokens > self.decode_steps]
+    if short:
+      raise ConfigError(f"eval.decode_steps={self.decode_steps} is below the answer length of "
+                        f"{short}")
 
   @classmethod
   def from_config(cls, ec) -> "EvalSettings":
@@ -100,7 +142,9 @@ class EvalSettings:
     return cls(lengths=lengths, modes=tuple(_split(ec.modes)), tasks=tuple(_split(ec.tasks)),
                samples=samples, depths=depths, seed=int(ec.seed),
                out_dir=str(ec.out_dir), ppl_lengths=ppl, ppl_samples=int(ec.ppl_samples),
-               sparsity_queries=int(ec.sparsity_queries), batch=int(ec.batch))
+               sparsity_queries=int(ec.sparsity_queries), batch=int(ec.batch),
+               prefill_chunk=int(ec.prefill_chunk), topk_budget=str(ec.topk_budget),
+               decode_steps=int(ec.decode_steps))
 
   def samples_at(self, length: int) -> int:
     return self.samples[0] if len(self.samples) == 1 else self.samples[
@@ -109,13 +153,26 @@ class EvalSettings:
   def perplexity_at(self, length: int) -> bool:
     return self.ppl_samples > 0 and (not self.ppl_lengths or length in self.ppl_lengths)
 
+  def steps(self) -> int:
+    """Greedy steps per prompt: one decode-loop length for every task (one compilation)."""
+    return self.decode_steps or max(TASKS[t].max_new_tokens for t in self.tasks)
 
-def mode_models(model, plan: HeadPlan, sparse: SparseConfig, modes) -> dict:
+  def needs_rtpurbo_report(self) -> bool:
+    return "rtpurbo" in self.modes or ("topk" in self.modes and self.topk_budget == "binding")
+
+
+def mode_models(model, plan: HeadPlan, sparse: SparseConfig, modes, **overrides) -> dict:
   """{mode: the model rebuilt in that mode}, same weights, same plan and indexer."""
   from rtpurbo_jax.convert import to_rtpurbo
   fields = dataclasses.asdict(sparse)
   fields.pop("mode")
+  fields.update(overrides)
   return {m: to_rtpurbo(model, plan, mode=m, **fields) for m in modes}
+
+
+def binding_budget(tokens_per_head: float, block_size: int) -> int:
+  """topk's tokens per retrieval head at equal cost: rtpurbo's mean rounded up to blocks."""
+  return max(1, int(np.ceil(tokens_per_head / block_size - 1e-9))) * block_size
 
 
 def _eos_ids(model) -> set[int]:
@@ -132,6 +189,26 @@ def _completion(codec, toks, eos: set[int]) -> str:
       break
     out.append(int(t))
   return codec.decode(out)
+
+
+class _LockedCodec:
+  """A codec shared by the prompt-generating thread and the main thread: one call at a time
+  (a transformers tokenizer is not safe to call concurrently)."""
+
+  def __init__(self, codec):
+    self.codec, self.lock = codec, threading.Lock()
+
+  def encode(self, text):
+    with self.lock:
+      return self.codec.encode(text)
+
+  def encode_batch(self, texts):
+    with self.lock:
+      return self.codec.encode_batch(texts)
+
+  def decode(self, ids):
+    with self.lock:
+      return self.codec.decode(ids)
 
 
 class _Progress:
@@ -155,141 +232,221 @@ def _work_units(settings: EvalSettings) -> int:
   classes = {_PREFILL_CLASS[m] for m in settings.modes}
   total = 0
   for length in settings.lengths:
-    total += len(settings.tasks) * -(-settings.samples_at(length) // settings.batch) * len(
-        classes)
+    n = len(settings.tasks) * settings.samples_at(length)
+    total += -(-n // settings.batch) * len(classes)
     total += len(settings.modes) if settings.perplexity_at(length) else 0
-    total += any(m in sparsity.SELECTING_MODES for m in settings.modes)
+    total += settings.needs_rtpurbo_report() + ("topk" in settings.modes)
   return total
 
 
 class _Suite:
-  """The models of one run (a mode each) and the jitted functions built on them."""
+  """The models of one run (a mode each) and the jitted functions built on them.
 
-  def __init__(self, model, codec, plan, settings: EvalSettings, sparse: SparseConfig, bar):
-    self.settings, self.codec, self.bar = settings, codec, bar
-    self.models = mode_models(model, plan, sparse, settings.modes)
+  topk's model is rebuilt per length when its budget is binding (`set_topk`)."""
+
+  def __init__(self, model, baseline, codec, plan, settings: EvalSettings, sparse: SparseConfig,
+               bar):
+    self.settings, self.codec, self.bar, self.plan, self.sparse = (settings, codec, bar, plan,
+                                                                   sparse)
+    self.source = model
+    base_modes = [m for m in settings.modes if m in BASELINE_MODES]
+    own_modes = [m for m in settings.modes if m not in BASELINE_MODES and m != "topk"]
+    self.models = {**mode_models(baseline, plan, sparse, base_modes),
+                   **mode_models(model, plan, sparse, own_modes)}
     self.decoders = {m: GreedyDecoder(self.models[m], settings.prefill_chunk)
-                     for m in settings.modes}
+                     for m in self.models}
     self.nll_fns = {m: ppl_lib.make_nll_fn(self.models[m], sparse.chunk_size)
-                    for m in settings.modes}
+                    for m in self.models}
     self.eos = _eos_ids(model)
+    self.topk_tokens = None
+    # rtpurbo measures topk's binding budget even when rtpurbo itself is not evaluated.
+    self.measure = None
+    if settings.needs_rtpurbo_report():
+      self.measure = self.models["rtpurbo"] if "rtpurbo" in self.models else mode_models(
+          model, plan, sparse, ["rtpurbo"])["rtpurbo"]
     # One prefill per class of modes with the same prefill and cache layout.
     self.owners: dict[str, list[str]] = {}
     for m in settings.modes:
       self.owners.setdefault(_PREFILL_CLASS[m], []).append(m)
 
+  def set_topk(self, tokens: int):
+    """(Re)build topk with `tokens` per retrieval head (a static part of its sparse config)."""
+    if tokens == self.topk_tokens:
+      return
+    self.topk_tokens = tokens
+    m = mode_models(self.source, self.plan, self.sparse, ["topk"], topk_tokens=int(tokens))["topk"]
+    self.models["topk"] = m
+    self.decoders["topk"] = GreedyDecoder(m, self.settings.prefill_chunk)
+    self.nll_fns["topk"] = ppl_lib.make_nll_fn(m, self.sparse.chunk_size)
+
   def tasks(self, length: int, examples) -> tuple[list[dict], dict]:
-    """Greedy answers of every mode to `examples`; (example records, decode sparsity)."""
+    """Greedy answers of every mode to `examples`; (example records, decode sparsity).
+
+    Every prompt of the length is right-padded to `length` tokens and the batches hold
+    `settings.batch` rows (tasks mixed), so each mode compiles one prefill and one decode loop
+    per length; the rows that fill the last batch are copies whose answers are dropped.
+    """
     codec, modes, batch = self.codec, self.settings.modes, self.settings.batch
+    steps = self.settings.steps()
+    max_len = length + steps
     encoded = [np.asarray(codec.encode(e.prompt), np.int32) for e in examples]
-    pad_to = max((len(x) for x in encoded), default=0)
+    for e, x in zip(examples, encoded):
+      if len(x) > length:
+        raise ValueError(f"{e.task} prompt of {len(x)} tokens exceeds the length {length}")
     frac_sum: dict[str, dict[int, np.ndarray]] = {}
     frac_n: dict[str, int] = {}
+    preds: dict[str, list] = {m: [None] * len(examples) for m in modes}
+    for b0 in range(0, len(examples), batch):
+      real = list(range(b0, min(b0 + batch, len(examples))))
+      rows = [real[r % len(real)] for r in range(batch)]  # cycled copies fill the batch
+      ids = np.zeros((batch, length), np.int32)
+      lens = np.asarray([len(encoded[i]) for i in rows], np.int32)
+      for r, i in enumerate(rows):
+        ids[r, :lens[r]] = encoded[i]
+      for cls_modes in self.owners.values():
+        first, cache = self.decoders[cls_modes[0]].prefill(ids, lens, max_len)
+        for m in cls_modes:
+          toks, fr = self.decoders[m].decode(first, cache, steps)
+          for r, i in enumerate(real):
+            preds[m][i] = _completion(codec, toks[r, :examples[i].max_new_tokens], self.eos)
+          if fr:
+            # The sown fraction is a batch mean (fill rows included): weight by real rows.
+            acc = frac_sum.setdefault(m, {})
+            for layer, f in fr.items():
+              acc[layer] = acc.get(layer, 0.0) + f * len(real)
+            frac_n[m] = frac_n.get(m, 0) + len(real)
+        del cache
+        self.bar.step(f"{length} tasks {b0 // batch + 1}/{-(-len(examples) // batch)} "
+                      f"{'/'.join(cls_modes)}")
     records = []
-    for task in self.settings.tasks:
-      idx = [i for i, e in enumerate(examples) if e.task == task]
-      for b0 in range(0, len(idx), batch):
-        rows = idx[b0:b0 + batch]
-        ids = np.zeros((len(rows), pad_to), np.int32)
-        lens = np.asarray([len(encoded[i]) for i in rows], np.int32)
-        for r, i in enumerate(rows):
-          ids[r, :lens[r]] = encoded[i]
-        steps = max(examples[i].max_new_tokens for i in rows)
-        max_len = max(length, int(lens.max()) + steps)
-        preds = {}
-        for cls_modes in self.owners.values():
-          first, cache = self.decoders[cls_modes[0]].prefill(ids, lens, max_len)
-          for m in cls_modes:
-            toks, fr = self.decoders[m].decode(first, cache, steps)
-            preds[m] = [_completion(codec, toks[r, :examples[i].max_new_tokens], self.eos)
-                        for r, i in enumerate(rows)]
-            if fr:
-              acc = frac_sum.setdefault(m, {})
-              for layer, f in fr.items():
-                acc[layer] = acc.get(layer, 0.0) + f * len(rows)
-              frac_n[m] = frac_n.get(m, 0) + len(rows)
-          self.bar.step(f"{length} {task} {'/'.join(cls_modes)}")
-        for r, i in enumerate(rows):
-          e = examples[i]
-          records.append({
-              "task": e.task, "length": length, "depth": e.depth, "index": e.index,
-              "prompt_tokens": int(lens[r]), "answers": list(e.answers), "rule": e.rule,
-              "predictions": {m: preds[m][r] for m in modes},
-              "scores": {m: scoring.score(e.rule, preds[m][r], e.answers) for m in modes},
-          })
+    for i, e in enumerate(examples):
+      records.append({
+          "task": e.task, "length": length, "depth": e.depth, "index": e.index,
+          "prompt_tokens": int(len(encoded[i])), "answers": list(e.answers), "rule": e.rule,
+          "predictions": {m: preds[m][i] for m in modes},
+          "scores": {m: scoring.score(e.rule, preds[m][i], e.answers) for m in modes},
+      })
     decode = {m: _decode_summary(self.models[m], acc, frac_n[m]) for m, acc in frac_sum.items()}
     return records, decode
 
   def perplexity(self, length: int, windows) -> dict:
-    """{mode: {ppl, ppl_tail, tokens, windows}} on held-out windows [n, length]."""
+    """{mode: {ppl, ppl_tail, tokens, windows, window_nll}} on held-out windows [n, length]."""
     out = {}
     for m in self.settings.modes:
       sq = np.ones(windows.shape, bool) if ppl_lib.decode_style(m) else None
       nll = np.asarray(self.nll_fns[m](windows, sq))
       out[m] = {"ppl": ppl_lib.perplexity(nll), "ppl_tail": ppl_lib.perplexity(nll, length // 2),
-                "tokens": int(nll.size), "windows": int(windows.shape[0])}
+                "tokens": int(nll.size), "windows": int(windows.shape[0]),
+                "window_nll": ppl_lib.window_nll(nll, length)}
       self.bar.step(f"{length} perplexity {m}")
     return out
 
-  def sparsity(self, length: int, window) -> dict:
-    """{mode: selection report} for the selecting modes, on one window [1, length]."""
-    selecting = {m: self.models[m] for m in self.settings.modes
-                 if m in sparsity.SELECTING_MODES}
-    if not selecting:
-      return {}
-    qpos = sparsity.query_positions(length, self.settings.sparsity_queries, self.settings.seed)
-    # rtpurbo and topk share the prefill: one forward pass serves both reports.
-    reports = sparsity.selection_reports(selecting, window, qpos)
-    self.bar.step(f"{length} sparsity {'/'.join(selecting)}")
-    return reports
+  def selection(self, length: int, windows) -> tuple[dict, dict | None]:
+    """Selection reports on the held-out windows [n, length] and topk's budget at `length`.
+
+    Returns ({mode: report} for the evaluated selecting modes, budget record or None). rtpurbo
+    is measured first: its mean tokens per retrieval head sets a binding topk budget.
+    """
+    st = self.settings
+    qpos = sparsity.query_positions(length, st.sparsity_queries, st.seed)
+    reports, budget = {}, None
+    if st.needs_rtpurbo_report():
+      reports["rtpurbo"] = sparsity.selection_report(self.measure, windows, qpos)
+      self.bar.step(f"{length} selection rtpurbo")
+    if "topk" in st.modes:
+      bs = self.sparse.block_size
+      if st.topk_budget == "binding":
+        measured = reports["rtpurbo"]["tokens_per_head"]
+        tokens = binding_budget(measured, bs)
+      else:
+        measured, tokens = None, int(st.topk_budget)
+      self.set_topk(tokens)
+      budget = {"tokens": tokens, "blocks": -(-tokens // bs), "rule": (
+          "binding" if st.topk_budget == "binding" else "fixed"),
+          "rtpurbo_tokens_per_head": measured}
+      reports["topk"] = sparsity.selection_report(self.models["topk"], windows, qpos)
+      self.bar.step(f"{length} selection topk")
+    return {m: r for m, r in reports.items() if m in st.modes}, budget
 
 
 def evaluate(model, codec, plan: HeadPlan, settings: EvalSettings, *, sparse: SparseConfig,
-             corpus: Corpus, progress: bool = True, meta: dict | None = None) -> dict:
-  """Run the suite; returns the JSON-ready results (see report.py for the layout)."""
+             corpus: Corpus, baseline=None, progress: bool = True, meta: dict | None = None,
+             on_length=None) -> dict:
+  """Run the suite; returns the JSON-ready results (see report.py for the layout).
+
+  baseline: the weights of the dense and streaming modes (None = `model`'s); rtpurbo and topk
+  run `model`. on_length(results): called with the results so far after every length.
+  """
   t_start = time.time()
   bar = _Progress(_work_units(settings), progress)
-  suite = _Suite(model, codec, plan, settings, sparse, bar)
-  ctx = TaskContext(codec, corpus)
-  examples_out, ppl_out, sparsity_out, decode_out = [], {}, {}, {}
-  timings: dict[str, float] = {}
+  suite = _Suite(model, model if baseline is None else baseline, codec, plan, settings, sparse,
+                 bar)
+  locked = _LockedCodec(codec)
+  suite.codec = locked
+  ctx = TaskContext(locked, corpus)
+  corpus.vocabulary()  # built once before the generating thread reads it
+  heldout_ids = np.asarray(codec.encode(corpus.heldout_text()), np.int32)
+  acc = {"examples": [], "perplexity": {}, "sparsity": {}, "decode_sparsity": {},
+         "topk_budget": {}, "timings": {}, "done": []}
+
+  def generate(length):
+    return [e for t in settings.tasks
+            for e in make_examples(ctx, t, length, settings.depths, settings.samples_at(length),
+                                   settings.seed)]
+
+  def assemble():
+    res = {
+        "meta": dict(meta or {}),
+        "settings": dataclasses.asdict(settings),
+        "sparse": dataclasses.asdict(sparse),
+        "plan": plan.summary(),
+        "plan_mask": plan.mask().astype(int).tolist(),
+        "examples": list(acc["examples"]),
+        "perplexity": acc["perplexity"],
+        "sparsity": acc["sparsity"],
+        "decode_sparsity": acc["decode_sparsity"],
+        "topk_budget": acc["topk_budget"],
+    }
+    res["meta"].update(
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
+        jax=jax.__version__, seconds=round(time.time() - t_start, 1),
+        seconds_per_length=dict(acc["timings"]), lengths_done=list(acc["done"]),
+        complete=len(acc["done"]) == len(settings.lengths))
+    res["accuracy"] = accuracy_table(res["examples"], settings.modes, settings.tasks,
+                                     acc["done"])
+    res["perplexity_vs_dense"] = ppl_lib.relative_to_dense(res["perplexity"], settings.seed,
+                                                           N_BOOT)
+    return res
+
+  pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="eval-prompts")
   try:
-    for length in settings.lengths:
+    # Prompts of every length are generated in order on one thread, ahead of the device.
+    pending = [pool.submit(generate, length) for length in settings.lengths]
+    for length, fut in zip(settings.lengths, pending):
       t0 = time.time()
-      examples = [e for t in settings.tasks
-                  for e in make_examples(ctx, t, length, settings.depths,
-                                         settings.samples_at(length), settings.seed)]
-      records, decode = suite.tasks(length, examples)
-      examples_out += records
+      windows = ppl_lib.windows_from_ids(heldout_ids, length, max(settings.ppl_samples, 1),
+                                         settings.seed)
+      reports, budget = suite.selection(length, windows)
+      for m, r in reports.items():
+        acc["sparsity"].setdefault(m, {})[str(length)] = r
+      if budget is not None:
+        acc["topk_budget"][str(length)] = budget
+      records, decode = suite.tasks(length, fut.result())
+      acc["examples"] += records
       for m, d in decode.items():
-        decode_out.setdefault(m, {})[str(length)] = d
-      windows = ppl_lib.heldout_windows(codec, corpus.heldout_text(), length,
-                                        max(settings.ppl_samples, 1), settings.seed)
+        acc["decode_sparsity"].setdefault(m, {})[str(length)] = d
       if settings.perplexity_at(length):
         for m, r in suite.perplexity(length, windows).items():
-          ppl_out.setdefault(m, {})[str(length)] = r
-      for m, r in suite.sparsity(length, windows[:1]).items():
-        sparsity_out.setdefault(m, {})[str(length)] = r
-      timings[str(length)] = round(time.time() - t0, 1)
+          acc["perplexity"].setdefault(m, {})[str(length)] = r
+      acc["timings"][str(length)] = round(time.time() - t0, 1)
+      acc["done"].append(length)
+      if on_length is not None:
+        on_length(assemble())
   finally:
+    pool.shutdown(wait=False, cancel_futures=True)
     bar.close()
-  results = {
-      "meta": dict(meta or {}),
-      "settings": dataclasses.asdict(settings),
-      "sparse": dataclasses.asdict(sparse),
-      "plan": plan.summary(),
-      "examples": examples_out,
-      "perplexity": ppl_out,
-      "sparsity": sparsity_out,
-      "decode_sparsity": decode_out,
-  }
-  results["meta"].update(
-      date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-      backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
-      jax=jax.__version__, seconds=round(time.time() - t_start, 1), seconds_per_length=timings)
-  results["accuracy"] = accuracy_table(examples_out, settings.modes, settings.tasks,
-                                       settings.lengths)
-  return results
+  return assemble()
 
 
 def _decode_summary(model, acc: dict, n: int) -> dict:
@@ -302,31 +459,55 @@ def _decode_summary(model, acc: dict, n: int) -> dict:
   return {"selected_fraction": mean, "sparsity": 1.0 - mean, "heads": heads}
 
 
+PARTIAL_RULES = ("partial",)
+
+
 def accuracy_table(examples: list[dict], modes, tasks, lengths) -> dict:
-  """{"scores": {mode: {task: {length: mean score}}}} with task "average" (the mean over the
-  tasks run at that length), and {mode: {task: {length: {depth: mean}}}} under "by_depth"."""
+  """Mean scores with 95% Wilson intervals.
+
+  Returns {"scores": {mode: {task: {length: mean}}}, "intervals": {mode: {task: {length:
+  [lo, hi]}}}, "n": {task: {length: samples}}, "by_depth": {mode: {task: {length: {depth:
+  mean}}}}}. Task "average" is the mean over the tasks run at that length with the Wilson
+  interval of that mean over all of the length's samples. Partial-score cells (fractions per
+  sample) get the Wilson interval of the mean score (see stats.py). An example counts for a
+  mode only when it holds that mode's score (merged runs may lack some).
+  """
   table: dict = {}
+  intervals: dict = {}
+  counts: dict = {}
   by_depth: dict = {}
   for m in modes:
     for t in tasks:
       for length in lengths:
-        rows = [e for e in examples if e["task"] == t and e["length"] == length]
+        rows = [e for e in examples if e["task"] == t and e["length"] == length
+                and m in e["scores"]]
         if not rows:
           continue
-        table.setdefault(m, {}).setdefault(t, {})[str(length)] = float(
-            np.mean([e["scores"][m] for e in rows]))
+        mean = float(np.mean([e["scores"][m] for e in rows]))
+        table.setdefault(m, {}).setdefault(t, {})[str(length)] = mean
+        intervals.setdefault(m, {}).setdefault(t, {})[str(length)] = list(
+            stats.wilson(mean, len(rows)))
+        counts.setdefault(t, {})[str(length)] = len(rows)
         for d in sorted({e["depth"] for e in rows if e["depth"] is not None}):
           sel = [e["scores"][m] for e in rows if e["depth"] == d]
           by_depth.setdefault(m, {}).setdefault(t, {}).setdefault(str(length), {})[str(d)] = (
               float(np.mean(sel)))
     if m in table:
-      avg = {}
+      avg, avg_iv = {}, {}
       for length in lengths:
-        vals = [table[m][t][str(length)] for t in table[m] if str(length) in table[m][t]]
-        if vals:
-          avg[str(length)] = float(np.mean(vals))
+        cells = [(table[m][t][str(length)], counts[t][str(length)]) for t in tasks
+                 if t in table[m] and str(length) in table[m][t]]
+        if cells:
+          mean = float(np.mean([v for v, _ in cells]))
+          avg[str(length)] = mean
+          avg_iv[str(length)] = list(stats.wilson(mean, sum(n for _, n in cells)))
       table[m]["average"] = avg
-  return {"scores": table, "by_depth": by_depth}
+      intervals[m]["average"] = avg_iv
+  for length in lengths:
+    n = sum(counts[t][str(length)] for t in counts if str(length) in counts[t])
+    if n:
+      counts.setdefault("average", {})[str(length)] = n
+  return {"scores": table, "intervals": intervals, "n": counts, "by_depth": by_depth}
 
 
 # ---------------------------------------------------------------------------
@@ -389,14 +570,47 @@ def resolve_plan(cfg, model, codec, corpus: Corpus) -> tuple[HeadPlan, str, dict
                 f"{cfg.plan.retrieval_ratio})"), record
 
 
-def run_from_config(cfg, *, progress: bool = True, corpus: Corpus | None = None) -> dict:
-  """Build everything from a validated run config and evaluate."""
+def baseline_name(cfg) -> str:
+  """The weights of the dense and streaming modes: `eval.baseline_model`, else `model_name`."""
+  return cfg.eval.baseline_model or model_name(cfg)
+
+
+def load_baseline(cfg, model):
+  """The baseline model (None when it is the evaluated model's name: the same weights)."""
+  name = baseline_name(cfg)
+  if name == model_name(cfg):
+    return None
+  import rtpurbo_jax
+  base = rtpurbo_jax.from_pretrained(name, dtype=cfg.dtype)
+  a, b = dataclasses.asdict(base.cfg), dataclasses.asdict(model.cfg)
+  diff = sorted(k for k in a if a[k] != b.get(k) and k not in ("eos_token_id", "bos_token_id"))
+  if diff:
+    raise ConfigError(f"eval.baseline_model={name!r} has another architecture than "
+                      f"{model_name(cfg) or 'the random-init model'!r} ({', '.join(diff)})")
+  return base
+
+
+def run_from_config(cfg, *, progress: bool = True, corpus: Corpus | None = None,
+                    plan: HeadPlan | None = None, on_length=None) -> dict:
+  """Build everything from a validated run config and evaluate.
+
+  plan: a HeadPlan or a retrieval mask [layers, heads] to use instead of resolving one
+  (reproduce() passes the recorded mask).
+  """
   from rtpurbo_jax.config import sparse_config_from
   settings = EvalSettings.from_config(cfg.eval)
   sparse = sparse_config_from(cfg.sparse)
   corpus = corpus or Corpus.shakespeare()
   model, codec = load_model(cfg)
-  plan, source, calibration = resolve_plan(cfg, model, codec, corpus)
+  baseline = load_baseline(cfg, model)
+  calibration = None
+  if plan is not None:
+    if not isinstance(plan, HeadPlan):
+      plan = HeadPlan.from_mask(np.asarray(plan, bool), model.cfg.num_kv_heads)
+    plan.check(model.cfg)
+    source = "the recorded plan (reproduce)"
+  else:
+    plan, source, calibration = resolve_plan(cfg, model, codec, corpus)
   if calibration is not None:
     # Keep the plan: later runs (other lengths) pass it back with --config.plan.path.
     os.makedirs(settings.out_dir, exist_ok=True)
@@ -406,10 +620,18 @@ def run_from_config(cfg, *, progress: bool = True, corpus: Corpus | None = None)
                  "summary": plan.summary()}, f, indent=1)
     os.replace(path + ".partial", path)
   meta = {"name": cfg.name, "model": model_name(cfg) or "random init (config.model)",
+          "baseline_model": (baseline_name(cfg) or "random init (config.model)"),
           "plan_source": source, "dtype": cfg.dtype,
           "indexer": "trained" if _has_trained_indexer(model, plan) else "rotary init"}
-  return evaluate(model, codec, plan, settings, sparse=sparse, corpus=corpus, progress=progress,
-                  meta=meta)
+  config = json.loads(json.dumps(cfg.to_dict(), default=str))
+
+  def with_config(results):
+    results["config"] = config
+    return results
+
+  hook = None if on_length is None else (lambda r: on_length(with_config(r)))
+  return with_config(evaluate(model, codec, plan, settings, sparse=sparse, corpus=corpus,
+                              baseline=baseline, progress=progress, meta=meta, on_length=hook))
 
 
 def _has_trained_indexer(model, plan: HeadPlan) -> bool:
@@ -425,3 +647,109 @@ def _has_trained_indexer(model, plan: HeadPlan) -> bool:
       if not np.allclose(w, init):
         return True
   return False
+
+
+# ---------------------------------------------------------------------------
+# Reproducing a committed run.
+
+
+def _restore(dst, src: dict, path: str = "") -> list[str]:
+  """Set the recorded values `src` onto the (locked) config `dst`; returns the recorded keys
+  the current schema no longer has (ignored)."""
+  import ml_collections
+  missing = []
+  for k, v in src.items():
+    if k not in dst:
+      missing.append(path + k)
+      continue
+    cur = dst[k]
+    if isinstance(cur, ml_collections.ConfigDict) and isinstance(v, dict):
+      missing += _restore(cur, v, f"{path}{k}.")
+      continue
+    if isinstance(cur, tuple) and isinstance(v, list):
+      v = tuple(v)
+    elif isinstance(cur, float) and isinstance(v, int):
+      v = float(v)
+    dst[k] = v
+  return missing
+
+
+def compare_results(ref: dict, fresh: dict, rtol: float = 1e-4) -> dict:
+  """Check `fresh` against `ref` where both have data: identical predictions per example
+  (task, length, sample index) and mode, perplexities (all and tail) equal to `rtol` relative,
+  the same topk budget per length. Returns {"ok", "predictions", "perplexities", "mismatches"}.
+  """
+  ref_ex = {(e["task"], e["length"], e["index"]): e for e in ref["examples"]}
+  bad, n_pred, n_ppl = [], 0, 0
+  for e in fresh["examples"]:
+    key = (e["task"], e["length"], e["index"])
+    r = ref_ex.get(key)
+    if r is None:
+      bad.append(f"example {key} is not in the reference")
+      continue
+    for m, p in e["predictions"].items():
+      if m not in r["predictions"]:
+        bad.append(f"example {key}: the reference has no {m} prediction")
+      elif r["predictions"][m] != p:
+        bad.append(f"example {key} {m}: {p!r} != reference {r['predictions'][m]!r}")
+      n_pred += 1
+  for m, per_length in (fresh.get("perplexity") or {}).items():
+    for length, f in per_length.items():
+      r = (ref.get("perplexity") or {}).get(m, {}).get(length)
+      if r is None:
+        bad.append(f"perplexity {m} {length}: not in the reference")
+        continue
+      for k in ("ppl", "ppl_tail"):
+        n_ppl += 1
+        if abs(f[k] / r[k] - 1) > rtol:
+          bad.append(f"perplexity {m} {length} {k}: {f[k]:.6f} vs reference {r[k]:.6f} "
+                     f"({f[k] / r[k] - 1:+.2e} relative, allowed {rtol:.0e})")
+  for length, b in (fresh.get("topk_budget") or {}).items():
+    rb = (ref.get("topk_budget") or {}).get(length)
+    if rb is not None and rb["tokens"] != b["tokens"]:
+      bad.append(f"topk budget at {length}: {b['tokens']} vs reference {rb['tokens']}")
+  if not n_pred and not n_ppl:
+    bad.append("nothing was compared")
+  return {"ok": not bad, "predictions": n_pred, "perplexities": n_ppl, "rtol": rtol,
+          "mismatches": bad}
+
+
+def reproduce(cfg, path: str, *, lengths=None, modes=None, rtol: float = 1e-4,
+              out_dir: str | None = None, progress: bool = False) -> dict:
+  """Rerun the run recorded in results.json `path` (its config, plan and settings) and compare.
+
+  cfg: a run config (the schema; the recorded values replace its own). lengths / modes:
+  optional subsets of the recorded ones (each length and mode is computed independently of
+  the others, with the same shapes). out_dir: where the fresh results go (never the
+  reference's own folder). Returns compare_results(...) plus "fresh" (the new results) and
+  "ignored_keys" (recorded config keys unknown to this schema).
+  """
+  with open(path) as f:
+    ref = json.load(f)
+  if "config" not in ref:
+    raise ConfigError(f"{path} records no run config (written before reproduce existed)")
+  cfg = cfg.copy_and_resolve_references() if hasattr(cfg, "copy_and_resolve_references") else cfg
+  cli_out = out_dir or cfg.eval.out_dir
+  ignored = _restore(cfg, ref["config"])
+  cfg.eval.reproduce = ""
+  rec = EvalSettings.from_config(cfg.eval)
+  if lengths:
+    extra = [n for n in lengths if n not in rec.lengths]
+    if extra:
+      raise ConfigError(f"lengths {extra} are not in the recorded run {list(rec.lengths)}")
+    cfg.eval.lengths = ",".join(str(n) for n in lengths)
+    if len(rec.samples) > 1:
+      cfg.eval.samples = ",".join(str(rec.samples_at(n)) for n in lengths)
+  if modes:
+    extra = [m for m in modes if m not in rec.modes]
+    if extra:
+      raise ConfigError(f"modes {extra} are not in the recorded run {list(rec.modes)}")
+    cfg.eval.modes = ",".join(modes)
+  ref_dir = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+  if os.path.realpath(cli_out) == ref_dir:
+    cli_out = os.path.join(cli_out, "reproduce")
+  cfg.eval.out_dir = cli_out
+  fresh = run_from_config(cfg, progress=progress, plan=ref.get("plan_mask"))
+  out = compare_results(ref, fresh, rtol)
+  out.update(fresh=fresh, ignored_keys=ignored, reference=path)
+  return out
