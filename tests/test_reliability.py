@@ -200,3 +200,52 @@ def test_killed_save_leaves_a_loadable_folder(tmp_path, where):
   _save(out, {"w": np.full(16, 3.0, np.float32)}, max_shard_bytes=8)
   assert _hidden(tmp_path) == []
   np.testing.assert_array_equal(_load(out)["w"], np.full(16, 3.0, np.float32))
+
+
+# ---------------------------------------------------------------------------
+# 7. headwise_config values are checked, one error naming the field.
+
+
+_GOOD_HW = {"0": [0, 1, 0, 0], "1": [1, 0, 0, 1], "sink_token_num": 4, "swa_token_num": 128,
+            "seqlen_threshold": 0, "top_p": 0.9, "block_size": 64, "indexer_dim": 8}
+
+
+@pytest.mark.parametrize("patch,message", [
+    ({"0": [0, 2, 0, 0]}, r"headwise_config\['0'\]\[1\]=2: must be 0 or 1"),
+    ({"1": [1, 0, -1, 1]}, r"\['1'\]\[2\]=-1"),
+    ({"0": [0, 0.5, 0, 0]}, r"\['0'\]\[1\]=0.5"),
+    ({"0": ["1", 0, 0, 0]}, r"\['0'\]\[0\]='1'"),
+    ({"1": [1, 0]}, "different numbers of heads"),
+    ({"1": "1001"}, r"headwise_config\['1'\] must be a list"),
+    ({"swa_token_num": "8K"}, "swa_token_num='8K': must be a non-negative integer"),
+    ({"sink_token_num": -4}, "sink_token_num=-4"),
+    ({"block_size": 64.5}, "block_size=64.5"),
+    ({"top_p": "high"}, "top_p='high': must be a number in"),
+    ({"top_p": 1.5}, "top_p=1.5"),
+])
+def test_bad_headwise_config_values(tmp_path, patch, message):
+  from rtpurbo_jax.attention.plan import HeadPlan, read_plan
+  from rtpurbo_jax.config import ConfigError
+  with pytest.raises(ConfigError, match=message):
+    HeadPlan.from_headwise_config({**_GOOD_HW, **patch}, 2)
+  path = tmp_path / "plan.json"
+  path.write_text(json.dumps({"headwise_config": {**_GOOD_HW, **patch}}))
+  with pytest.raises(ConfigError, match=f"{path}: .*{message}"):
+    read_plan(str(path), 2)
+  plan, over = HeadPlan.from_headwise_config(_GOOD_HW, 2)  # the unpatched one is fine
+  assert plan.mask().sum() == 3 and over["window"] == 128 and over["top_p"] == 0.9
+
+
+def test_plan_file_that_is_not_an_object(tmp_path):
+  from rtpurbo_jax.attention.plan import read_plan
+  from rtpurbo_jax.config import ConfigError
+  path = tmp_path / "plan.json"
+  path.write_text(json.dumps([[0, 1, 0, 0], [1, 0, 0, 1]]))
+  with pytest.raises(ConfigError, match=f"{path}: a head plan file must be a JSON object"):
+    read_plan(str(path), 2)
+  path.write_text(json.dumps({"headwise_config": [[0, 1]]}))
+  with pytest.raises(ConfigError, match="headwise_config must be a JSON object, got list"):
+    read_plan(str(path), 2)
+  path.write_text("{not json")
+  with pytest.raises(ConfigError, match="not JSON"):
+    read_plan(str(path), 2)
