@@ -249,3 +249,120 @@ def test_plan_file_that_is_not_an_object(tmp_path):
   path.write_text("{not json")
   with pytest.raises(ConfigError, match="not JSON"):
     read_plan(str(path), 2)
+
+
+# ---------------------------------------------------------------------------
+# 3. Token ids beyond the model's vocabulary; non-finite calibration scores.
+
+
+def test_token_ids_beyond_vocab_are_one_data_error(tmp_path):
+  from rtpurbo_jax.train import data as data_lib
+  (tmp_path / "a.txt").write_text("plain ascii text " * 40)
+  (tmp_path / "b.txt").write_text("caf\u00e9 \u00fcber " * 40)  # bytes >= 0xC3 -> ids >= 198
+  tok = data_lib.get_tokenizer("byte", vocab_size=160)
+  src = data_lib.TextSource(str(tmp_path / "*.txt"))
+  it = iter(data_lib.packed_dataset(src, tok, 64, 2, seed=0, process_index=0, process_count=1))
+  with pytest.raises(data_lib.DataError, match=r"tokenizer 'byte' gives token id \d+ outside "
+                     r"the model's vocabulary \(vocab_size=160\)"):
+    for _ in range(40):
+      next(it)
+  ex = data_lib.ExampleSource(src, tok, 64, 8)
+  with pytest.raises(data_lib.DataError, match="vocab_size=160"):
+    [ex[i] for i in range(len(ex))]
+  ok = data_lib.get_tokenizer("byte", vocab_size=259)  # the byte vocabulary fits
+  assert max(ok.encode("\u00ff\u00fe")) < 259
+  with pytest.raises(data_lib.DataError, match="token id 2 outside"):  # its eos id
+    data_lib.get_tokenizer("byte", vocab_size=2)
+
+
+def test_calibration_never_returns_nan_scores(tmp_path, seed):
+  import jax.numpy as jnp
+  from flax import nnx
+  import rtpurbo_jax
+  from rtpurbo_jax.config import ModelConfig, SparseConfig
+  from rtpurbo_jax.models.transformer import Transformer
+  cfg = ModelConfig(family="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
+                    num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                    max_position_embeddings=512)
+  model = Transformer(cfg, sparse=SparseConfig(mode="dense"), rngs=nnx.Rngs(seed))
+  from rtpurbo_jax import calibrate as calib
+  rng = np.random.default_rng(seed)
+  doc = rng.integers(0, 64, 128).tolist()
+  doc[10] = 1000  # beyond the vocabulary: the embedding gather gives NaN
+  ids, span = calib.make_needle_document(doc, rng.integers(0, 64, 16).tolist(), 128)
+  with pytest.raises(FloatingPointError, match="not finite"):
+    rtpurbo_jax.calibrate(model, jnp.asarray(ids)[None], span, 0.25,
+                          out_dir=str(tmp_path / "c"))
+  assert not (tmp_path / "c").exists()
+
+
+# ---------------------------------------------------------------------------
+# 4. plan.path and retrieval_ratio are never silently ignored.
+
+
+def _plan_setup(tmp_path, calibrated, explicit=None, ratio=0.25):
+  import types
+  from configs.tiny import get_config
+  from rtpurbo_jax.attention.plan import HeadPlan
+  from rtpurbo_jax.config import SparseConfig, model_config_from
+  cfg = get_config()
+  cfg.train.workdir = str(tmp_path / "work")
+  cfg.plan.retrieval_ratio = ratio
+  os.makedirs(cfg.train.workdir, exist_ok=True)
+  hw = lambda m: {"headwise_config": HeadPlan.from_mask(m, 2).to_headwise_config(SparseConfig())}
+  if calibrated is not None:
+    (tmp_path / "work" / "plan.json").write_text(json.dumps(hw(calibrated)))
+  if explicit is not None:
+    (tmp_path / "mine.json").write_text(json.dumps(hw(explicit)))
+    cfg.plan.path = str(tmp_path / "mine.json")
+  mcfg = model_config_from(cfg.model)
+  return cfg, types.SimpleNamespace(cfg=mcfg, plan=HeadPlan.all_local(mcfg))
+
+
+def test_plan_path_and_ratio_are_honoured_or_refused(tmp_path):
+  from rtpurbo_jax.config import ConfigError
+  from rtpurbo_jax.train import stages
+  a, b = [[0, 1, 0, 0], [1, 0, 0, 0]], [[0, 0, 0, 1], [0, 0, 1, 0]]
+  cfg, model = _plan_setup(tmp_path / "1", calibrated=a, explicit=b)
+  with pytest.raises(ConfigError, match=r"plan.path=.*mine.json' differs from the plan "
+                     r"calibrated in .*plan.json"):
+    stages.resolve_plan(cfg, model)
+  cfg, model = _plan_setup(tmp_path / "2", calibrated=a, explicit=a)
+  assert stages.resolve_plan(cfg, model).mask().tolist() == np.asarray(a, bool).tolist()
+  cfg, model = _plan_setup(tmp_path / "3", calibrated=None, explicit=b)
+  assert stages.resolve_plan(cfg, model).mask().tolist() == np.asarray(b, bool).tolist()
+  cfg, model = _plan_setup(tmp_path / "4", calibrated=a, ratio=0.5)
+  with pytest.raises(ConfigError, match=r"plan.json has 2 of 8 retrieval heads but "
+                     r"plan.retrieval_ratio=0.5 asks for 4"):
+    stages.resolve_plan(cfg, model)
+  cfg, model = _plan_setup(tmp_path / "5", calibrated=a, ratio=0.25)
+  assert stages.resolve_plan(cfg, model).mask().sum() == 2
+
+
+# ---------------------------------------------------------------------------
+# 5. A refused run leaves <workdir>/config.json alone.
+
+
+def test_refused_run_keeps_config_json(tmp_path, seed):
+  from rtpurbo_jax.train import stages
+  from rtpurbo_jax.train.checkpoint import CheckpointMismatch, Checkpointer
+  cfg, _ = _plan_setup(tmp_path, calibrated=[[0, 1, 0, 0], [1, 0, 0, 0]])
+  (tmp_path / "t.txt").write_text("some words " * 200)
+  cfg.data.train_files, cfg.data.tokenizer = str(tmp_path / "t.txt"), "byte"
+  cfg.train.stages, cfg.train.progress, cfg.seed = "stage1", False, seed % 1000
+  cfg.train.stage1.update(steps=2, seq_len=128, query_chunk=64)
+  work = tmp_path / "work"
+  (work / "config.json").write_text('{"the": "first run"}')
+  ck = Checkpointer(str(work / "ckpt" / "stage1"), async_save=False)
+  ck.save(1, trainable={"x": np.zeros(2, np.float32)}, opt_state={"m": np.zeros(2)},
+          data_state=None,
+          meta={"fingerprint": {"stage": "stage1", "model": {"vocab_size": 7}}})
+  ck.close()
+  with pytest.raises(CheckpointMismatch, match="does not belong to this run"):
+    stages.run_pipeline(cfg)
+  assert (work / "config.json").read_text() == '{"the": "first run"}'
+  # A plan refusal (issue 20 item 4) happens before anything is written too.
+  cfg.plan.retrieval_ratio = 0.5
+  with pytest.raises(stages.ConfigError, match="asks for 4"):
+    stages.run_pipeline(cfg)
+  assert (work / "config.json").read_text() == '{"the": "first run"}'
