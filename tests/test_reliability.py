@@ -366,3 +366,89 @@ def test_refused_run_keeps_config_json(tmp_path, seed):
   with pytest.raises(stages.ConfigError, match="asks for 4"):
     stages.run_pipeline(cfg)
   assert (work / "config.json").read_text() == '{"the": "first run"}'
+
+
+# ---------------------------------------------------------------------------
+# 6. A resume logs each step once (JSONL and TensorBoard).
+
+
+def _tensorboard_steps(logdir) -> list[int]:
+  """Scalar steps as TensorBoard shows them: a SessionLog START at step T drops the events
+  at steps >= T read before it (files in name order, events in file order)."""
+  import struct
+  from tensorboardX.proto import event_pb2
+  steps = []
+  for name in sorted(os.listdir(logdir)):
+    data = open(os.path.join(logdir, name), "rb").read()
+    pos = 0
+    while pos < len(data):
+      (n,) = struct.unpack("<Q", data[pos:pos + 8])
+      ev = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+      pos += 12 + n + 4
+      if ev.HasField("session_log") and ev.session_log.status == ev.session_log.START:
+        steps = [s for s in steps if s < ev.step]
+      elif ev.HasField("summary") and any(v.tag.endswith("/loss") for v in ev.summary.value):
+        steps.append(ev.step)
+  return steps
+
+
+def test_resumed_metrics_are_not_duplicated(tmp_path):
+  from rtpurbo_jax.train.metrics import MetricsLogger, read_metrics
+  log = MetricsLogger(str(tmp_path), "stage1", total_steps=6, progress=False, log_every=1)
+  for step in range(1, 6):  # killed after step 5; the last checkpoint was step 3
+    log.step(step, {"loss": float(step)})
+  log.close()
+  with open(tmp_path / "metrics" / "stage1.jsonl", "a") as f:
+    f.write('{"stage": "stage1", "step": 6, "lo')  # torn by the kill
+  log = MetricsLogger(str(tmp_path), "stage1", total_steps=6, start_step=3, progress=False,
+                      log_every=1)
+  for step in range(4, 7):
+    log.step(step, {"loss": 10.0 + step})
+  log.close()
+  recs = read_metrics(str(tmp_path / "metrics" / "stage1.jsonl"))
+  assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 6]
+  assert [r["loss"] for r in recs] == [1, 2, 3, 14, 15, 16]
+  assert _tensorboard_steps(tmp_path / "tb" / "stage1") == [1, 2, 3, 4, 5, 6]
+
+
+# ---------------------------------------------------------------------------
+# 10. Checkpoint integrity: digests verified on restore, fallback to the previous step.
+
+
+def test_corrupt_checkpoint_falls_back_to_previous_step(tmp_path, rng, caplog):
+  import logging
+  from rtpurbo_jax.train.checkpoint import Checkpointer
+  fp = {"stage": "stage1", "model": {"n": 1}}
+  # Random bits do not compress: orbax's zstd stores them verbatim, so the test can corrupt
+  # exactly one value in place without changing any file size.
+  w = {s: rng.integers(0, 2**32, 512, dtype=np.uint32).view(np.float32) for s in (1, 2)}
+  opt = {"m": np.zeros(4, np.float32), "count": np.int32(3)}
+  ck = Checkpointer(str(tmp_path), async_save=False)
+  for s in (1, 2):
+    ck.save(s, trainable={"w": w[s]}, opt_state=opt, data_state=None,
+            meta={"fingerprint": fp})
+  ck.close()
+  target = w[2][100:104].tobytes()
+  hits = [p for p in (tmp_path / "2").rglob("*") if p.is_file() and target in p.read_bytes()]
+  assert len(hits) == 1, hits
+  data = bytearray(hits[0].read_bytes())
+  at = data.index(target)
+  data[at + 1] ^= 0x10  # one value of w changes; the size does not
+  hits[0].write_bytes(bytes(data))
+  ck = Checkpointer(str(tmp_path), async_save=False)
+  with caplog.at_level(logging.WARNING):
+    got = ck.restore_latest(expected=fp, trainable_like={"w": w[2]}, opt_state_like=opt,
+                            steps=10)
+  step, trainable = got[0], got[1]
+  assert step == 1
+  np.testing.assert_array_equal(np.asarray(trainable["w"]), w[1])
+  assert "step 2" in caplog.text and "corrupt" in caplog.text and "['w']" in caplog.text
+  assert (tmp_path / "2.corrupt").is_dir() and ck.latest_step() == 1
+  ck.save(2, trainable={"w": w[2]}, opt_state=opt, data_state=None, meta={"fingerprint": fp})
+  ck.close()
+  ck = Checkpointer(str(tmp_path), async_save=False)
+  got = ck.restore_latest(expected=fp, trainable_like={"w": w[2]}, opt_state_like=opt,
+                          steps=10)
+  ck.close()
+  assert got[0] == 2
+  np.testing.assert_array_equal(np.asarray(got[1]["w"]), w[2])

@@ -241,12 +241,16 @@ class Trainer:
                                async_save=run.async_checkpoint)
     history: list[dict] = []
     try:
-      start = ck.latest_step() or 0
+      got = ck.restore_latest(expected=self.fingerprint, trainable_like=self.trainable,
+                              opt_state_like=self.opt_state, steps=steps)
+      start = got[0] if got else 0
       if start:
-        tr, opt_state, data_state, _ = ck.restore(
-            start, expected=self.fingerprint, trainable_like=self.trainable,
-            opt_state_like=self.opt_state, with_data=start < steps)
+        _, tr, opt_state, data_state, _ = got
         self.trainable, self.opt_state = tr, opt_state
+        if start < steps and data_iter is None:
+          raise ckpt_lib.CheckpointCorrupt(
+              f"{self.task.name}: the last checkpoint was corrupt; run again to continue from "
+              f"step {start}")
         if data_state is not None and hasattr(data_iter, "set_state"):
           data_iter.set_state(data_state)
         log.info("%s: resumed from step %d (%s)", self.task.name, start, run.ckpt_dir)
