@@ -199,21 +199,28 @@ class Checkpointer:
 
   def restore_latest(self, *, expected: dict, trainable_like: dict, opt_state_like,
                      steps: int):
-    """(step, trainable, opt_state, data_state, meta) of the newest intact step, or None.
+    """(step, trainable, opt_state, data_state, meta) of the newest intact step, or None
+    when there is no checkpoint.
 
-    A corrupt step (unreadable, or failing its digests) is moved aside with a warning and
-    the one before it is tried; another run's checkpoint is refused (CheckpointMismatch).
-    The data state is restored only for a step below `steps` (training continues).
+    Corrupt steps (unreadable, or failing their digests) newer than an intact one are moved
+    aside with a warning; when every step is corrupt the newest one's error is raised and
+    nothing is moved (no silent restart from scratch). Another run's checkpoint is refused
+    (CheckpointMismatch). The data state is restored only for a step below `steps`.
     """
+    corrupt: list[tuple[int, CheckpointCorrupt]] = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
         got = self.restore(step, expected=expected, trainable_like=trainable_like,
                            opt_state_like=opt_state_like, with_data=step < steps)
       except CheckpointCorrupt as e:
-        log.warning("%s; falling back to the previous step (moved to %s)", e,
-                    self._set_aside(step))
+        corrupt.append((step, e))
         continue
+      for bad, e in corrupt:
+        log.warning("%s; restoring step %d instead (the corrupt step is kept as %s)", e, step,
+                    self._set_aside(bad))
       return (step, *got)
+    if corrupt:
+      raise corrupt[0][1]
     return None
 
   def _set_aside(self, step: int) -> str:
