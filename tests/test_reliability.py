@@ -452,3 +452,103 @@ def test_corrupt_checkpoint_falls_back_to_previous_step(tmp_path, rng, caplog):
   ck.close()
   assert got[0] == 2
   np.testing.assert_array_equal(np.asarray(got[1]["w"]), w[2])
+
+
+# ---------------------------------------------------------------------------
+# 8, 9. The command lines: one line naming the file or key, exit status 2.
+
+
+def _cli(args, tmp_path, script="infer.py"):
+  env = dict(os.environ, RTPURBO_CACHE=str(tmp_path), JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  cmd = [sys.executable, *(["-m", script] if "." in script and "/" not in script
+                           and not script.endswith(".py") else [script]), *args]
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _one_error(r, *parts):
+  assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+  assert "Traceback" not in r.stderr, r.stderr[-2000:]
+  errors = [l for l in r.stderr.splitlines() if "error:" in l]
+  assert len(errors) == 1 and all(p in errors[0] for p in parts), r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("script", ["infer.py", "train.py", "rtpurbo_jax.eval"])
+def test_missing_config_file_is_one_line(tmp_path, script):
+  _one_error(_cli(["--config=configs/nope.py"], tmp_path, script), "configs/nope.py",
+             "No such file")
+
+
+def test_infer_unknown_key_empty_prompt_and_batch(tmp_path):
+  tiny = "--config=configs/tiny.py"
+  _one_error(_cli([tiny, "--config.infer.bogus=1"], tmp_path), "unknown config key",
+             "infer.bogus")
+  _one_error(_cli([tiny, "--random_weights", "--prompt="], tmp_path), "--prompt is empty")
+  _one_error(_cli([tiny, "--random_weights", "--config.infer.batch=0"], tmp_path),
+             "config.infer.batch=0 must be >= 1")
+
+
+def test_infer_dry_run_cache_summary_uses_the_run_config(tmp_path):
+  import re
+  r = _cli(["--config=configs/tiny.py", "--dry_run", "--config.dtype=bfloat16"], tmp_path)
+  assert r.returncode == 0, r.stderr[-2000:]
+  plan_cache = {l.split()[0]: re.search(r"cache (\S+ \S+) \+", l).group(1)
+                for l in r.stdout.splitlines() if " ctx=" in l}
+  m = re.search(r"KV cache at 1024 tokens: dense (\S+ \S+), rtpurbo (\S+ \S+) \(([\d.]+)x "
+                r"smaller\)", r.stdout)
+  assert m, r.stdout
+  assert (m.group(1), m.group(2)) == (plan_cache["dense"], plan_cache["rtpurbo"])
+  assert float(m.group(3)) > 1.0  # the tiny plan keeps a 132-slot ring, not a full cache
+
+
+def test_corrupt_weights_are_one_line_in_train(tmp_path):
+  folder = tmp_path / "m"
+  folder.mkdir()
+  st.write_json(str(folder / "config.json"), {
+      "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 64,
+      "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+      "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
+      "max_position_embeddings": 256, "rms_norm_eps": 1e-6, "rope_theta": 1e4})
+  (folder / st.SINGLE).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header....")
+  r = _cli(["--config=configs/tiny.py", f"--config.model_path={folder}",
+            "--config.train.stages=calibrate", f"--config.train.workdir={tmp_path}/w"],
+           tmp_path, "train.py")
+  _one_error(r, f"{folder}/model.safetensors is not a readable safetensors file")
+
+
+_infer_module = None
+
+
+def _infer():
+  """infer.py as a module (once per process: it defines absl flags)."""
+  global _infer_module
+  if _infer_module is None:
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("infer_under_test",
+                                                  os.path.join(ROOT, "infer.py"))
+    _infer_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(_infer_module)
+  return _infer_module
+
+
+def test_random_weights_check_memory_before_building_the_prompt(monkeypatch):
+  from absl import flags
+  from rtpurbo_jax.infer import memory
+  infer = _infer()
+  flags.FLAGS(["infer.py", "--config=" + os.path.join(ROOT, "configs", "tiny.py"),
+               "--random_weights", "--ctx=64K"])
+  cfg, ctx = infer.resolve_config(infer.cli.load_config(infer._CONFIG))
+  calls = []
+
+  class Stop(Exception):
+    pass
+
+  def check(mem):
+    calls.append(("check", mem.ctx))
+    raise Stop
+
+  monkeypatch.setattr(memory, "check_memory", check)
+  monkeypatch.setattr(infer, "random_prompt", lambda *a: calls.append("prompt"))
+  with pytest.raises(Stop):
+    infer.run(cfg, ctx)
+  assert calls == [("check", 65536)]
