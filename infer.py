@@ -28,7 +28,8 @@ import os
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
+
+from rtpurbo_jax import cli
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _DEFAULT_CONFIG = os.path.join(_HERE, "configs", "smollm2_135m.py")
@@ -36,7 +37,7 @@ DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
 PREAMBLE_CHARS = 6000  # the Project Gutenberg header of the first play
 _MODES = ("rtpurbo", "dense", "streaming", "topk")
 
-config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Run config file (ml_collections).")
+_CONFIG = cli.define_config(_DEFAULT_CONFIG, "Run config file (ml_collections).")
 flags.DEFINE_string("ctx", None, "Context length: 4K | 128K | 1M | any number of tokens "
                     "(default: config.infer.ctx). Passkey/random prompts fill it; prompt runs "
                     "must fit in it; --dry_run plans for it.")
@@ -64,7 +65,7 @@ FLAGS = flags.FLAGS
 
 
 class CliError(Exception):
-  """A user-facing error: printed as one line, exit status 1."""
+  """A user-facing error: printed as one line, exit status 2."""
 
 
 # ---------------------------------------------------------------------------
@@ -93,6 +94,11 @@ def resolve_config(cfg):
     raise CliError(f"max_new_tokens={cfg.infer.max_new_tokens} must be >= 1")
   if FLAGS.prompt is not None and FLAGS.prompt_file is not None:
     raise CliError("give either --prompt or --prompt_file, not both")
+  if FLAGS.prompt is not None and not FLAGS.prompt.strip():
+    raise CliError("--prompt is empty: give a question, or leave --prompt out for the "
+                   "passkey demo")
+  if int(cfg.infer.batch) < 1:
+    raise CliError(f"config.infer.batch={cfg.infer.batch} must be >= 1")
   if not 0.0 <= FLAGS.passkey_depth <= 1.0:
     raise CliError(f"--passkey_depth={FLAGS.passkey_depth} must be in [0, 1]")
   return cfg, ctx
@@ -168,7 +174,6 @@ def memory_plan(cfg, model_cfg, plan, ctx, mode=None):
 
 
 def dry_run(cfg, model_cfg, ctx):
-  from rtpurbo_jax.attention.cache import memory_report
   from rtpurbo_jax.infer.memory import fmt
 
   plan, note = head_plan(cfg, model_cfg)
@@ -179,11 +184,13 @@ def dry_run(cfg, model_cfg, ctx):
         f"{plan.summary()['full_kv_heads']} of {plan.summary()['kv_heads']} KV heads full")
   modes = ["dense", "rtpurbo"] + ([cfg.sparse.mode] if cfg.sparse.mode not in
                                   ("dense", "rtpurbo") else [])
-  for mode in modes:
-    print(memory_plan(cfg, model_cfg, plan, ctx, mode).describe())
-  rep = memory_report(model_cfg, plan, ctx, int(cfg.infer.batch))
-  print(f"KV cache at {ctx} tokens: dense {fmt(rep['dense_bytes'])}, rtpurbo "
-        f"{fmt(rep['rtpurbo_bytes'])} ({rep['ratio']:.2f}x smaller)")
+  plans = {mode: memory_plan(cfg, model_cfg, plan, ctx, mode) for mode in modes}
+  for mem in plans.values():
+    print(mem.describe())
+  # The same caches as the plan lines (this run's sparse settings and dtype), not defaults.
+  dense, sparse = plans["dense"].cache_bytes, plans["rtpurbo"].cache_bytes
+  print(f"KV cache at {ctx} tokens: dense {fmt(dense)}, rtpurbo {fmt(sparse)} "
+        f"({dense / max(sparse, 1):.2f}x smaller)")
 
 
 # ---------------------------------------------------------------------------
@@ -237,6 +244,27 @@ def passkey_prompt(tok, ctx: int, max_new: int, depth: float, seed: int):
   raise CliError("could not fit the passkey prompt into --ctx")
 
 
+def random_prompt(vocab_size: int, n: int, seed: int) -> list[int]:
+  """`n` random token ids (shape-only runs)."""
+  import numpy as np
+  return np.random.default_rng(seed).integers(0, vocab_size, n).tolist()
+
+
+def prompt_ids(tok, ctx: int, max_new: int, seed: int):
+  """(ids, passkey or None): the passkey demo, --prompt_file, --prompt or the default
+  question."""
+  if FLAGS.passkey and FLAGS.prompt is None and FLAGS.prompt_file is None:
+    return passkey_prompt(tok, ctx, max_new, FLAGS.passkey_depth, seed)
+  if FLAGS.prompt_file:
+    with open(FLAGS.prompt_file, encoding="utf-8") as f:
+      text = f.read()
+    if not text.strip():
+      raise CliError(f"--prompt_file={FLAGS.prompt_file} is empty")
+  else:
+    text = FLAGS.prompt if FLAGS.prompt is not None else DEFAULT_PROMPT
+  return chat_ids(tok, text), None
+
+
 # ---------------------------------------------------------------------------
 # Model.
 
@@ -288,29 +316,25 @@ def run(cfg, ctx):
   if cfg.model_path and not FLAGS.random_weights:
     import rtpurbo_jax
     tok = rtpurbo_jax.load_tokenizer(cfg.model_path)
+  def check_memory(need):
+    """Plan memory for what will be allocated, before building or loading anything big."""
+    plan_for_check, _ = head_plan(cfg, model_cfg, folder_plan(cfg, model_cfg))
+    memory.check_memory(memory_plan(cfg, model_cfg, plan_for_check, need))
+
   key = None
   if tok is None:
     if FLAGS.passkey or FLAGS.prompt or FLAGS.prompt_file:
       print("note: no tokenizer with --random_weights; the prompt is random token ids")
-    rng = np.random.default_rng(cfg.seed)
-    ids = rng.integers(0, model_cfg.vocab_size, ctx - max_new if ctx > max_new else 1).tolist()
-  elif FLAGS.passkey and not (FLAGS.prompt or FLAGS.prompt_file):
-    ids, key = passkey_prompt(tok, ctx, max_new, FLAGS.passkey_depth, cfg.seed)
+    n = ctx - max_new if ctx > max_new else 1
+    check_memory(n + max_new)
+    ids = random_prompt(model_cfg.vocab_size, n, cfg.seed)
   else:
-    if FLAGS.prompt_file:
-      with open(FLAGS.prompt_file, encoding="utf-8") as f:
-        text = f.read()
-    else:
-      text = FLAGS.prompt if FLAGS.prompt is not None else DEFAULT_PROMPT
-    ids = chat_ids(tok, text)
-  need = len(ids) + max_new
-  if need > ctx:
-    raise CliError(f"the prompt has {len(ids)} tokens; with max_new_tokens={max_new} it needs "
-                   f"{need} > --ctx={ctx}: raise --ctx or shorten the prompt")
-
-  # Plan memory for what will be allocated, before loading anything big.
-  plan_for_check, _ = head_plan(cfg, model_cfg, folder_plan(cfg, model_cfg))
-  memory.check_memory(memory_plan(cfg, model_cfg, plan_for_check, need))
+    ids, key = prompt_ids(tok, ctx, max_new, cfg.seed)
+    need = len(ids) + max_new
+    if need > ctx:
+      raise CliError(f"the prompt has {len(ids)} tokens; with max_new_tokens={max_new} it "
+                     f"needs {need} > --ctx={ctx}: raise --ctx or shorten the prompt")
+    check_memory(need)
 
   model, note = load_model(cfg, model_cfg, sparse)
   print(f"model: {cfg.model_path or cfg.name}{' (random weights)' if FLAGS.random_weights else ''}"
@@ -376,18 +400,18 @@ def main(argv):
   from rtpurbo_jax.infer.memory import MemoryPlanError
 
   try:
-    cfg, ctx = resolve_config(FLAGS.config)
+    cfg, ctx = resolve_config(cli.load_config(_CONFIG))
     if FLAGS.dry_run:
       dry_run(cfg, model_config(cfg), ctx)
       return 0
     run(cfg, ctx)
   except (CliError, ConfigError, MemoryPlanError, FileNotFoundError, ValueError) as e:
     print(f"infer.py: error: {e}", file=sys.stderr)
-    return 1
+    return 2
   return 0
 
 
 if __name__ == "__main__":
   if any(a in ("--help", "-h", "-?", "--helpshort") for a in sys.argv[1:]):
     app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)  # absl would exit 1 on --help
-  app.run(main)
+  cli.run(main)

@@ -32,7 +32,7 @@ def main(argv):
   from rtpurbo_jax.train import stages
   try:
     stages.run_pipeline(cfg)
-  except (data_lib.DataError, FileNotFoundError) as e:
+  except (data_lib.DataError, FileNotFoundError, FloatingPointError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 

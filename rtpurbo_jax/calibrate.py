@@ -155,6 +155,10 @@ def calibrate(model: Transformer, input_ids, needle_span, retrieval_ratio: float
   if not 0.0 < retrieval_ratio <= 1.0:
     raise ConfigError(f"retrieval_ratio={retrieval_ratio} must be in (0, 1]")
   scores = needle_scores(model, input_ids, needle_span)
+  if not np.isfinite(scores).all():  # a plan ranked by NaN is arbitrary: never write one
+    bad = np.argwhere(~np.isfinite(scores))[:4].tolist()
+    raise FloatingPointError(f"calibration scores are not finite at (layer, head) {bad}: "
+                             "check the input token ids and the model weights")
   plan = HeadPlan.from_scores(scores, model.cfg.num_kv_heads, retrieval_ratio)
   if out_dir is not None:
     s = np.asarray(input_ids).reshape(-1).shape[0]

@@ -52,7 +52,7 @@ def test_random_weights_run(tmp_path):
 ])
 def test_errors_are_one_clear_line(args, message, tmp_path):
   r = _run(*args, tmp_path=tmp_path)
-  assert r.returncode == 1
+  assert r.returncode == 2
   errors = [l for l in r.stderr.splitlines() if l.startswith("infer.py: error:")]
   assert len(errors) == 1 and message in errors[0], r.stderr
   assert "Traceback" not in r.stderr

@@ -132,26 +132,86 @@ class HeadPlan:
 
   @classmethod
   def from_headwise_config(cls, d: dict, num_kv_heads: int) -> tuple["HeadPlan", dict]:
-    """Returns (plan, sparse_overrides) where the overrides are SparseConfig fields."""
-    layers = sorted((k for k in d if k.isdigit()), key=int)
+    """Returns (plan, sparse_overrides) where the overrides are SparseConfig fields.
+
+    Every value is checked (one ConfigError naming the field): layer lists of 0/1 (or
+    true/false) of one length, integer settings, top_p a number in (0, 1].
+    """
+    if not isinstance(d, dict):
+      raise ConfigError(f"headwise_config must be a JSON object, got {type(d).__name__}")
+    layers = sorted((k for k in d if str(k).isdigit()), key=int)
     if not layers:
       raise ConfigError("headwise_config has no per-layer head lists")
     if [int(k) for k in layers] != list(range(len(layers))):
       raise ConfigError(f"headwise_config layers must be 0..N-1, got {layers}")
-    plan = cls.from_mask([d[k] for k in layers], num_kv_heads)
+    rows = [_head_flags(k, d[k]) for k in layers]
+    if len({len(r) for r in rows}) != 1:
+      raise ConfigError("headwise_config layers list different numbers of heads: "
+                        f"{[len(r) for r in rows]}")
+    plan = cls.from_mask(rows, num_kv_heads)
     names = {"sink_token_num": "sinks", "swa_token_num": "window",
              "seqlen_threshold": "seqlen_threshold", "indexer_dim": "indexer_dim",
              "top_p": "top_p", "block_size": "block_size"}
-    overrides = {names[k]: d[k] for k in _PLAN_KEYS if k in d}
+    overrides = {names[k]: _setting(k, d[k]) for k in _PLAN_KEYS if k in d}
     return plan, overrides
 
 
+def _head_flags(layer: str, row) -> list[bool]:
+  """One layer's 0/1 list; anything else (2, -1, 0.5, "1", a nested list) is an error."""
+  if not isinstance(row, list):
+    raise ConfigError(f"headwise_config[{layer!r}] must be a list of 0/1, got "
+                      f"{type(row).__name__}")
+  for h, x in enumerate(row):
+    if isinstance(x, bool) or (type(x) is int and x in (0, 1)):
+      continue
+    raise ConfigError(f"headwise_config[{layer!r}][{h}]={x!r}: must be 0 or 1")
+  return [bool(x) for x in row]
+
+
+def _setting(key: str, v):
+  """A headwise_config setting: top_p a number in (0, 1], the others non-negative ints."""
+  if key == "top_p":
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v <= 1.0:
+      raise ConfigError(f"headwise_config {key}={v!r}: must be a number in (0, 1]")
+    return float(v)
+  if isinstance(v, bool) or type(v) is not int or v < 0:
+    raise ConfigError(f"headwise_config {key}={v!r}: must be a non-negative integer")
+  return v
+
+
 def load_headwise_config(path: str) -> dict:
-  """headwise_config from a model folder's config.json or a JSON file."""
+  """headwise_config from a model folder's config.json or a JSON file (a JSON object, with
+  the plan at its top level or under "headwise_config"). A plan file whose calibration
+  scores are not finite is refused: it came from a broken run."""
   if os.path.isdir(path):
     path = os.path.join(path, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"no head plan at {path}")
   with open(path) as f:
-    d = json.load(f)
+    try:
+      d = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ConfigError(f"{path}: not JSON ({e})") from None
+  if not isinstance(d, dict):
+    raise ConfigError(f"{path}: a head plan file must be a JSON object with a "
+                      f"headwise_config, got a {type(d).__name__}")
+  if "scores" in d and not _finite(d["scores"]):
+    raise ConfigError(f"{path}: the calibration scores are not finite (NaN / inf): delete "
+                      "the file and calibrate again")
   return d.get("headwise_config", d)
+
+
+def _finite(scores) -> bool:
+  try:
+    return bool(np.isfinite(np.asarray(scores, np.float64)).all())
+  except (TypeError, ValueError):  # ragged or not numbers
+    return False
+
+
+def read_plan(path: str, num_kv_heads: int) -> tuple["HeadPlan", dict]:
+  """(plan, sparse overrides) of a plan file or model folder; errors name the file."""
+  d = load_headwise_config(path)
+  try:
+    return HeadPlan.from_headwise_config(d, num_kv_heads)
+  except ConfigError as e:
+    raise ConfigError(f"{path}: {e}") from None

@@ -9,6 +9,11 @@ checkpoints intact.
 
 Before restoring anything the fingerprint is compared with the current run's: a checkpoint
 of another model, plan or stage raises `CheckpointMismatch` naming what differs.
+
+Integrity: orbax 0.12 verifies no array data on restore (its zarr3 layout checksums only the
+shard index), so `meta` also holds a digest of every saved array (`digests`), recomputed on
+restore. `restore_latest` moves a step that fails it, or cannot be read, aside
+(`<step>.corrupt`) with a warning and restores the previous step.
 """
 
 from __future__ import annotations
@@ -16,17 +21,60 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from rtpurbo_jax.config import ConfigError
 from rtpurbo_jax.train import data as data_lib
 
 
+log = logging.getLogger(__name__)
+
+
 class CheckpointMismatch(ConfigError):
   """The checkpoint on disk was written for another model, plan or stage."""
+
+
+class CheckpointCorrupt(CheckpointMismatch):
+  """A checkpoint step cannot be read, or its arrays differ from the digests saved with it."""
+
+
+_UINT = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
+
+
+@jax.jit
+def _digest(x):
+  """uint32 [] = sum_i bits(x_i) * (2 k i + 1) mod 2**32 over the flattened array.
+
+  The weights are odd, so changing any one element always changes the digest, and a
+  position-dependent weight catches moved elements; jitted, it runs where the (possibly
+  sharded) array lives, without a copy to the host.
+  """
+  x = x.reshape(-1)
+  if x.dtype == jnp.bool_:
+    bits = x.astype(jnp.uint32)
+  elif x.dtype.itemsize == 8:  # x64: two uint32 words per element
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
+  else:
+    bits = jax.lax.bitcast_convert_type(x, _UINT[x.dtype.itemsize]).astype(jnp.uint32)
+  w = jnp.arange(bits.shape[0], dtype=jnp.uint32) * jnp.uint32(2654435762) + jnp.uint32(1)
+  return jnp.sum(bits * w, dtype=jnp.uint32)
+
+
+def digests(tree) -> dict[str, str]:
+  """{key path: digest hex} of every array leaf of `tree` (see `_digest`)."""
+  leaves = jax.tree_util.tree_leaves_with_path(tree)
+  out = jax.device_get([_digest(jnp.asarray(x)) for _, x in leaves])
+  return {jax.tree_util.keystr(p): f"{int(d):08x}" for (p, _), d in zip(leaves, out)}
+
+
+def _bad_digests(saved: dict, tree) -> list[str]:
+  now = digests(tree)
+  return sorted(k for k in saved if now.get(k) != saved[k])
 
 
 def fingerprint(stage: str, model, trainable: dict) -> dict:
@@ -88,9 +136,10 @@ class Checkpointer:
   def save(self, step: int, *, trainable: dict, opt_state, data_state: dict | None,
            meta: dict) -> None:
     ocp = self.ocp
+    sums = {"trainable": digests(trainable), "opt_state": digests(opt_state)}
     args = dict(trainable=ocp.args.StandardSave(trainable),
                 opt_state=ocp.args.StandardSave(opt_state),
-                meta=ocp.args.JsonSave({**meta, "step": int(step)}))
+                meta=ocp.args.JsonSave({**meta, "step": int(step), "digests": sums}))
     if data_state is not None:
       args["data"] = ocp.args.JsonSave(_jsonable(data_state))
     self.manager.save(step, args=ocp.args.Composite(**args), force=True)
@@ -100,8 +149,8 @@ class Checkpointer:
     try:
       got = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     except Exception as e:  # orbax raises many types for unreadable folders
-      raise CheckpointMismatch(f"checkpoint step {step} in {self.directory} cannot be read "
-                               f"({type(e).__name__}: {e}); delete it to start over") from e
+      raise CheckpointCorrupt(f"checkpoint step {step} in {self.directory} cannot be read "
+                              f"({type(e).__name__}: {e}); delete it to start over") from e
     return dict(got.meta)
 
   def check(self, step: int, expected: dict) -> dict:
@@ -135,10 +184,56 @@ class Checkpointer:
     try:
       got = self.manager.restore(step, args=ocp.args.Composite(**args))
     except Exception as e:
-      raise CheckpointMismatch(f"checkpoint step {step} in {self.directory} cannot be restored "
-                               f"({type(e).__name__}: {e})") from e
+      raise CheckpointCorrupt(f"checkpoint step {step} in {self.directory} cannot be restored "
+                              f"({type(e).__name__}: {e})") from e
+    saved = meta.get("digests") or {}
+    bad = [f"{part}{k}" for part, tree in (("trainable", got.trainable),
+                                           ("opt_state", got.opt_state))
+           for k in _bad_digests(saved.get(part, {}), tree)]
+    if bad:
+      raise CheckpointCorrupt(f"checkpoint step {step} in {self.directory} is corrupt: "
+                              f"{len(bad)} array(s) differ from their saved digest "
+                              f"({', '.join(bad[:3])})")
     data_state = data_lib.state_from_json(dict(got.data)) if has_data else None
     return got.trainable, got.opt_state, data_state, meta
+
+  def restore_latest(self, *, expected: dict, trainable_like: dict, opt_state_like,
+                     steps: int):
+    """(step, trainable, opt_state, data_state, meta) of the newest intact step, or None
+    when there is no checkpoint.
+
+    Corrupt steps (unreadable, or failing their digests) newer than an intact one are moved
+    aside with a warning; when every step is corrupt the newest one's error is raised and
+    nothing is moved (no silent restart from scratch). Another run's checkpoint is refused
+    (CheckpointMismatch). The data state is restored only for a step below `steps`.
+    """
+    corrupt: list[tuple[int, CheckpointCorrupt]] = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        got = self.restore(step, expected=expected, trainable_like=trainable_like,
+                           opt_state_like=opt_state_like, with_data=step < steps)
+      except CheckpointCorrupt as e:
+        corrupt.append((step, e))
+        continue
+      for bad, e in corrupt:
+        log.warning("%s; restoring step %d instead (the corrupt step is kept as %s)", e, step,
+                    self._set_aside(bad))
+      return (step, *got)
+    if corrupt:
+      raise corrupt[0][1]
+    return None
+
+  def _set_aside(self, step: int) -> str:
+    """Rename a corrupt step to `<step>.corrupt[-n]` (not a step name for orbax), so later
+    saves of that step number succeed and the files stay for inspection."""
+    src = os.path.join(self.directory, str(step))
+    dst, n = src + ".corrupt", 1
+    if jax.process_index() == 0:
+      while os.path.exists(dst):
+        dst, n = f"{src}.corrupt-{n}", n + 1
+      os.rename(src, dst)
+    self.manager.reload()
+    return dst
 
   def wait(self):
     self.manager.wait_until_finished()

@@ -78,13 +78,16 @@ class TokenFn:
   """A uniform view of a tokenizer: `encode(text)` without special tokens, `eos_id`, `bos_id`.
 
   Accepts this module's tokenizers, a `transformers` tokenizer, or any callable
-  text -> list[int].
+  text -> list[int]. With `vocab_size` every encoded id must be below it (the model's
+  embedding rows): an id beyond the vocabulary is a `DataError`, not NaN losses later.
   """
 
-  def __init__(self, tok: Any):
+  def __init__(self, tok: Any, vocab_size: int | None = None, name: str = ""):
     self.tok = tok
+    self.vocab_size, self.name = vocab_size, name or type(tok).__name__
     self.eos_id = _first_id(getattr(tok, "eos_token_id", None))
     self.bos_id = _first_id(getattr(tok, "bos_token_id", None))
+    self.check_ids([i for i in (self.eos_id, self.bos_id) if i is not None])
 
   def encode(self, text: str) -> list[int]:
     tok = self.tok
@@ -99,7 +102,20 @@ class TokenFn:
       raise DataError(f"tokenizer {type(tok).__name__} has no encode() and is not callable")
     if isinstance(ids, dict):  # a transformers BatchEncoding called directly
       ids = ids["input_ids"]
-    return [int(i) for i in ids]
+    ids = [int(i) for i in ids]
+    self.check_ids(ids)
+    return ids
+
+  def check_ids(self, ids) -> None:
+    """DataError if an id is negative or not below `vocab_size` (when set)."""
+    if self.vocab_size is None or not len(ids):
+      return
+    lo, hi = min(ids), max(ids)
+    if lo < 0 or hi >= self.vocab_size:
+      bad = hi if hi >= self.vocab_size else lo
+      raise DataError(f"tokenizer {self.name!r} gives token id {bad} outside the model's "
+                      f"vocabulary (vocab_size={self.vocab_size}): set data.tokenizer to the "
+                      "model's tokenizer")
 
   def decode(self, ids) -> str:
     if hasattr(self.tok, "decode"):
@@ -113,21 +129,23 @@ def _first_id(x):
   return None if x is None else int(x)
 
 
-def get_tokenizer(name: str, model_path: str = "") -> TokenFn:
+def get_tokenizer(name: str, model_path: str = "", vocab_size: int | None = None) -> TokenFn:
   """'byte' | 'hash' | 'hash:<vocab>' | a tokenizer folder or registered model name.
 
   "" means the model's own tokenizer (`rtpurbo_jax.load_tokenizer(model_path)`).
+  vocab_size: the model's; encoded ids at or above it raise DataError (`TokenFn`).
   """
   if name == "byte":
-    return TokenFn(ByteTokenizer())
+    return TokenFn(ByteTokenizer(), vocab_size, name)
   if name == "hash" or name.startswith("hash:"):
-    return TokenFn(HashTokenizer(int(name.split(":")[1]) if ":" in name else 4096))
+    return TokenFn(HashTokenizer(int(name.split(":")[1]) if ":" in name else 4096),
+                   vocab_size, name)
   path = name or model_path
   if not path:
     raise DataError("no tokenizer: set data.tokenizer ('byte', 'hash:<vocab>' or a path) or "
                     "config.model_path")
   import rtpurbo_jax
-  return TokenFn(rtpurbo_jax.load_tokenizer(path))
+  return TokenFn(rtpurbo_jax.load_tokenizer(path), vocab_size, path)
 
 
 # ---------------------------------------------------------------------------

@@ -31,10 +31,17 @@ class MetricsLogger:
     if not self.main:
       return
     os.makedirs(os.path.join(workdir, "metrics"), exist_ok=True)
-    self._file = open(os.path.join(workdir, "metrics", f"{stage}.jsonl"), "a")
+    path = os.path.join(workdir, "metrics", f"{stage}.jsonl")
+    truncate_after(path, start_step)
+    self._file = open(path, "a")
     try:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tb", stage))
+      # TensorBoard drops the earlier events at steps >= purge_step: those after the
+      # checkpoint this run resumed from, logged by the run that was killed. The suffix keeps
+      # two runs started within one second from writing one file name (the later would
+      # truncate the earlier's events) and sorts in start order.
+      self._tb = SummaryWriter(os.path.join(workdir, "tb", stage), purge_step=start_step + 1,
+                               filename_suffix=f".{time.time_ns()}")
     except ImportError:
       log.warning("tensorboardX is not installed: metrics go to JSONL only")
     if progress:
@@ -73,6 +80,29 @@ class MetricsLogger:
       if obj is not None:
         obj.close()
     self._file = self._tb = self._bar = None
+
+
+def truncate_after(path: str, step: int) -> None:
+  """Keep the records of `path` up to `step` (the restored checkpoint), so a resumed run
+  does not log the steps between that checkpoint and the kill twice. A torn last line (a
+  kill mid-write) goes too."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  keep = []
+  for line in lines:
+    try:
+      if json.loads(line)["step"] <= step:
+        keep.append(line if line.endswith("\n") else line + "\n")
+    except (ValueError, KeyError, TypeError):
+      continue
+  if len(keep) == len(lines):
+    return
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.writelines(keep)
+  os.replace(tmp, path)
 
 
 def read_metrics(path: str) -> list[dict]:

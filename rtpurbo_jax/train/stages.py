@@ -31,13 +31,13 @@ from flax import nnx
 from rtpurbo_jax import lowrank
 from rtpurbo_jax import sharding as shd
 from rtpurbo_jax.attention.indexer import IndexerParam
-from rtpurbo_jax.attention.plan import HeadPlan, load_headwise_config
+from rtpurbo_jax.attention.plan import HeadPlan, read_plan
 from rtpurbo_jax.config import (ConfigError, SparseConfig, model_config_from, sparse_config_from,
                                 validate)
 from rtpurbo_jax.convert import rebuild
 from rtpurbo_jax.train import data as data_lib
 from rtpurbo_jax.train import losses
-from rtpurbo_jax.train.trainer import ParamSplit, RunOptions, Task, Trainer
+from rtpurbo_jax.train.trainer import ParamSplit, RunOptions, Task, Trainer, write_run_config
 
 log = logging.getLogger(__name__)
 
@@ -150,18 +150,48 @@ def plan_path(cfg) -> str:
 
 
 def resolve_plan(cfg, model) -> HeadPlan:
-  """The head plan: <workdir>/plan.json, else plan.path, else the model's own."""
-  for path in (plan_path(cfg), cfg.plan.path):
-    if path and os.path.exists(path):
-      plan, _ = HeadPlan.from_headwise_config(load_headwise_config(path), model.cfg.num_kv_heads)
-      plan.check(model.cfg)
-      return plan
+  """The head plan: plan.path when set, else <workdir>/plan.json, else the model's own.
+
+  Never silently another one: plan.path is refused when the workdir holds a different
+  calibrated plan, and plan.json when it has another number of retrieval heads than
+  plan.retrieval_ratio asks for.
+  """
+  calibrated = plan_path(cfg)
   if cfg.plan.path:
-    raise ConfigError(f"plan.path={cfg.plan.path!r} does not exist")
+    if not os.path.exists(cfg.plan.path):
+      raise ConfigError(f"plan.path={cfg.plan.path!r} does not exist")
+    plan = _plan_file(cfg.plan.path, model)
+    if os.path.exists(calibrated) and _plan_file(calibrated, model) != plan:
+      raise ConfigError(f"plan.path={cfg.plan.path!r} differs from the plan calibrated in "
+                        f"{calibrated}: use another train.workdir, or delete {calibrated}")
+    return plan
+  if os.path.exists(calibrated):
+    plan = _plan_file(calibrated, model)
+    _check_ratio(plan, cfg.plan.retrieval_ratio, calibrated)
+    return plan
   if model.plan.mask().any():
     return model.plan
   raise ConfigError("no head plan: add 'calibrate' to train.stages, or set plan.path to a "
                     "headwise_config JSON / RTPurbo model folder")
+
+
+def _plan_file(path: str, model) -> HeadPlan:
+  plan, _ = read_plan(path, model.cfg.num_kv_heads)
+  try:
+    plan.check(model.cfg)
+  except ConfigError as e:
+    raise ConfigError(f"{path}: {e}") from None
+  return plan
+
+
+def _check_ratio(plan: HeadPlan, ratio: float, path: str) -> None:
+  """The calibrated plan must have the head count `HeadPlan.from_scores` gives `ratio`."""
+  m = plan.mask()
+  want = max(1, int(np.floor(ratio * m.size + 1e-9)))
+  if int(m.sum()) != want:
+    raise ConfigError(f"{path} has {int(m.sum())} of {m.size} retrieval heads but "
+                      f"plan.retrieval_ratio={ratio} asks for {want}: delete {path} to "
+                      "calibrate again, or use another train.workdir")
 
 
 # ---------------------------------------------------------------------------
@@ -179,8 +209,8 @@ def filler_text(cfg) -> str:
 def run_calibrate(cfg, model, tok) -> HeadPlan:
   """Needle-score calibration of the dense model -> HeadPlan (saved to plan.json)."""
   path = plan_path(cfg)
-  if os.path.exists(path):
-    log.info("calibrate: using the existing %s", path)
+  if os.path.exists(path) or cfg.plan.path:
+    log.info("calibrate: using %s", cfg.plan.path or path)
     return resolve_plan(cfg, model)
   c = cfg.train.calibrate
   text = filler_text(cfg)
@@ -470,12 +500,9 @@ def run_pipeline(cfg, *, on_step=None):
   stages = parse_stages(cfg.train.stages)
   workdir = cfg.train.workdir
   os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(cfg.to_json_best_effort(indent=1))
   mesh = make_mesh(cfg)
   model = shd.shard_model(load_model(cfg), mesh)
-  tok = data_lib.get_tokenizer(cfg.data.tokenizer, cfg.model_path)
+  tok = data_lib.get_tokenizer(cfg.data.tokenizer, cfg.model_path, model.cfg.vocab_size)
   sparse = pipeline_sparse(cfg)
   for stage in stages:
     log.info("stage %s", stage)
@@ -495,6 +522,7 @@ def run_pipeline(cfg, *, on_step=None):
       model = run_stage2(cfg, model, tok, mesh, on_step=on_step)
     elif stage == "lm":
       model = run_lm(cfg, model, tok, mesh, on_step=on_step)
+  write_run_config(workdir, cfg.to_json_best_effort())  # the run was accepted
   if cfg.train.save_final and jax.process_index() == 0:
     final = os.path.join(workdir, "final")
     import rtpurbo_jax

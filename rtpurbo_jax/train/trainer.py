@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from typing import Any, Callable
 
 import jax
@@ -111,6 +112,18 @@ class RunOptions:
   log_every: int = 10
   progress: bool = True
   config_json: str = "{}"
+
+
+def write_run_config(workdir: str, config_json: str) -> None:
+  """<workdir>/config.json (process 0, atomically). Written once a run is accepted (its
+  checkpoints match), so a refused run leaves the config of the run that wrote them."""
+  if jax.process_index():
+    return
+  path = os.path.join(workdir, "config.json")
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(json.loads(config_json), f, indent=1)
+  os.replace(tmp, path)
 
 
 class Trainer:
@@ -228,15 +241,20 @@ class Trainer:
                                async_save=run.async_checkpoint)
     history: list[dict] = []
     try:
-      start = ck.latest_step() or 0
+      got = ck.restore_latest(expected=self.fingerprint, trainable_like=self.trainable,
+                              opt_state_like=self.opt_state, steps=steps)
+      start = got[0] if got else 0
       if start:
-        tr, opt_state, data_state, _ = ck.restore(
-            start, expected=self.fingerprint, trainable_like=self.trainable,
-            opt_state_like=self.opt_state, with_data=start < steps)
+        _, tr, opt_state, data_state, _ = got
         self.trainable, self.opt_state = tr, opt_state
+        if start < steps and data_iter is None:
+          raise ckpt_lib.CheckpointCorrupt(
+              f"{self.task.name}: the last checkpoint was corrupt; run again to continue from "
+              f"step {start}")
         if data_state is not None and hasattr(data_iter, "set_state"):
           data_iter.set_state(data_state)
         log.info("%s: resumed from step %d (%s)", self.task.name, start, run.ckpt_dir)
+      write_run_config(run.workdir, run.config_json)
       if start >= steps:
         log.info("%s: already trained (%d steps)", self.task.name, start)
         return history
