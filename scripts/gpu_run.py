@@ -20,7 +20,7 @@ calls; `wait` polls it and keeps $OUT/gpu_run.tgz (the job's output folder) curr
 call cut by its time limit still brings back everything finished. Unpack it here with
 `tar xzf .../gpu_run.tgz -C <dir>`.
 
-The job (each step a subprocess, so each gets the whole GPU; fp32 through the XLA paths,
+The job (each step a subprocess, several at once with --parallel; fp32 through the XLA paths,
 RTPURBO_KERNELS=reference: the Pallas fp32 flash kernel is an order of magnitude slower
 here, see benchmarks/results/stage1_speed_h200.json):
   stage1   train.py's pipeline on configs/smollm2_135m.py with the committed plan: --steps
@@ -28,8 +28,10 @@ here, see benchmarks/results/stage1_speed_h200.json):
            the artifacts (plan + indexer) -> out/assets/smollm2-135m-rtpurbo, metrics -> out/.
   heldout  the indexer on held-out text (Macbeth) at --seq_len: KL, recall, selected fraction,
            and the fraction the teacher's own top-p needs -> out/indexer_heldout.json.
-  eval     python -m rtpurbo_jax.eval with those artifacts (RTPURBO_ASSETS) -> out/eval/;
-           --extra_evals adds variants (other sparse settings) -> out/eval_<name>/.
+  eval_*   python -m rtpurbo_jax.eval with those artifacts (RTPURBO_ASSETS) -> out/eval_<name>/,
+           one per --evals entry (e.g. one per length, a baseline run of dense / streaming
+           that needs no training, variants with other sparse settings); merge them with
+           `python -m rtpurbo_jax.eval.report DIR... --out_dir DIR`.
 `--smoke` runs the same steps at CPU sizes (a check of the whole chain before a GPU call).
 """
 
@@ -199,36 +201,63 @@ class Status:
 
 
 def job(args):
+  """Run the steps as subprocesses, each as soon as its dependencies are done: the baseline
+  evaluations (`eval_base*`: dense / streaming, no trained weights) alongside stage 1, every
+  other step after stage 1, at most --parallel at a time (compilation is CPU-bound and the
+  GPU has room for several of these small jobs). Each step logs to out/<step>.log."""
   out = os.path.abspath(args.out)
   os.makedirs(out, exist_ok=True)
   status = Status(out)
   env = job_env(args.smoke)
   env["RTPURBO_ASSETS"] = os.path.join(out, "assets")
+  if args.parallel > 1:  # several processes share the GPU: allocate on demand
+    env.update(XLA_PYTHON_CLIENT_PREALLOCATE="false", XLA_PYTHON_CLIENT_MEM_FRACTION="0.6")
   py = sys.executable
-  extra = dict(part.split(":", 1) for part in args.extra_evals.split(";") if part.strip())
-  extra = {f"eval_{k.strip()}": v for k, v in extra.items()}
-  steps = [s for s in args.steps.split(",") if s] + list(extra)
+  evals = dict(part.split(":", 1) for part in args.evals.split(";") if part.strip())
+  evals = {f"eval_{k.strip()}": v for k, v in evals.items()}
+  steps = [s for s in args.steps.split(",") if s] + list(evals)
+  me = os.path.join(ROOT, "scripts", "gpu_run.py")
+  cmds = {}
   for step in steps:
-    t0 = time.time()
-    status.set(step, started=time.strftime("%H:%M:%S"))
     if step == "stage1":
-      cmd = [py, os.path.join(ROOT, "scripts", "gpu_run.py"), "stage1", "--out", out,
-             "--seq_len", str(args.seq_len), "--steps", str(args.steps_stage1)]
+      cmds[step] = [py, me, "stage1", "--out", out, "--seq_len", str(args.seq_len), "--steps",
+                    str(args.steps_stage1)]
     elif step == "heldout":
-      cmd = [py, os.path.join(ROOT, "scripts", "gpu_run.py"), "heldout", "--out", out,
-             "--seq_len", str(args.seq_len)]
-    elif step == "eval" or step.startswith("eval_"):
-      # eval_<name>: a variant (e.g. a lever: another top_p or window) with its own flags.
-      flags = args.eval_flags if step == "eval" else extra[step]
-      cmd = [py, "-m", "rtpurbo_jax.eval", "--config=configs/smollm2_135m.py",
-             f"--config.eval.out_dir={os.path.join(out, step)}", *flags.split()]
+      cmds[step] = [py, me, "heldout", "--out", out, "--seq_len", str(args.seq_len)]
+    elif step in evals:
+      cmds[step] = [py, "-m", "rtpurbo_jax.eval", "--config=configs/smollm2_135m.py",
+                    f"--config.eval.out_dir={os.path.join(out, step)}", *evals[step].split()]
     else:
       raise SystemExit(f"unknown step {step!r}")
-    rc = subprocess.run(cmd, cwd=ROOT, env=env).returncode
-    status.set(step, seconds=round(time.time() - t0, 1), rc=rc)
-    print(f"== {step}: rc {rc} in {time.time() - t0:.0f} s", flush=True)
-    if rc != 0 and step == "stage1":
-      break
+  deps = {s: ([] if s in ("stage1",) or s.startswith("eval_base") or "stage1" not in cmds
+              else ["stage1"]) for s in steps}
+  # Convert the GGUF once, before steps that would each convert it at the same time.
+  subprocess.run([py, "-c", "from rtpurbo_jax.hf import api; api.smollm2_folder()"], cwd=ROOT,
+                 env=env, check=True)
+  pending, running, rc = list(steps), {}, {}
+  while pending or running:
+    for step in list(running):
+      proc, t0, log = running[step]
+      if proc.poll() is not None:
+        log.close()
+        rc[step] = proc.returncode
+        status.set(step, seconds=round(time.time() - t0, 1), rc=proc.returncode)
+        print(f"== {step}: rc {proc.returncode} in {time.time() - t0:.0f} s", flush=True)
+        del running[step]
+    if rc.get("stage1", 0) != 0:
+      pending = [s for s in pending if "stage1" not in deps[s]]
+    for step in list(pending):
+      if len(running) >= args.parallel:
+        break
+      if all(rc.get(d) == 0 for d in deps[step]):
+        pending.remove(step)
+        log = open(os.path.join(out, f"{step}.log"), "w")
+        proc = subprocess.Popen(cmds[step], cwd=ROOT, env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+        running[step] = (proc, time.time(), log)
+        status.set(step, started=time.strftime("%H:%M:%S"))
+        print(f"== {step}: started", flush=True)
+    time.sleep(2)
   status.state["finished"] = True
   status.set("job", done=time.strftime("%H:%M:%S"))
 
@@ -262,6 +291,9 @@ def stage1(args):
   t0 = time.time()
   model = stages.run_pipeline(cfg)
   rj.save_artifacts(model, os.path.join(args.out, "assets", "smollm2-135m-rtpurbo"))
+  # Build the overlay folder (base + these artifacts) here, once, before the steps that load it.
+  from rtpurbo_jax.hf import api
+  api.resolve(api.SMOLLM2_RTPURBO)
   shutil.copyfile(os.path.join(args.out, "work", "metrics", "stage1.jsonl"),
                   os.path.join(args.out, "stage1.jsonl"))
   with open(os.path.join(args.out, "stage1.json"), "w") as f:
@@ -270,7 +302,7 @@ def stage1(args):
 
 
 def heldout(args):
-  """Indexer metrics of the trained and the initial indexer on held-out text, every query."""
+  """Metrics of the trained indexer on held-out text, every query position."""
   sys.path.insert(0, os.path.join(ROOT, "scripts"))
   import jax.numpy as jnp
   import rtpurbo_jax as rj
@@ -280,12 +312,8 @@ def heldout(args):
   trained = rj.from_pretrained("smollm2-135m-rtpurbo")
   tok = rj.load_tokenizer("smollm2-135m")
   held = play_tokens(tok, HELDOUT)[None, :args.seq_len]
-  plan, sp = trained.plan, trained.sparse
-  init = rj.to_rtpurbo(rj.from_pretrained("smollm2-135m"), plan, mode="rtpurbo", **{
-      k: getattr(sp, k) for k in ("window", "sinks", "top_p", "block_size", "seqlen_threshold",
-                                  "indexer_dim")})
   rep = {"heldout": HELDOUT, "tokens": int(held.shape[1])}
-  for name, model in (("stage1", trained), ("init", init)):
+  for name, model in (("stage1", trained),):
     t0 = time.time()
     rep[name] = heldout_indexer_metrics(stages.with_mode(model, "dense"), jnp.asarray(held),
                                         min(512, args.seq_len))
@@ -309,12 +337,13 @@ def main(argv=None):
   p.add_argument("--limit", type=float, default=560, help="seconds to wait at most")
   p = sub.add_parser("job", help="the steps (run by `start`, or here with --smoke)")
   p.add_argument("--out", default=os.path.join(WORK, "out"))
-  p.add_argument("--steps", default="stage1,heldout,eval")
+  p.add_argument("--steps", default="stage1,heldout")
   p.add_argument("--seq_len", type=int, default=8192)
   p.add_argument("--steps_stage1", type=int, default=600)
-  p.add_argument("--eval_flags", default="", help="extra --config.eval.* flags for the eval")
-  p.add_argument("--extra_evals", default="",
-                 help="more evaluations after the steps, 'name:flags;name2:flags' (out/eval_name)")
+  p.add_argument("--evals", default="main:",
+                 help="evaluations, 'name:flags;name2:flags' -> out/eval_<name>/ (flags: "
+                      "--config.* overrides); names starting with 'base' do not wait for stage 1")
+  p.add_argument("--parallel", type=int, default=1, help="steps run at once")
   p.add_argument("--smoke", action="store_true", help="run here (this environment)")
   for name in ("stage1", "heldout"):
     p = sub.add_parser(name, help=f"the job's {name} step")
@@ -322,7 +351,11 @@ def main(argv=None):
     p.add_argument("--seq_len", type=int, default=8192)
     if name == "stage1":
       p.add_argument("--steps", type=int, default=600)
-  args = ap.parse_args(argv)
+  args, rest = ap.parse_known_args(argv)
+  if args.cmd == "start":  # everything after `start` goes to the job
+    args.job_args = rest + args.job_args
+  elif rest:
+    ap.error(f"unrecognized arguments: {' '.join(rest)}")
   {"prepare": prepare, "setup": setup, "start": start, "wait": wait, "job": job,
    "stage1": stage1, "heldout": heldout}[args.cmd](args)
 
