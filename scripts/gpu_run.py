@@ -33,6 +33,13 @@ here, see benchmarks/results/stage1_speed_h200.json):
            that needs no training, variants with other sparse settings); merge them with
            `python -m rtpurbo_jax.eval.report DIR... --out_dir DIR`.
 `--smoke` runs the same steps at CPU sizes (a check of the whole chain before a GPU call).
+
+Sizing on one H200 (2026-12-04, eval_results/smollm2_h200/README.md): stage 1 (600 steps at
+8K) took 13 min beside a dense / streaming evaluation process; an evaluation process compiles
+~15 programs per length (20-40 s each) and runs 300 prompts per length in a few minutes; five
+processes at once ran the GPU out of memory (batch 50 at 4K beside batch 25 at 8K): keep
+--parallel at 3 or less and batch 25 at 8K. A 30-minute device budget holds stage 1 or the
+four-mode evaluation of all three lengths, not both.
 """
 
 from __future__ import annotations

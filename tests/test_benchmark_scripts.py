@@ -1,7 +1,8 @@
 """The GPU benchmark scripts on CPU-sized shapes, so that they cannot rot between GPU runs:
-`benchmarks/e2e.py --tiny` (paper mode and sparse prefill, results merged by variant name)
-and `benchmarks/check_prefill.py --smoke` (the sparse-prefill checks in the Pallas
-interpreter against the references)."""
+`benchmarks/e2e.py --tiny` (paper mode and sparse prefill, results merged by variant name),
+`benchmarks/check_prefill.py --smoke` (the sparse-prefill checks in the Pallas interpreter
+against the references) and `benchmarks/stage1_speed.py --smoke` (the stage-1 loss before and
+after its rewrite, equal on a fixed batch)."""
 
 import json
 import os
@@ -45,3 +46,15 @@ def test_check_prefill_smoke(tmp_path):
   assert by["cache_prefill_select"]["ok"] and by["cache_sparse_prefill"]["ok"]
   assert 0.0 < by["sparse_chunk/time"]["selected_fraction"] < 1.0
   assert json.loads((tmp_path / "check.json").read_text()) == rows
+
+
+def test_stage1_speed_smoke_same_loss_before_and_after(tmp_path):
+  """The single-pass stage-1 loss equals the pre-rewrite one (benchmarks/stage1_baseline.py)
+  on a fixed batch of a tiny model (the script asserts 1e-3 relative; checked here too), and
+  the stage-2 step of the timing script runs."""
+  _run(["benchmarks/stage1_speed.py", "--smoke", "--parts", "stage1,stage2", "--out",
+        str(tmp_path)], tmp_path)
+  rows = json.loads((tmp_path / "stage1_speed.json").read_text())["rows"]
+  same = rows["stage1/loss_rel_diff/reference"]
+  assert same["rel_diff"] <= 1e-3 and same["before"] > 0
+  assert "error" not in rows["stage2/64"] and rows["stage2/64"]["ms_per_sequence"] > 0

@@ -1,5 +1,6 @@
 """The committed SmolLM2 RTPurbo artifacts: the registered name loads them over the base model,
-and README command 1 (`python infer.py`, passkey in 4K tokens of Shakespeare) finds the key."""
+README command 1 (`python infer.py`, passkey in 4K tokens of Shakespeare) finds the key, and
+the evaluation CLI reproduces the committed small CPU run (`eval_results/repro_cpu/`)."""
 
 import json
 import os
@@ -58,3 +59,21 @@ def test_readme_command_finds_the_passkey():
   assert key in answer
   prompt_tokens = int(out.split("prompt ")[1].split()[0])
   assert 3800 <= prompt_tokens <= 4096
+
+
+def test_eval_cli_reproduces_the_committed_small_run(tmp_path):
+  """`python -m rtpurbo_jax.eval --config.eval.reproduce=...` on the committed artifacts gives
+  the committed small CPU run again: identical predictions, perplexities to 1e-4 relative."""
+  ref = os.path.join(ROOT, "eval_results", "repro_cpu", "results.json")
+  with open(ref) as f:
+    recorded = json.load(f)
+  assert recorded["examples"] and recorded["perplexity"]["rtpurbo"]
+  proc = subprocess.run(
+      [sys.executable, "-m", "rtpurbo_jax.eval", "--config=configs/smollm2_135m.py",
+       f"--config.eval.reproduce={ref}", f"--config.eval.out_dir={tmp_path}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=1200)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  with open(tmp_path / "reproduce.json") as f:
+    rep = json.load(f)
+  assert rep["ok"] and not rep["mismatches"]
+  assert rep["predictions"] >= len(recorded["examples"]) and rep["perplexities"] >= 1
