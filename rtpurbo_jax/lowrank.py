@@ -107,16 +107,25 @@ def svd_factors(d: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.nd
   """Best rank-`rank` factors of d [out, in] (Eckart-Young): A [k, in], B [out, k] with
   k = min(rank, out, in), and all singular values s (descending).
 
-  The singular values are split evenly (B = U sqrt(s), A = sqrt(s) V^T) so neither factor
-  carries the whole scale (fp16 storage of either stays in range).
+  Through the eigendecomposition of the smaller Gram matrix (d^T d or d d^T) in float64: the
+  same top-k subspace and singular values as an SVD at a fraction of its cost (a full SVD of
+  every weight of a 30-layer model takes minutes on a busy CPU). The singular values are split
+  evenly (B = U sqrt(s), A = sqrt(s) V^T) so neither factor carries the whole scale (fp16
+  storage of either stays in range).
   """
-  d = np.asarray(d, np.float64)  # float64 SVD: the error report then shows only truncation
-  u, s, vt = np.linalg.svd(d, full_matrices=False)
+  d = np.asarray(d, np.float64)  # float64: the error report then shows only truncation
+  tall = d.shape[0] >= d.shape[1]
+  lam, vecs = np.linalg.eigh(d.T @ d if tall else d @ d.T)  # ascending
+  s = np.sqrt(np.clip(lam[::-1], 0.0, None))
   k = min(rank, len(s))
+  top = vecs[:, ::-1][:, :k]  # V_k (tall) or U_k
   root = np.sqrt(s[:k])
-  b = (u[:, :k] * root).astype(np.float32)
-  a = (root[:, None] * vt[:k]).astype(np.float32)
-  return a, b, s
+  inv = np.divide(1.0, root, out=np.zeros_like(root), where=root > 0)
+  if tall:  # d V_k = U_k S_k
+    b, a = (d @ top) * inv, root[:, None] * top.T
+  else:  # d^T U_k = V_k S_k
+    b, a = top * root, ((d.T @ top) * inv).T
+  return a.astype(np.float32), b.astype(np.float32), s
 
 
 def compute_delta(base, tuned, rank: int) -> tuple[dict[str, np.ndarray], dict[str, float]]:

@@ -32,7 +32,12 @@ here, see benchmarks/results/stage1_speed_h200.json):
            one per --evals entry (e.g. one per length, a baseline run of dense / streaming
            that needs no training, variants with other sparse settings); merge them with
            `python -m rtpurbo_jax.eval.report DIR... --out_dir DIR`.
-`--smoke` runs the same steps at CPU sizes (a check of the whole chain before a GPU call).
+  stage2_* stage 2 from the committed plan and indexer (frozen), one step per --stage2 entry
+           (full backbone or LoRA): the artifacts with a low-rank backbone delta ->
+           out/stage2_<name>/; the weights an evaluation of it loads -> big/stage2_<name>/
+           (never packed). An evaluation named `name@stage2_<name>` waits for it.
+`--smoke` runs the same steps here (a check of the whole chain before a GPU call; pass CPU
+sizes in the flags).
 
 Sizing on one H200 (2026-12-04, eval_results/smollm2_h200/README.md): stage 1 (600 steps at
 8K) took 13 min beside a dense / streaming evaluation process; an evaluation process compiles
@@ -216,13 +221,23 @@ def job(args):
   os.makedirs(out, exist_ok=True)
   status = Status(out)
   env = job_env(args.smoke)
-  env["RTPURBO_ASSETS"] = os.path.join(out, "assets")
+  big = os.path.join(os.path.dirname(out), "big")  # weights and checkpoints: never packed
+  if "stage1" in args.steps.split(","):  # else the committed artifacts
+    env["RTPURBO_ASSETS"] = os.path.join(out, "assets")
   if args.parallel > 1:  # several processes share the GPU: allocate on demand
     env.update(XLA_PYTHON_CLIENT_PREALLOCATE="false", XLA_PYTHON_CLIENT_MEM_FRACTION="0.6")
   py = sys.executable
-  evals = dict(part.split(":", 1) for part in args.evals.split(";") if part.strip())
-  evals = {f"eval_{k.strip()}": v for k, v in evals.items()}
-  steps = [s for s in args.steps.split(",") if s] + list(evals)
+  evals, after = {}, {}
+  for part in filter(str.strip, args.evals.split(";")):
+    head, flags = part.split(":", 1)
+    name, _, needs = head.strip().partition("@")
+    evals[f"eval_{name}"] = flags.format(big=big, out=out)
+    after[f"eval_{name}"] = [d for d in needs.split("+") if d]
+  stage2s = {}
+  for part in filter(str.strip, args.stage2.split(";")):
+    name, _, flags = part.partition(":")
+    stage2s[f"stage2_{name.strip()}"] = flags.split()
+  steps = [s for s in args.steps.split(",") if s] + list(stage2s) + list(evals)
   me = os.path.join(ROOT, "scripts", "gpu_run.py")
   cmds = {}
   for step in steps:
@@ -231,13 +246,20 @@ def job(args):
                     str(args.steps_stage1)]
     elif step == "heldout":
       cmds[step] = [py, me, "heldout", "--out", out, "--seq_len", str(args.seq_len)]
+    elif step in stage2s:
+      cmds[step] = [py, me, "stage2", "--out", out, "--big", big, "--name",
+                    step[len("stage2_"):], *stage2s[step]]
     elif step in evals:
       cmds[step] = [py, "-m", "rtpurbo_jax.eval", "--config=configs/smollm2_135m.py",
                     f"--config.eval.out_dir={os.path.join(out, step)}", *evals[step].split()]
     else:
       raise SystemExit(f"unknown step {step!r}")
-  deps = {s: ([] if s in ("stage1",) or s.startswith("eval_base") or "stage1" not in cmds
-              else ["stage1"]) for s in steps}
+  # Baselines and stage 2 (which starts from the committed indexer) never wait for stage 1.
+  deps = {s: ([] if s in ("stage1",) or s.startswith(("eval_base", "stage2_"))
+              or "stage1" not in cmds else ["stage1"]) + after.get(s, []) for s in steps}
+  unknown = sorted({d for ds in deps.values() for d in ds} - set(cmds))
+  if unknown:
+    raise SystemExit(f"steps wait for {unknown}, which are not in this job")
   # Convert the GGUF once, before steps that would each convert it at the same time.
   subprocess.run([py, "-c", "from rtpurbo_jax.hf import api; api.smollm2_folder()"], cwd=ROOT,
                  env=env, check=True)
@@ -251,8 +273,10 @@ def job(args):
         status.set(step, seconds=round(time.time() - t0, 1), rc=proc.returncode)
         print(f"== {step}: rc {proc.returncode} in {time.time() - t0:.0f} s", flush=True)
         del running[step]
-    if rc.get("stage1", 0) != 0:
-      pending = [s for s in pending if "stage1" not in deps[s]]
+    failed = {s for s, code in rc.items() if code != 0}
+    for step in [s for s in pending if failed & set(deps[s])]:
+      pending.remove(step)
+      status.set(step, skipped=f"needs {sorted(failed & set(deps[step]))}, which failed")
     for step in list(pending):
       if len(running) >= args.parallel:
         break
@@ -308,6 +332,50 @@ def stage1(args):
         cfg.train.stage1.to_json_best_effort())}, f, indent=1)
 
 
+def stage2(args):
+  """Stage 2 from the committed plan and indexer (frozen): full backbone or LoRA.
+
+  Writes out/stage2_<name>/ (artifacts with the rank --delta_rank backbone delta, metrics) and
+  big/stage2_<name>/hf (the HF folder those artifacts overlay on the base: what an evaluation
+  of this variant loads; with --save_full also hf_full, the trained weights themselves)."""
+  import logging
+  logging.basicConfig(level=logging.WARNING)
+  logging.getLogger("rtpurbo_jax").setLevel(logging.INFO)
+  sys.path.insert(0, os.path.join(ROOT, "configs"))
+  import smollm2_135m
+  import rtpurbo_jax as rj
+  from rtpurbo_jax.hf import api
+  from rtpurbo_jax.train import stages
+  name = f"stage2_{args.name}"
+  out, big = os.path.join(args.out, name), os.path.join(args.big, name)
+  cfg = smollm2_135m.get_config()
+  cfg.model_path = api.SMOLLM2_RTPURBO  # the committed plan + stage-1 indexer
+  cfg.train.update(workdir=os.path.join(big, "work"), stages="stage2", progress=False,
+                   save_final=False, checkpoint_every=args.steps)
+  cfg.train.stage2.update(steps=args.steps, lr=args.lr, warmup=args.warmup,
+                          batch_size=args.batch, seq_len=args.seq_len,
+                          lora_rank=args.lora_rank, max_examples=args.max_examples)
+  t0 = time.time()
+  model = stages.run_pipeline(cfg)
+  seconds = time.time() - t0
+  base = rj.from_pretrained(api.SMOLLM2_RTPURBO)
+  assets = os.path.join(out, "assets", api.SMOLLM2_RTPURBO)
+  rj.save_artifacts(model, assets, base=base, delta_rank=args.delta_rank,
+                    delta_dtype="float16")
+  api.overlay_folder(api.smollm2_folder(), assets, os.path.join(big, "hf"))
+  if args.save_full:
+    full = rj.save_pretrained(model, os.path.join(big, "hf_full"))
+    base_dir = api.smollm2_folder()
+    for f in os.listdir(base_dir):  # the tokenizer, so that the folder loads on its own
+      if f.startswith(("tokenizer", "special_tokens_map")):
+        shutil.copyfile(os.path.join(base_dir, f), os.path.join(full, f))
+  shutil.copyfile(os.path.join(big, "work", "metrics", "stage2.jsonl"),
+                  os.path.join(out, "stage2.jsonl"))
+  with open(os.path.join(out, "stage2.json"), "w") as f:
+    json.dump({"seconds": round(seconds, 1), "config": json.loads(
+        cfg.train.stage2.to_json_best_effort())}, f, indent=1)
+
+
 def heldout(args):
   """Metrics of the trained indexer on held-out text, every query position."""
   sys.path.insert(0, os.path.join(ROOT, "scripts"))
@@ -350,6 +418,11 @@ def main(argv=None):
   p.add_argument("--evals", default="main:",
                  help="evaluations, 'name:flags;name2:flags' -> out/eval_<name>/ (flags: "
                       "--config.* overrides); names starting with 'base' do not wait for stage 1")
+  p.add_argument("--stage2", default="",
+                 help="stage-2 variants, 'name:flags;...' -> out/stage2_<name>/ (flags of the "
+                      "stage2 command, e.g. --lora_rank=16 --lr=1e-4); an evaluation waits for "
+                      "one as 'name@stage2_<name>:flags', '{big}' in its flags being the folder "
+                      "of the variant's weights (--config.eval.model={big}/stage2_<name>/hf)")
   p.add_argument("--parallel", type=int, default=1, help="steps run at once")
   p.add_argument("--smoke", action="store_true", help="run here (this environment)")
   for name in ("stage1", "heldout"):
@@ -358,13 +431,26 @@ def main(argv=None):
     p.add_argument("--seq_len", type=int, default=8192)
     if name == "stage1":
       p.add_argument("--steps", type=int, default=600)
+  p = sub.add_parser("stage2", help="the job's stage2_<name> steps")
+  p.add_argument("--out", required=True)
+  p.add_argument("--big", required=True, help="folder of weights and checkpoints")
+  p.add_argument("--name", required=True)
+  p.add_argument("--seq_len", type=int, default=4096)
+  p.add_argument("--steps", type=int, default=100)
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--lr", type=float, default=3e-6)
+  p.add_argument("--warmup", type=int, default=10)
+  p.add_argument("--lora_rank", type=int, default=0, help="0: the full backbone")
+  p.add_argument("--delta_rank", type=int, default=16, help="rank of the committed delta")
+  p.add_argument("--max_examples", type=int, default=0, help="0: every training window")
+  p.add_argument("--save_full", action="store_true", help="also write big/.../hf_full")
   args, rest = ap.parse_known_args(argv)
   if args.cmd == "start":  # everything after `start` goes to the job
     args.job_args = rest + args.job_args
   elif rest:
     ap.error(f"unrecognized arguments: {' '.join(rest)}")
   {"prepare": prepare, "setup": setup, "start": start, "wait": wait, "job": job,
-   "stage1": stage1, "heldout": heldout}[args.cmd](args)
+   "stage1": stage1, "stage2": stage2, "heldout": heldout}[args.cmd](args)
 
 
 if __name__ == "__main__":
