@@ -44,7 +44,10 @@ Sizing on one H200 (2026-12-04, eval_results/smollm2_h200/README.md): stage 1 (6
 ~15 programs per length (20-40 s each) and runs 300 prompts per length in a few minutes; five
 processes at once ran the GPU out of memory (batch 50 at 4K beside batch 25 at 8K): keep
 --parallel at 3 or less and batch 25 at 8K. A 30-minute device budget holds stage 1 or the
-four-mode evaluation of all three lengths, not both.
+four-mode evaluation of all three lengths, not both. On one H100 (80 GB, 2026-12-05) with
+--parallel 2: rtpurbo,topk at 8K (batch 25) 326 s beside 4K (batch 50) 256 s; a
+perplexity-only variant at 4K + 8K ~2 min; stage 2 at 4K x 8 ~15 s per step with two stage-2
+runs sharing the GPU (too slow for 100 steps in one session).
 """
 
 from __future__ import annotations

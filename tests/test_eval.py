@@ -647,6 +647,20 @@ def test_merge_by_mode_and_variants_table(corpus, seed, rng, tmp_path):
   other_seed["settings"]["seed"] = 1
   with pytest.raises(ValueError, match="different seed"):
     report.merge([b_run, other_seed])
+  # dense / streaming do not depend on the plan; rtpurbo does.
+  other_plan = json.loads(json.dumps(b_run))
+  other_plan["plan"]["per_layer"] = other_plan["plan"]["per_layer"][::-1] + [0]
+  assert report.merge([other_plan, v_run])["settings"]["modes"] == merged["settings"]["modes"]
+  with pytest.raises(ValueError, match="different plan settings for mode rtpurbo"):
+    report.merge([b_run, v_run, dict(other_plan, settings=dict(
+        other_plan["settings"], modes=["rtpurbo"]))])
+  # Other held-out windows conflict only where both runs scored perplexity.
+  other_ppl = json.loads(json.dumps(v_run))
+  other_ppl["settings"]["ppl_samples"] = 7
+  with pytest.raises(ValueError, match="different ppl_samples"):
+    report.merge([b_run, other_ppl])
+  other_ppl["perplexity"] = {m: {} for m in other_ppl["perplexity"]}
+  assert report.merge([b_run, other_ppl])["perplexity"]["dense"] == b_run["perplexity"]["dense"]
   md = report.markdown(merged)
   assert "| **average** | 512 | 4 |" in md and "[" in md
 

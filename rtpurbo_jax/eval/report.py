@@ -399,6 +399,8 @@ def _weights(results: dict, mode: str) -> str:
 
 # Settings that must agree for examples and held-out windows of two runs to be the same ones.
 _SHARED_SETTINGS = ("seed", "depths", "ppl_samples", "sparsity_queries")
+# Modes in which every head is treated alike (dense: all full; streaming: all local).
+_PLAN_FREE_MODES = ("dense", "streaming")
 
 
 def merge(parts: list[dict]) -> dict:
@@ -415,16 +417,18 @@ def merge(parts: list[dict]) -> dict:
   if not parts:
     raise ValueError("nothing to merge")
   first = parts[0]
-  for p in parts[1:]:
-    for key in _SHARED_SETTINGS:
-      if p["settings"].get(key) != first["settings"].get(key):
-        raise ValueError(f"cannot merge runs with different {key} settings")
+  for key in _SHARED_SETTINGS:
+    # The held-out windows only need to agree between runs that scored some.
+    holders = [p for p in parts if key != "ppl_samples" or any((p.get("perplexity") or {}).values())]
+    if len({json.dumps(p["settings"].get(key)) for p in holders}) > 1:
+      raise ValueError(f"cannot merge runs with different {key} settings")
   cover: dict[tuple[int, str], int] = {}
   identity: dict[str, tuple] = {}
   for i, p in enumerate(parts):
     for m in p["settings"]["modes"]:
+      # dense and streaming treat every head alike: the plan does not change them.
       ident = (_weights(p, m), json.dumps(p["sparse"], sort_keys=True),
-               json.dumps(p["plan"], sort_keys=True))
+               json.dumps(p["plan"], sort_keys=True) if m not in _PLAN_FREE_MODES else "")
       if m in identity and identity[m] != ident:
         what = ("weights", "sparse", "plan")[[a != b for a, b in zip(identity[m], ident)].index(
             True)]
@@ -465,7 +469,9 @@ def merge(parts: list[dict]) -> dict:
       meta["seconds_per_length"][k] = round(meta["seconds_per_length"].get(k, 0) + v, 1)
   meta["date"] = ", ".join(dict.fromkeys(p["meta"].get("date", "") for p in parts))
   meta["lengths_done"] = lengths
-  meta["complete"] = all(p["meta"].get("complete", True) for p in parts)
+  # A run cut short is complete once the others cover the lengths it missed.
+  requested = {n for p in parts for n in p["settings"]["lengths"]}
+  meta["complete"] = requested <= set(lengths)
   examples: dict[tuple, dict] = {}
   for p in parts:
     for e in p["examples"]:
@@ -555,6 +561,7 @@ def compare(variants: dict[str, dict], baseline: dict | None = None,
           "niah": group_accuracy(res, m, length, NIAH_TASKS),
           "selected_fraction": rep.get("selected_fraction"),
           "tokens_per_head": rep.get("tokens_per_head"),
+          "compute_sparsity": rep.get("compute_sparsity"),
           "topk_budget": ((res.get("topk_budget") or {}).get(str(length)) or {}).get("tokens")
           if m == "topk" else None,
       })
@@ -599,11 +606,14 @@ def compare_markdown(table: dict, title: str = "RTPurbo variants") -> str:
          "Each variant's rtpurbo (and topk, when run) against the dense baseline, per length. "
          "Δppl: relative to dense on the same held-out windows, 95% paired bootstrap interval. "
          "Accuracy: mean over tasks with the 95% Wilson interval over all samples (" +
-         PARTIAL_NOTE + "). NIAH: " + ", ".join(table["niah_tasks"]) + ". Selected: fraction "
+         PARTIAL_NOTE.rstrip(".") + "). NIAH: " + ", ".join(table["niah_tasks"]) +
+         ". Selected: fraction "
          "of causal blocks the retrieval heads read (selection report), with tokens per "
-         "retrieval head.", "",
+         "retrieval head. Compute sparsity: 1 - keys attended / (query heads x context) over "
+         "all query heads, local and retrieval (the selection report's queries; the attention "
+         "cost relative to dense is 1 - sparsity).", "",
          "| variant | weights | length | ppl | Δppl vs dense | task acc (%) | NIAH acc (%) | "
-         "selected | tokens/head |", "|---|---|---|---|---|---|---|---|---|"]
+         "selected | tokens/head | compute sparsity |", "|---|---|---|---|---|---|---|---|---|---|"]
   for r in sorted(table["rows"], key=lambda r: (r["length"],)):
     d = r["ppl_vs_dense"]
     out.append(" | ".join([
@@ -614,6 +624,7 @@ def compare_markdown(table: dict, title: str = "RTPurbo variants") -> str:
         "-" if r["selected_fraction"] is None else f"{100 * r['selected_fraction']:.1f}%",
         ("-" if r["tokens_per_head"] is None else f"{r['tokens_per_head']:.0f}") + (
             f" (budget {r['topk_budget']})" if r.get("topk_budget") else ""),
+        "-" if r.get("compute_sparsity") is None else f"{100 * r['compute_sparsity']:.1f}%",
     ]) + " |")
   return "\n".join(out) + "\n"
 
