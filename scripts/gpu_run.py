@@ -368,10 +368,7 @@ def stage2(args):
   api.overlay_folder(api.smollm2_folder(), assets, os.path.join(big, "hf"))
   if args.save_full:
     full = rj.save_pretrained(model, os.path.join(big, "hf_full"))
-    base_dir = api.smollm2_folder()
-    for f in os.listdir(base_dir):  # the tokenizer, so that the folder loads on its own
-      if f.startswith(("tokenizer", "special_tokens_map")):
-        shutil.copyfile(os.path.join(base_dir, f), os.path.join(full, f))
+    api.copy_tokenizer_files(api.smollm2_folder(), full)  # so that the folder loads on its own
   shutil.copyfile(os.path.join(big, "work", "metrics", "stage2.jsonl"),
                   os.path.join(out, "stage2.jsonl"))
   with open(os.path.join(out, "stage2.json"), "w") as f:

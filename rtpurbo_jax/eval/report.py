@@ -419,7 +419,8 @@ def merge(parts: list[dict]) -> dict:
   first = parts[0]
   for key in _SHARED_SETTINGS:
     # The held-out windows only need to agree between runs that scored some.
-    holders = [p for p in parts if key != "ppl_samples" or any((p.get("perplexity") or {}).values())]
+    holders = [p for p in parts
+               if key != "ppl_samples" or any((p.get("perplexity") or {}).values())]
     if len({json.dumps(p["settings"].get(key)) for p in holders}) > 1:
       raise ValueError(f"cannot merge runs with different {key} settings")
   cover: dict[tuple[int, str], int] = {}

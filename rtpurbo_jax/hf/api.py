@@ -129,16 +129,22 @@ def overlay_folder(base: str, artifacts: str, target: str) -> str:
       else:
         os.symlink(os.path.abspath(os.path.join(base, f)), os.path.join(tmp, _BASE_PREFIX + f))
     shutil.copyfile(idx_path, os.path.join(tmp, ARTIFACT_INDEXER))
-    for name in os.listdir(base):
-      if name.startswith("tokenizer") or name in ("special_tokens_map.json",
-                                                  "chat_template.jinja"):
-        shutil.copyfile(os.path.join(base, name), os.path.join(tmp, name))
+    copy_tokenizer_files(base, tmp)
     safetensors_io.write_json(os.path.join(tmp, safetensors_io.INDEX),
                               {"metadata": {}, "weight_map": weight_map})
     safetensors_io.write_json(os.path.join(tmp, "config.json"), config)
     with open(os.path.join(tmp, "artifacts.sha256"), "w") as f:
       f.write(digest + "\n")
   return target
+
+
+def copy_tokenizer_files(base: str, target: str) -> None:
+  """Copy the tokenizer and chat-template files of HF folder `base` into `target`."""
+  import shutil
+  for name in os.listdir(base):
+    if name.startswith("tokenizer") or name in ("special_tokens_map.json",
+                                                "chat_template.jinja"):
+      shutil.copyfile(os.path.join(base, name), os.path.join(target, name))
 
 
 def _write_merged(src: str, dst: str, delta: dict) -> None:
