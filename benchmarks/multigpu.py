@@ -8,7 +8,7 @@
 
 Two phases, both on the mesh of `config.mesh` (built by `rtpurbo_jax.sharding.make_mesh`):
 
-  train   `--steps` stage-1 steps (indexer KL against the dense teacher, PAPER.md §5) through
+  train   `--steps` stage-1 steps (indexer KL against the dense teacher, docs/METHOD.md §4) through
           `rtpurbo_jax.train.trainer.Trainer`, one random sequence of `--seq_len` tokens per
           step; parameters sharded by their logical axes, the sequence over `context`.
   infer   an `rtpurbo_jax.infer.engine.Engine` on the same mesh: chunked prefill of a random

@@ -157,7 +157,7 @@ def stage1_layer(wq, wk, acts: TeacherActs, queries, *, chunk: int, top_p: float
 
 
 def _selection_stats(sc, z, a, vis, qc, top_p, bs, s_pad, nb):
-  """Block top-p (the DESIGN.md contract) of the indexer and of the teacher per query."""
+  """Block top-p (the docs/DESIGN.md §1 contract) of the indexer and of the teacher per query."""
   pad = ((0, 0), (0, 0), (0, 0), (0, s_pad - sc.shape[-1]))
   vis_p = jnp.broadcast_to(jnp.pad(vis, ((0, 0), (0, s_pad - vis.shape[-1]))),
                            sc.shape[:2] + (vis.shape[0], s_pad))

@@ -86,7 +86,7 @@ CALIBRATE = '''\
 # Calibration: one document with the same needle at its start and at its end; a head's score
 # is the attention mass the later needle puts on the earlier one. The top heads of the whole
 # model become retrieval heads.
-from rtpurbo_jax.calibrate import make_needle_document
+from rtpurbo_jax.calibration import make_needle_document
 text = assets.shakespeare_text()
 doc = data_lib.filler_tokens(tok, text, CALIB_LEN, cfg.seed)
 needle = data_lib.filler_tokens(tok, text, NEEDLE_LEN, cfg.seed + 7919)

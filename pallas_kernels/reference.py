@@ -148,7 +148,7 @@ def window_attention(q, k, v, kv_heads, *, sinks: int, window: int, q_offset: in
 
 
 # ---------------------------------------------------------------------------
-# Block top-p selection: the one contract (DESIGN.md §1).
+# Block top-p selection: the one contract (docs/DESIGN.md §1).
 
 
 def topp_from_block_logmass(logmass, valid, own_block, top_p: float):

@@ -19,7 +19,7 @@ _EXPORTS = {
     "save_artifacts": "rtpurbo_jax.hf.api",
     "load_tokenizer": "rtpurbo_jax.hf.api",
     "generate": "rtpurbo_jax.infer.generate",
-    "calibrate": "rtpurbo_jax.calibrate",
+    "calibrate": "rtpurbo_jax.calibration",
     "to_rtpurbo": "rtpurbo_jax.convert",
     "memory_report": "rtpurbo_jax.attention.cache",
     "HeadPlan": "rtpurbo_jax.attention.plan",
@@ -34,9 +34,5 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name):
   if name in _EXPORTS:
     import importlib
-    module = importlib.import_module(_EXPORTS[name])
-    # `rtpurbo_jax.calibrate` is both a submodule and the function: importing the submodule
-    # sets the package attribute to the module, so that module is callable (see calibrate.py)
-    # and is returned here too, for one consistent object.
-    return module if module.__name__ == f"{__name__}.{name}" else getattr(module, name)
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
   raise AttributeError(f"module 'rtpurbo_jax' has no attribute {name!r}")

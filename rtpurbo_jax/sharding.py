@@ -92,9 +92,3 @@ def shard_model(model, mesh: Mesh):
   shardings = state_shardings(state, mesh)
   nnx.update(model, jax.device_put(state, shardings))
   return model
-
-
-def tree_shardings(tree, axes_tree, mesh: Mesh):
-  """NamedShardings for a pytree of arrays given a matching tree of logical-axis tuples."""
-  return jax.tree.map(lambda x, a: named_sharding(mesh, a, x.shape), tree, axes_tree,
-                      is_leaf=lambda a: isinstance(a, tuple))

@@ -37,7 +37,7 @@ import rtpurbo_jax as rj  # noqa: E402
 from rtpurbo_jax import assets  # noqa: E402
 from rtpurbo_jax.attention.cache import memory_report  # noqa: E402
 from rtpurbo_jax.attention.mixed import per_query_selection  # noqa: E402
-from rtpurbo_jax.calibrate import make_needle_document  # noqa: E402
+from rtpurbo_jax.calibration import make_needle_document  # noqa: E402
 
 MODES = ("dense", "rtpurbo", "streaming", "topk")
 HEADER_CHARS = 6000  # skip the Project Gutenberg preamble of each play

@@ -1,6 +1,6 @@
 """Shared pytest setup.
 
-- 8 host CPU devices (DESIGN.md §4: sharded == single-device checks), set before jax loads.
+- 8 host CPU devices (docs/DESIGN.md §4: sharded == single-device checks), set before jax loads.
 - `seed`: fresh per test unless RTPURBO_TEST_SEED is set; printed, so a failure can be
   reproduced with RTPURBO_TEST_SEED=<seed>.
 """

@@ -18,7 +18,13 @@ from pallas_kernels.gpu import cudnn_attention
 from pallas_kernels.gpu import window_attention as flash
 
 KV_MIXED = (1, 0, 1, 2, 1)  # 5 query heads on 3 KV heads, groups of unequal size
-RNG = np.random.default_rng()
+RNG = np.random.default_rng(0)  # reseeded per test from the `seed` fixture
+
+
+@pytest.fixture(autouse=True)
+def _seeded_rng(seed):
+  global RNG
+  RNG = np.random.default_rng(seed)
 
 
 def _normal(shape, dtype=jnp.float32):

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from rtpurbo_jax.attention.plan import HeadPlan
-from rtpurbo_jax.calibrate import calibrate, make_needle_document, needle_scores
+from rtpurbo_jax.calibration import calibrate, make_needle_document, needle_scores
 from rtpurbo_jax.config import ConfigError, ModelConfig
 from rtpurbo_jax.convert import to_rtpurbo
 from rtpurbo_jax.models.layers import apply_rope

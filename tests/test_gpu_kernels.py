@@ -26,7 +26,13 @@ from pallas_kernels.gpu import topp_select as topp_select_k
 from pallas_kernels.gpu import window_attention as flash
 
 KV_MIXED = (1, 0, 1, 1)  # 4 query heads on 2 KV heads, groups of unequal size
-RNG = np.random.default_rng()
+RNG = np.random.default_rng(0)  # reseeded per test from the `seed` fixture
+
+
+@pytest.fixture(autouse=True)
+def _seeded_rng(seed):
+  global RNG
+  RNG = np.random.default_rng(seed)
 
 
 def _key():

@@ -2,7 +2,7 @@
 
 Oracles: the dense model (p = 1, window >= S is exactly dense), the one-shot prefill with
 `sparse_queries` (step-by-step decode must reproduce it), a numpy brute-force attention
-layer with the DESIGN.md §1 visibility rules, and unpadded single rows.
+layer with the docs/DESIGN.md §1 visibility rules, and unpadded single rows.
 
 Model-level equalities compare two float32 paths that may round a block-mass near-tie
 differently, so they use fixed token draws (checked once); the brute-force layer test takes
@@ -183,7 +183,7 @@ def test_decode_equals_prefill_histogram_selector():
 
 
 # ---------------------------------------------------------------------------
-# One layer vs a numpy brute force with the DESIGN.md §1 rules (mixed GQA groups).
+# One layer vs a numpy brute force with the docs/DESIGN.md §1 rules (mixed GQA groups).
 
 
 def _np_topp_blocks(scores, t, p, bs):
@@ -358,3 +358,12 @@ def test_padded_batch_decode_equals_rows():
     n = prompt[r] + steps
     want = model(ids[r:r + 1, :n], sparse_queries=decode_queries(1, n, prompt[r]))
     assert max_diff(jnp.concatenate(got[r], axis=0)[None], want) < ATOL, r
+
+
+def test_layers_carry_named_scopes_for_profiles():
+  model = dense_model()
+  ids = jnp.zeros((1, 8), jnp.int32)
+  graphdef, state = nnx.split(model)
+  hlo = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x)).lower(state, ids).as_text(
+      debug_info=True)
+  assert "attention/" in hlo and "mlp/" in hlo

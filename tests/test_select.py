@@ -1,7 +1,7 @@
 """Block selection (rtpurbo_jax.attention.select) vs brute-force numpy oracles.
 
 Inputs are fresh every run (the `rng` fixture; RTPURBO_TEST_SEED reproduces one).
-The oracles are written here from DESIGN.md §1, in float64, one query at a time:
+The oracles are written here from docs/DESIGN.md §1, in float64, one query at a time:
 softmax over the causal keys, block masses, sort (ties: lower block index first), shortest
 prefix reaching p, plus the own block. Where float32 rounding could legitimately change the
 answer (a prefix sum within 1e-5 of p, or two block masses that differ by less than 1e-6

@@ -88,7 +88,7 @@ def test_bad_input_gives_one_clear_error(setup, tmp_path):
 
 
 def test_calibrate_stage_writes_a_plan(setup):
-  pytest.importorskip("rtpurbo_jax.calibrate")
+  pytest.importorskip("rtpurbo_jax.calibration")
   work, args, _ = setup
   args = [a for a in args if not a.startswith(("--config.plan.path", "--config.train.stages"))]
   filler = [a.split("=", 1)[1] for a in args if "train_files" in a][0]

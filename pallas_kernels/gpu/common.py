@@ -12,7 +12,6 @@ Conventions of every kernel in this package:
 from __future__ import annotations
 
 import math
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -24,10 +23,6 @@ from pallas_kernels import ops
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 NEG_INF = float("-inf")
-
-# The Triton backend of Pallas warns on every lowering that it is deprecated; it is the
-# lowering this package is built on, so the warning carries no information here.
-warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")
 
 
 def next_pow2(n: int) -> int:

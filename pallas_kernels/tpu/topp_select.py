@@ -1,6 +1,6 @@
 """Fused decode selection on TPU: score compressed keys, block masses, exact top-p.
 
-Semantics: `reference.topp_select` (DESIGN.md §1): block masses of the softmax of the
+Semantics: `reference.topp_select` (docs/DESIGN.md §1): block masses of the softmax of the
 indexer scores over the keys written so far, the shortest prefix of blocks ranked by mass
 (ties: lower block index first) whose cumulative mass reaches top_p, plus the own block.
 

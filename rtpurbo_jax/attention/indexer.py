@@ -34,22 +34,6 @@ def rotary_init(num_heads: int, r: int, head_dim: int, dtype=jnp.float32) -> np.
   return np.broadcast_to(w, (num_heads, r, head_dim)).astype(dtype)
 
 
-def pca_init(q_pre: np.ndarray, k_pre: np.ndarray, r: int) -> np.ndarray:
-  """W from the top-r principal directions of the pre-RoPE queries and keys of one head.
-
-  q_pre, k_pre: [tokens, head_dim]. Uses the eigenvectors of the summed (uncentred) second
-  moments; both sides get the same projection, scaled like `rotary_init`.
-  Returns [r, head_dim].
-  """
-  q = np.asarray(q_pre, np.float64)
-  k = np.asarray(k_pre, np.float64)
-  d = q.shape[-1]
-  cov = q.T @ q / max(len(q), 1) + k.T @ k / max(len(k), 1)
-  _, vecs = np.linalg.eigh(cov)
-  top = vecs[:, ::-1][:, :r].T  # [r, d]
-  return (top * d ** -0.25).astype(np.float32)
-
-
 def project(w: jax.Array, x_pre: jax.Array) -> jax.Array:
   """Compress pre-RoPE vectors. w: [heads, r, d]; x_pre: [batch, seq, heads, d] ->
   [batch, seq, heads, r] float32."""

@@ -1,6 +1,6 @@
 """MixedHeadAttention: the one attention module of every decoder layer.
 
-Per layer, query heads are retrieval or local (HeadPlan). Modes (DESIGN.md §1):
+Per layer, query heads are retrieval or local (HeadPlan). Modes (docs/DESIGN.md §1):
   dense      every head causal over the full history;
   rtpurbo    local heads: sinks + window; retrieval heads: dense in prefill (or indexer-sparse
              with `sparse_prefill`), indexer top-p over blocks in decode;

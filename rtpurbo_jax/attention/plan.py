@@ -1,7 +1,7 @@
 """HeadPlan: which query heads of each layer are retrieval heads, and what follows from it.
 
 The plan is over *query* heads. A KV head keeps a full cache iff at least one of its query
-heads is a retrieval head; otherwise it keeps only sinks + window (DESIGN.md §1).
+heads is a retrieval head; otherwise it keeps only sinks + window (docs/DESIGN.md §1).
 
 Stored in the HF `config.json` as `headwise_config`, the format RTP-LLM reads:
   {"<layer>": [0/1 per query head], "sink_token_num": 4, "swa_token_num": 8192,

@@ -1,4 +1,4 @@
-"""Block selection: the public API of the selection contract (DESIGN.md §1).
+"""Block selection: the public API of the selection contract (docs/DESIGN.md §1).
 
 Every function here is a thin shape-checking layer over the references in
 `pallas_kernels/reference.py` (`topp_from_block_logmass`, `histogram_from_block_logmass`,

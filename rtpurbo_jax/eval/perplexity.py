@@ -119,10 +119,3 @@ def make_nll_fn(model, chunk: int = 512):
 def decode_style(mode: str) -> bool:
   """Whether a mode selects blocks per query (rtpurbo, topk) when scoring a whole sequence."""
   return mode in ("rtpurbo", "topk")
-
-
-def model_nll(model, ids, *, chunk: int = 512) -> np.ndarray:
-  """Per-token nll [batch, seq - 1] of `ids` under `model` in its own mode (decode style)."""
-  ids = jnp.asarray(ids, jnp.int32)
-  sq = jnp.ones(ids.shape, bool) if decode_style(model.sparse.mode) else None
-  return np.asarray(make_nll_fn(model, chunk)(ids, sq))

