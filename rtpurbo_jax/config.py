@@ -87,7 +87,7 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SparseConfig:
-  """RTPurbo attention knobs (DESIGN.md §1). `mode='dense'` is plain attention."""
+  """RTPurbo attention knobs (docs/DESIGN.md §1). `mode='dense'` is plain attention."""
 
   mode: str = "dense"
   window: int = 8192
@@ -197,18 +197,21 @@ def run_config():
       "remat": True,  # per-layer rematerialisation in stage 2 / lm
       "save_final": True,  # write <workdir>/final (HF format + headwise_config + indexer)
       "calibrate": {"length": 4096, "needle_len": 64, "seed": 0},
-      # PAPER.md §5: one long sequence per step; KL over query chunks, optional subsampling.
+      # docs/METHOD.md §4: one long sequence per step; KL over query chunks, optional subsampling.
+      # objective: "token" (the method's KL over keys) or "block" (KL of per-block masses).
       "stage1": _train_stage(steps=600, lr=1e-3, warmup=100, schedule="cosine", batch_size=1,
                              seq_len=32768, query_chunk=256, query_fraction=1.0,
-                             query_min_pos=0, stats_stride=8),
-      # PAPER.md §5: top-10 KL on label tokens, global batch 8 by accumulation.
+                             query_min_pos=0, stats_stride=8, objective="token"),
+      # docs/METHOD.md §4: top-10 KL on label tokens, global batch 8 by accumulation.
       # lora_rank 0: every backbone weight is trained (the paper); r > 0: only rank-r LoRA
       # factors of the attention / MLP weights (scale lora_alpha / r), plus full deltas of
       # the 1-D weights (norm gains) when lora_norms, so the result saves as a small
       # backbone delta (rtpurbo_jax/lowrank.py). LoRA usually wants a larger lr than 3e-6.
+      # windows: every whole seq_len window of a text is an example (False: its first only);
+      # max_examples > 0 keeps that many, spread evenly over the data.
       "stage2": _train_stage(steps=600, lr=3e-6, warmup=200, schedule="constant",
                              batch_size=8, seq_len=32768, topk=10, label_tokens=300,
-                             max_examples=0, teacher_batch=1, position_chunk=512,
+                             windows=True, max_examples=0, teacher_batch=1, position_chunk=512,
                              lora_rank=0, lora_alpha=16.0, lora_norms=True),
       "lm": _train_stage(steps=1000, lr=1e-5, warmup=100, schedule="cosine", batch_size=8,
                          seq_len=4096, position_chunk=512),
@@ -256,7 +259,7 @@ def run_config():
 
 
 def _train_stage(**overrides) -> dict:
-  """One training stage's knobs: AdamW + warmup schedule (PAPER.md §5) and batch shape."""
+  """One training stage's knobs: AdamW + warmup schedule (docs/METHOD.md §4) and batch shape."""
   d = {"steps": 600, "lr": 1e-3, "warmup": 100, "schedule": "cosine", "min_lr_ratio": 0.0,
        "weight_decay": 0.01, "clip": 1.0, "b1": 0.9, "b2": 0.999, "eps": 1e-8,
        "batch_size": 1, "micro_batch": 1, "seq_len": 4096}

@@ -14,7 +14,8 @@ then three device calls, each started within the machine's 30 s warm window of t
                                  python3 scripts/gpu_run.py wait --limit 560
   3. (no carry)                  python3 scripts/gpu_run.py wait --limit 560   (repeat)
 
-`start` copies the repository to /tmp/gpu_run/repo (later calls re-send the work tree; the
+`start --preset stage2 --parallel 2` is the stage-2 run (see PRESETS); other jobs name their
+steps with the flags below. `start` copies the repository to /tmp/gpu_run/repo (later calls re-send the work tree; the
 job must not see it change) and launches `job` in its own session, so it runs on between
 calls; `wait` polls it and keeps $OUT/gpu_run.tgz (the job's output folder) current, so a
 call cut by its time limit still brings back everything finished. Unpack it here with
@@ -47,7 +48,9 @@ processes at once ran the GPU out of memory (batch 50 at 4K beside batch 25 at 8
 four-mode evaluation of all three lengths, not both. On one H100 (80 GB, 2026-12-05) with
 --parallel 2: rtpurbo,topk at 8K (batch 25) 326 s beside 4K (batch 50) 256 s; a
 perplexity-only variant at 4K + 8K ~2 min; stage 2 at 4K x 8 ~15 s per step with two stage-2
-runs sharing the GPU (too slow for 100 steps in one session).
+runs sharing the GPU (too slow for 100 steps in one session; each stage2_<name>.jsonl record
+now has `data_seconds_per_step`, the host time a step waited for its batch, apart from the
+device step).
 """
 
 from __future__ import annotations
@@ -72,6 +75,30 @@ GGUF_SHA256_PREFIX = "b179c9523d0e6a0f"
 WHEELS = ("grain==0.2.18", "ml_collections==1.1.0", "gguf==0.19.0", "array_record==0.8.6",
           "portpicker==1.6.0", "tensorboardX==2.6.5")
 PART_BYTES = 49181216  # two halves of the 98 MB GGUF, each well under one call's 64 MiB
+
+_PPL = ("--config.eval.modes=rtpurbo --config.eval.samples=0 --config.eval.lengths=8K,4K "
+        "--config.eval.ppl_samples=16")
+_TASKS = "--config.eval.modes=rtpurbo --config.eval.lengths=8K,4K,2K --config.eval.ppl_samples=0"
+# Named jobs (`start --preset NAME`): the flags of a whole run, so that it is one command.
+#   stage2: stage 2 from the committed indexer as LoRA (rank 16, lr 1e-4) and as the paper's
+#   full backbone (lr 3e-6), 100 steps of 4K x 8 each; held-out perplexity at 4K / 8K of the
+#   LoRA result, of full stage 2 and of its rank-16 delta (what assets/ can carry); the tasks
+#   of the LoRA result and of window 2048 without stage 2 (the lever that met the perplexity
+#   target) at 2K / 4K / 8K.
+PRESETS = {
+    "stage2": {
+        "steps": "",
+        "stage2": ("lora:--lora_rank=16 --lr=1e-4 --steps=100;"
+                   "full:--lr=3e-6 --steps=100 --save_full"),
+        "evals": ";".join([
+            f"win2048:--config.sparse.window=2048 {_TASKS}",
+            f"s2lora@stage2_lora:--config.eval.model={{big}}/stage2_lora/hf {_PPL}",
+            f"s2full@stage2_full:--config.eval.model={{big}}/stage2_full/hf_full {_PPL}",
+            f"s2fulld16@stage2_full:--config.eval.model={{big}}/stage2_full/hf {_PPL}",
+            f"s2loratasks@stage2_lora:--config.eval.model={{big}}/stage2_lora/hf {_TASKS}",
+        ]),
+    },
+}
 
 
 def _run(cmd, **kw):
@@ -215,20 +242,12 @@ class Status:
     os.replace(tmp, self.path)
 
 
-def job(args):
-  """Run the steps as subprocesses, each as soon as its dependencies are done: the baseline
-  evaluations (`eval_base*`: dense / streaming, no trained weights) alongside stage 1, every
-  other step after stage 1, at most --parallel at a time (compilation is CPU-bound and the
-  GPU has room for several of these small jobs). Each step logs to out/<step>.log."""
-  out = os.path.abspath(args.out)
-  os.makedirs(out, exist_ok=True)
-  status = Status(out)
-  env = job_env(args.smoke)
-  big = os.path.join(os.path.dirname(out), "big")  # weights and checkpoints: never packed
-  if "stage1" in args.steps.split(","):  # else the committed artifacts
-    env["RTPURBO_ASSETS"] = os.path.join(out, "assets")
-  if args.parallel > 1:  # several processes share the GPU: allocate on demand
-    env.update(XLA_PYTHON_CLIENT_PREALLOCATE="false", XLA_PYTHON_CLIENT_MEM_FRACTION="0.6")
+def plan_job(args, out: str, big: str) -> tuple[list[str], dict, dict]:
+  """The job's steps in start order, {step: command} and {step: steps it waits for}, from
+  --steps / --stage2 / --evals (or a --preset, which sets those three)."""
+  if getattr(args, "preset", None):
+    for key, value in PRESETS[args.preset].items():
+      setattr(args, key, value)
   py = sys.executable
   evals, after = {}, {}
   for part in filter(str.strip, args.evals.split(";")):
@@ -263,6 +282,25 @@ def job(args):
   unknown = sorted({d for ds in deps.values() for d in ds} - set(cmds))
   if unknown:
     raise SystemExit(f"steps wait for {unknown}, which are not in this job")
+  return steps, cmds, deps
+
+
+def job(args):
+  """Run the steps as subprocesses, each as soon as its dependencies are done: the baseline
+  evaluations (`eval_base*`: dense / streaming, no trained weights) alongside stage 1, every
+  other step after stage 1, at most --parallel at a time (compilation is CPU-bound and the
+  GPU has room for several of these small jobs). Each step logs to out/<step>.log."""
+  out = os.path.abspath(args.out)
+  big = os.path.join(os.path.dirname(out), "big")  # weights and checkpoints: never packed
+  steps, cmds, deps = plan_job(args, out, big)
+  os.makedirs(out, exist_ok=True)
+  status = Status(out)
+  env = job_env(args.smoke)
+  if "stage1" in steps:  # else the committed artifacts
+    env["RTPURBO_ASSETS"] = os.path.join(out, "assets")
+  if args.parallel > 1:  # several processes share the GPU: allocate on demand
+    env.update(XLA_PYTHON_CLIENT_PREALLOCATE="false", XLA_PYTHON_CLIENT_MEM_FRACTION="0.6")
+  py = sys.executable
   # Convert the GGUF once, before steps that would each convert it at the same time.
   subprocess.run([py, "-c", "from rtpurbo_jax.hf import api; api.smollm2_folder()"], cwd=ROOT,
                  env=env, check=True)
@@ -398,7 +436,7 @@ def heldout(args):
     print(name, {k: v for k, v in rep[name].items() if k != "per_head"}, flush=True)
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                formatter_class=argparse.RawDescriptionHelpFormatter,
                                epilog=__doc__.split("\n\n", 1)[1])
@@ -424,6 +462,8 @@ def main(argv=None):
                       "one as 'name@stage2_<name>:flags', '{big}' in its flags being the folder "
                       "of the variant's weights (--config.eval.model={big}/stage2_<name>/hf)")
   p.add_argument("--parallel", type=int, default=1, help="steps run at once")
+  p.add_argument("--preset", choices=sorted(PRESETS),
+                 help="a named job: sets --steps, --stage2 and --evals (see PRESETS)")
   p.add_argument("--smoke", action="store_true", help="run here (this environment)")
   for name in ("stage1", "heldout"):
     p = sub.add_parser(name, help=f"the job's {name} step")
@@ -444,6 +484,11 @@ def main(argv=None):
   p.add_argument("--delta_rank", type=int, default=16, help="rank of the committed delta")
   p.add_argument("--max_examples", type=int, default=0, help="0: every training window")
   p.add_argument("--save_full", action="store_true", help="also write big/.../hf_full")
+  return ap
+
+
+def main(argv=None):
+  ap = build_parser()
   args, rest = ap.parse_known_args(argv)
   if args.cmd == "start":  # everything after `start` goes to the job
     args.job_args = rest + args.job_args

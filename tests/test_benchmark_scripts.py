@@ -2,7 +2,8 @@
 `benchmarks/e2e.py --tiny` (paper mode and sparse prefill, results merged by variant name),
 `benchmarks/check_prefill.py --smoke` (the sparse-prefill checks in the Pallas interpreter
 against the references) and `benchmarks/stage1_speed.py --smoke` (the stage-1 loss before and
-after its rewrite, equal on a fixed batch)."""
+after its rewrite, equal on a fixed batch), and `scripts/stage1_objective.py --smoke` (token vs
+block stage-1 objective on a tiny model)."""
 
 import json
 import os
@@ -58,3 +59,19 @@ def test_stage1_speed_smoke_same_loss_before_and_after(tmp_path):
   same = rows["stage1/loss_rel_diff/reference"]
   assert same["rel_diff"] <= 1e-3 and same["before"] > 0
   assert "error" not in rows["stage2/64"] and rows["stage2/64"]["ms_per_sequence"] > 0
+
+
+def test_stage1_objective_smoke(tmp_path):
+  _run(["scripts/stage1_objective.py", "--smoke", "--out", str(tmp_path), "--train_len", "64",
+        "--train_windows", "2", "--steps", "3", "--heldout_len", "96", "--heldout_windows",
+        "2", "--chunk", "32", "--top_p", "0.9"], tmp_path)
+  rep = json.loads((tmp_path / "stage1_objective.json").read_text())
+  rows = rep["heldout"]["0.9"]
+  assert set(rows) == {"committed", "token", "block"} and rep["units"] == 2 * 3
+  for name, row in rows.items():
+    assert 0.0 < row["recall"]["mean"] <= 1.0 and 0.0 < row["fraction"]["mean"] <= 1.0
+    assert ("diff" in row["kl"]) == (name != "token")
+  # Training moved the indexers: their held-out KL differs from the committed one's.
+  assert rows["token"]["kl"]["mean"] != rows["committed"]["kl"]["mean"]
+  assert [r["step"] for r in rep["train_log"]["block"]][-1] == 3
+  assert "| block | 0.9 |" in (tmp_path / "stage1_objective.md").read_text()

@@ -101,6 +101,39 @@ def test_examples_labels_and_truncation():
   assert list(ex["ids"][5:]) == [0, 0, 0]
 
 
+def test_example_windows_cover_each_text(tmp_path):
+  tok = data_lib.TokenFn(data_lib.ByteTokenizer())
+  texts = {"a.txt": "".join(chr(97 + i % 26) for i in range(50)), "b.txt": "short",
+           "c.jsonl": json.dumps({"prompt": "pq", "response": "rs"}) + "\n"}
+  for name, t in texts.items():
+    (tmp_path / name).write_text(t)
+  src = data_lib.TextSource(str(tmp_path / "*"))
+  first = data_lib.ExampleSource(src, tok, 16, 4)
+  ex = data_lib.ExampleSource(src, tok, 16, 4, windows=True)
+  assert len(first) == 3
+  # a.txt: 50 tokens -> 3 whole windows (the 2-token tail dropped); b.txt: one padded; c: one.
+  assert len(ex) == 5
+  a = texts["a.txt"].encode()
+  for k in range(3):
+    e = ex[k]
+    assert bytes(tok.decode(e["ids"]), "utf-8") == a[16 * k:16 * (k + 1)]
+    assert e["valid"].all()
+    np.testing.assert_array_equal(e["labels"], np.arange(16) >= 12)
+  for name, e in ((1, ex[0]), (3, ex[3]), (4, ex[4])):
+    ref = first[{1: 0, 3: 1, 4: 2}[name]]
+    for key in ("ids", "valid", "labels"):
+      np.testing.assert_array_equal(e[key], ref[key])
+  assert ex[3]["valid"].sum() == 5 and ex[3]["labels"].sum() == 4
+
+
+def test_spread_subset_samples_the_whole_source():
+  sub = data_lib.SpreadSubset(list(range(10)), 4)
+  assert [sub[i] for i in range(len(sub))] == [0, 3, 6, 9]
+  assert [data_lib.SpreadSubset(list(range(5)), 5)[i] for i in range(5)] == list(range(5))
+  with pytest.raises(data_lib.DataError, match="cannot take 6 of 5"):
+    data_lib.SpreadSubset(list(range(5)), 6)
+
+
 def test_jsonl_messages_and_bad_records(tmp_path):
   p = tmp_path / "chat.jsonl"
   p.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
@@ -128,34 +161,10 @@ FILLER = ("It was the best of times, it was the worst of times, it was the age o
           "it was the age of foolishness. ") * 20
 
 
-@pytest.mark.parametrize("tok", [data_lib.ByteTokenizer(), data_lib.HashTokenizer(500)])
-def test_passkey_example(seed, tok):
-  tok = data_lib.TokenFn(tok)
-  rng = np.random.default_rng(seed)
-  length, depth = int(rng.integers(300, 900)), float(rng.uniform())
-  ex = data_lib.make_passkey_example(tok, FILLER, length, depth, seed)
-  ids = ex["input_ids"]
-  assert ids.shape == (length,) and ids.dtype == np.int32
-  a, b = ex["needle_span"]
-  needle = tok.encode(f"\nThe pass key is {ex['answer']}. Remember it. {ex['answer']} is the "
-                      "pass key.\n")
-  assert list(ids[a:b]) == needle
-  assert ex["answer_ids"] == tok.encode(" " + ex["answer"])
-  # The needle sits at `depth` of the filler (within the intro length).
-  intro = len(tok.encode(data_lib._PASSKEY_INTRO)) + 1
-  n_fill = length - intro - len(needle) - len(tok.encode(data_lib._PASSKEY_QUESTION))
-  assert a - intro == round(depth * n_fill)
-  again = data_lib.make_passkey_example(tok, FILLER, length, depth, seed)
-  np.testing.assert_array_equal(again["input_ids"], ids)
-
-
-def test_multikey_example(seed):
+def test_filler_tokens_wrap_around(seed):
   tok = data_lib.TokenFn(data_lib.ByteTokenizer())
-  ex = data_lib.make_multikey_example(tok, FILLER, 1500, 4, seed)
-  a, b = ex["needle_span"]
-  assert ex["answer"] in tok.decode(ex["input_ids"][a:b])
-  assert len(ex["input_ids"]) == 1500
   fill = data_lib.filler_tokens(tok, FILLER, 5000, seed)
-  assert len(fill) == 5000 and tok.decode(fill[:200]) in FILLER + FILLER  # wraps around
-  with pytest.raises(data_lib.DataError, match="too short"):
-    data_lib.make_passkey_example(tok, FILLER, 50, 0.5, seed)
+  assert len(fill) == 5000 and tok.decode(fill[:200]) in FILLER + FILLER
+  assert fill == data_lib.filler_tokens(tok, FILLER, 5000, seed)
+  with pytest.raises(data_lib.DataError, match="empty"):
+    data_lib.filler_tokens(tok, "  ", 10, seed)

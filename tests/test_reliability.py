@@ -285,7 +285,7 @@ def test_calibration_never_returns_nan_scores(tmp_path, seed):
                     num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
                     max_position_embeddings=512)
   model = Transformer(cfg, sparse=SparseConfig(mode="dense"), rngs=nnx.Rngs(seed))
-  from rtpurbo_jax import calibrate as calib
+  from rtpurbo_jax import calibration as calib
   rng = np.random.default_rng(seed)
   doc = rng.integers(0, 64, 128).tolist()
   doc[10] = 1000  # beyond the vocabulary: the embedding gather gives NaN
@@ -409,6 +409,18 @@ def test_resumed_metrics_are_not_duplicated(tmp_path):
   assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 6]
   assert [r["loss"] for r in recs] == [1, 2, 3, 14, 15, 16]
   assert _tensorboard_steps(tmp_path / "tb" / "stage1") == [1, 2, 3, 4, 5, 6]
+
+
+def test_metrics_log_the_input_wait_per_step(tmp_path):
+  from rtpurbo_jax.train.metrics import MetricsLogger, read_metrics
+  log = MetricsLogger(str(tmp_path), "stage2", total_steps=5, progress=False, log_every=2)
+  for step, wait in zip(range(1, 6), (0.5, 1.5, 0.25, 0.75, 2.0)):
+    log.step(step, {"loss": 1.0}, data_seconds=wait)
+  log.close()
+  recs = read_metrics(str(tmp_path / "metrics" / "stage2.jsonl"))
+  assert [r["step"] for r in recs] == [2, 4, 5]
+  assert [r["data_seconds_per_step"] for r in recs] == [1.0, 0.5, 2.0]
+  assert all(r["seconds_per_step"] >= 0 for r in recs)
 
 
 # ---------------------------------------------------------------------------

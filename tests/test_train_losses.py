@@ -139,6 +139,77 @@ def test_stage1_gradient_matches_bruteforce(rng):
       np.testing.assert_allclose(a, b_, rtol=2e-4, atol=1e-5)
 
 
+def np_block_kl(q_pre, k_pre, q, k, wq, wk, queries, bs):
+  """Per (batch, head) mean over queries of KL between per-block masses (numpy, float64)."""
+  b, s, h, d = q.shape
+  out = np.zeros((b, h))
+  for bi in range(b):
+    for hi in range(h):
+      qi, ki = q_pre[bi, :, hi] @ wq[hi].T, k_pre[bi, :, hi] @ wk[hi].T
+      for t in queries:
+        a = np_softmax(q[bi, t, hi] @ k[bi, :t + 1, hi].T / math.sqrt(d))
+        p = np_softmax(qi[t] @ ki[:t + 1].T)
+        nb = t // bs + 1
+        am = np.array([a[j * bs:(j + 1) * bs].sum() for j in range(nb)])
+        pm = np.array([p[j * bs:(j + 1) * bs].sum() for j in range(nb)])
+        out[bi, hi] += np.sum(am * (np.log(am) - np.log(pm)))
+  return out / len(queries)
+
+
+@pytest.mark.parametrize("chunk", [16, 7])
+def test_stage1_block_objective_matches_bruteforce(rng, chunk):
+  b, s, h, d, r, bs = 2, 45, 2, 16, 4, 8
+  q_pre, k_pre, q, k = (jnp.asarray(rng.normal(size=(b, s, h, d)) * 1.5, jnp.float32)
+                        for _ in range(4))
+  wq = jnp.asarray(rng.normal(size=(h, r, d)) * 0.5, jnp.float32)
+  wk = jnp.asarray(rng.normal(size=(h, r, d)) * 0.5, jnp.float32)
+  acts = losses.TeacherActs(((0, 0), (0, 1)), q_pre, k_pre, q, k)
+  queries = np.arange(2, s, dtype=np.int32)
+  args = [np.asarray(x, np.float64) for x in (q_pre, k_pre, q, k, wq, wk)]
+  want = np_block_kl(*args, queries, bs)
+  token = np_stage1(*args, queries, bs, 0.7)["kl"]
+  for qs in (queries, jnp.asarray(queries)):  # per-chunk key bounds, and one scan
+    got = losses.stage1_sums(wq, wk, acts, qs, chunk=chunk, top_p=0.7, block_size=bs,
+                             objective="block")
+    np.testing.assert_allclose(np.asarray(got["kl"]) / len(queries), want, rtol=2e-4,
+                               atol=2e-6)
+  # Summing within blocks can only lose information: block KL <= token KL (data processing).
+  assert np.all(want <= token + 1e-9) and np.any(want < token - 1e-3)
+  # The gradient is that of a materialised jnp form (finite, through the in-block sums).
+  n = len(queries)
+
+  def dense(wq, wk):
+    tot = 0.0
+    for hi in range(h):
+      for bi in range(b):
+        causal = jnp.tril(jnp.ones((s, s), bool))
+        a = jax.nn.softmax(jnp.where(causal, q[bi, :, hi] @ k[bi, :, hi].T / math.sqrt(d),
+                                     -jnp.inf))
+        sc = (q_pre[bi, :, hi] @ wq[hi].T) @ (k_pre[bi, :, hi] @ wk[hi].T).T
+        # log P_b in log space: an fp32 softmax underflows to 0 on blocks the teacher uses.
+        logp = jnp.where(causal, jax.nn.log_softmax(jnp.where(causal, sc, -jnp.inf)), -1e30)
+        nb = -(-s // bs)
+        am = jnp.pad(a, ((0, 0), (0, nb * bs - s))).reshape(s, nb, bs).sum(-1)[queries]
+        lpm = jax.nn.logsumexp(jnp.pad(logp, ((0, 0), (0, nb * bs - s)), constant_values=-1e30)
+                               .reshape(s, nb, bs), axis=-1)[queries]
+        tot += jnp.sum(jnp.where(am > 0, am * (jnp.log(jnp.where(am > 0, am, 1.0)) - lpm), 0.0))
+    return tot / n
+
+  def chunked(wq, wk):
+    return losses.stage1_sums(wq, wk, acts, queries, chunk=chunk, top_p=0.7, block_size=bs,
+                              objective="block")["kl"].sum() / n
+
+  np.testing.assert_allclose(float(chunked(wq, wk)), float(dense(wq, wk)), rtol=1e-5)
+  g1 = jax.jit(jax.grad(chunked, argnums=(0, 1)))(wq, wk)
+  g2 = jax.grad(dense, argnums=(0, 1))(wq, wk)
+  for x, y in zip(g1, g2):
+    assert np.all(np.isfinite(np.asarray(x)))
+    np.testing.assert_allclose(x, y, rtol=5e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="objective"):
+    losses.stage1_sums(wq, wk, acts, queries, chunk=chunk, top_p=0.7, block_size=bs,
+                       objective="tokens")
+
+
 def test_teacher_acts_match_model_attention(seed):
   model = tiny_model(seed)
   s = 33

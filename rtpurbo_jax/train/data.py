@@ -15,6 +15,7 @@ Shapes: packed LM batches {"ids": int32 [batch, seq_len]}; stage-2 examples
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
@@ -306,10 +307,18 @@ def make_example(rec: dict, tokenizer: TokenFn, seq_len: int, label_tokens: int)
       r = r + [tokenizer.eos_id]
     r = r[:seq_len - 1] if p else r[:seq_len]
     ids = (p + r)[-seq_len:]
-    n_label = len(r)
-  else:
-    ids = tokenizer.encode(rec["text"])[:seq_len]
-    n_label = min(label_tokens, max(len(ids) - 1, 0))
+    return _labelled(ids, seq_len, len(r))
+  return text_example(tokenizer.encode(rec["text"]), 0, seq_len, label_tokens)
+
+
+def text_example(ids: Sequence[int], start: int, seq_len: int, label_tokens: int) -> dict:
+  """The text example of tokens ids[start:start + seq_len]: labels = its last `label_tokens`
+  tokens (never its first), right padding when the text ends early."""
+  ids = list(ids[start:start + seq_len])
+  return _labelled(ids, seq_len, min(label_tokens, max(len(ids) - 1, 0)))
+
+
+def _labelled(ids: list[int], seq_len: int, n_label: int) -> dict:
   n = len(ids)
   out_ids = np.zeros(seq_len, np.int32)
   out_ids[:n] = ids
@@ -319,17 +328,62 @@ def make_example(rec: dict, tokenizer: TokenFn, seq_len: int, label_tokens: int)
 
 
 class ExampleSource:
-  """Random-access stage-2 examples over a TextSource (deterministic per index)."""
+  """Random-access stage-2 examples over a TextSource (deterministic per index).
 
-  def __init__(self, source, tokenizer: TokenFn, seq_len: int, label_tokens: int):
+  windows=False: one example per record (a text's first `seq_len` tokens). windows=True: a
+  text record gives one example per whole `seq_len`-token window (consecutive, not
+  overlapping; the partial tail is dropped unless the text is shorter than one window), so a
+  long document is used in full and examples are rarely padded. prompt/response records give
+  one example either way. Windows are counted by tokenising every record once at
+  construction; tokenised texts are kept in a small cache for the reads that follow.
+  """
+
+  def __init__(self, source, tokenizer: TokenFn, seq_len: int, label_tokens: int, *,
+               windows: bool = False):
     self.source, self.tokenizer = source, tokenizer
     self.seq_len, self.label_tokens = seq_len, label_tokens
+    self._spans: list[tuple[int, int]] | None = None  # (record, first token) per example
+    if windows:
+      self._spans = []
+      for r in range(len(source)):
+        rec = source[r]
+        if "response" in rec:
+          self._spans.append((r, -1))
+          continue
+        n = len(self._text_ids(r))
+        self._spans.extend((r, k * seq_len) for k in range(max(n // seq_len, 1)))
+
+  @functools.lru_cache(maxsize=64)
+  def _text_ids(self, r: int) -> list[int]:
+    return self.tokenizer.encode(self.source[r]["text"])
 
   def __len__(self):
-    return len(self.source)
+    return len(self.source) if self._spans is None else len(self._spans)
 
   def __getitem__(self, i):
-    return make_example(self.source[int(i)], self.tokenizer, self.seq_len, self.label_tokens)
+    if self._spans is None:
+      return make_example(self.source[int(i)], self.tokenizer, self.seq_len, self.label_tokens)
+    r, start = self._spans[int(i)]
+    if start < 0:
+      return make_example(self.source[r], self.tokenizer, self.seq_len, self.label_tokens)
+    return text_example(self._text_ids(r), start, self.seq_len, self.label_tokens)
+
+
+class SpreadSubset:
+  """`n` records of `source` spread evenly over it (first and last included), so a capped
+  data set still samples every part of the corpus, not only its first files."""
+
+  def __init__(self, source, n: int):
+    if not 0 < n <= len(source):
+      raise DataError(f"cannot take {n} of {len(source)} examples")
+    self.source = source
+    self.index = np.unique(np.round(np.linspace(0, len(source) - 1, n)).astype(np.int64))
+
+  def __len__(self):
+    return len(self.index)
+
+  def __getitem__(self, i):
+    return self.source[int(self.index[int(i)])]
 
 
 def indexed_dataset(num: int, load: Callable[[int], dict], batch_size: int, *, seed: int,
@@ -365,68 +419,3 @@ def filler_tokens(tokenizer: TokenFn, filler_text: str, n: int, seed: int) -> li
     out.extend(tokenizer.encode(piece))
     pos = (pos + step) % len(filler_text)
   return out[:n]
-
-
-_PASSKEY_INTRO = ("There is an important piece of information hidden inside a lot of "
-                  "irrelevant text. Find it and memorize it.\n")
-_PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is"
-
-
-def make_passkey_example(tokenizer: TokenFn, filler_text: str, length: int, depth: float,
-                         seed: int = 0, digits: int = 5) -> dict:
-  """A passkey retrieval prompt of exactly `length` tokens.
-
-  Layout: intro, filler, needle ("The pass key is N. Remember it. N is the pass key."),
-  filler, question; the needle starts at `depth` (0..1) of the filler.
-  Returns {"input_ids" int32 [length], "answer" str, "answer_ids" list[int],
-  "needle_span" (start, end) token positions of the needle}.
-  """
-  if not 0.0 <= depth <= 1.0:
-    raise DataError(f"depth={depth} must be in [0, 1]")
-  rng = np.random.default_rng(seed)
-  key = str(int(rng.integers(10 ** (digits - 1), 10 ** digits)))
-  needle = f"\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
-  return _embed(tokenizer, filler_text, length, [(depth, needle)], _PASSKEY_QUESTION,
-                " " + key, seed, key)
-
-
-def make_multikey_example(tokenizer: TokenFn, filler_text: str, length: int, num_keys: int,
-                          seed: int = 0, digits: int = 6) -> dict:
-  """Multi-key NIAH: `num_keys` (name, number) needles at seeded depths; asks for one.
-
-  Returns the same dict as `make_passkey_example` (needle_span is the asked key's needle).
-  """
-  rng = np.random.default_rng(seed)
-  names = [f"key-{int(x):04d}" for x in rng.choice(10000, size=num_keys, replace=False)]
-  values = [str(int(v)) for v in rng.integers(10 ** (digits - 1), 10 ** digits, num_keys)]
-  depths = np.sort(rng.uniform(0.0, 1.0, num_keys))
-  asked = int(rng.integers(num_keys))
-  needles = [(float(d), f"\nThe special magic number for {n} is {v}.\n")
-             for d, n, v in zip(depths, names, values)]
-  question = f"\nWhat is the special magic number for {names[asked]}? The number is"
-  return _embed(tokenizer, filler_text, length, needles, question, " " + values[asked], seed,
-                values[asked], asked)
-
-
-def _embed(tokenizer, filler_text, length, needles, question, answer_text, seed, answer,
-           asked: int = 0) -> dict:
-  bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-  intro = tokenizer.encode(_PASSKEY_INTRO)
-  q = tokenizer.encode(question)
-  pieces = [tokenizer.encode(text) for _, text in needles]
-  n_fill = length - len(bos) - len(intro) - len(q) - sum(map(len, pieces))
-  if n_fill < 0:
-    raise DataError(f"length={length} is too short for the prompt ({length - n_fill} tokens "
-                    "without filler)")
-  fill = filler_tokens(tokenizer, filler_text, n_fill, seed) if n_fill else []
-  cuts = [int(round(d * n_fill)) for d, _ in needles]
-  ids, spans, prev = bos + intro, [], 0
-  for cut, piece in zip(cuts, pieces):
-    ids = ids + fill[prev:cut]
-    spans.append((len(ids), len(ids) + len(piece)))
-    ids = ids + piece
-    prev = cut
-  ids = ids + fill[prev:] + q
-  assert len(ids) == length, (len(ids), length)
-  return {"input_ids": np.asarray(ids, np.int32), "answer": answer,
-          "answer_ids": tokenizer.encode(answer_text), "needle_span": spans[asked]}

@@ -124,11 +124,17 @@ def _chunk_key_lengths(queries, n_chunks: int, chunk: int, s_pad: int, bs: int) 
 
 
 STAGE1_SUMS = ("kl", "count", "recall", "fraction", "oracle_fraction", "stats_count")
+STAGE1_OBJECTIVES = ("token", "block")
 
 
 def stage1_sums(wq, wk, acts: TeacherActs, queries, *, chunk: int, top_p: float,
-                block_size: int, stats_stride: int = 1) -> dict:
+                block_size: int, stats_stride: int = 1, objective: str = "token") -> dict:
   """Per-head sums over queries of KL(teacher attention || softmax(indexer scores)).
+
+  objective "token": the KL over keys (the method's stage-1 loss). "block": the KL between
+  the two distributions summed within each key block, KL(A || P) with A_b / P_b the teacher's
+  / indexer's mass in block b: what block top-p reads, so the indexer is free to spread
+  mass inside a block and is fitted only where selection depends on it.
 
   wq, wk: [n_ret, r, head_dim] (the only differentiable inputs), in `acts`' head order.
   queries: int32 [n] query positions (-1 = padding, ignored); a numpy array of concrete
@@ -143,6 +149,8 @@ def stage1_sums(wq, wk, acts: TeacherActs, queries, *, chunk: int, top_p: float,
   oracle_fraction (blocks the teacher's own top-p needs) and stats_count over the
   statistics rows.
   """
+  if objective not in STAGE1_OBJECTIVES:
+    raise ValueError(f"objective={objective!r}: one of {STAGE1_OBJECTIVES}")
   b, s, h, d = acts.q.shape
   bs = block_size
   s_pad = _round_up(s, bs)
@@ -169,8 +177,11 @@ def stage1_sums(wq, wk, acts: TeacherActs, queries, *, chunk: int, top_p: float,
     lse_t = jax.nn.logsumexp(zm, axis=-1, keepdims=True)
     a = jnp.exp(zm - lse_t)  # teacher attention, 0 where invisible
     lse_s = jax.nn.logsumexp(jnp.where(vis, sc, NEG_INF), axis=-1)  # [b, h, c]
-    # KL = sum_j a_j (log a_j - log p_j) with log a_j = z_j - lse_t, log p_j = s_j - lse_s.
-    kl = jnp.sum(jnp.where(vis, a * ((z - lse_t) - sc), 0.0), axis=-1) + lse_s
+    if objective == "token":
+      # KL = sum_j a_j (log a_j - log p_j) with log a_j = z_j - lse_t, log p_j = s_j - lse_s.
+      kl = jnp.sum(jnp.where(vis, a * ((z - lse_t) - sc), 0.0), axis=-1) + lse_s
+    else:
+      kl = _block_kl(a, jnp.where(vis, sc, _FINITE_NEG), lse_s, bs)
     real = qc >= 0
     out = {"kl": jnp.sum(jnp.where(real, kl, 0.0), axis=-1),
            "count": jnp.broadcast_to(jnp.sum(real), (b, h)).astype(jnp.float32)}
@@ -197,8 +208,22 @@ def stage1_sums(wq, wk, acts: TeacherActs, queries, *, chunk: int, top_p: float,
   return sums
 
 
+_FINITE_NEG = -1e30  # hidden keys in a block's log-sum-exp: exp() is 0, the gradient finite
+
+
+def _block_kl(a, sc, lse_s, bs):
+  """sum_b A_b (log A_b - log P_b) over blocks with teacher mass. a: teacher attention
+  [b, h, c, L] (0 on hidden keys); sc: indexer logits with hidden keys at _FINITE_NEG;
+  lse_s: [b, h, c] the indexer's log-normaliser over visible keys. L % bs == 0."""
+  nb = a.shape[-1] // bs
+  mass = a.reshape(a.shape[:3] + (nb, bs)).sum(-1)  # A_b
+  log_p = jax.nn.logsumexp(sc.reshape(sc.shape[:3] + (nb, bs)), axis=-1) - lse_s[..., None]
+  log_a = jnp.log(jnp.where(mass > 0, mass, 1.0))
+  return jnp.sum(jnp.where(mass > 0, mass * (log_a - log_p), 0.0), axis=-1)
+
+
 def _selection_stats(sc, zm, a, vis, qc, top_p, bs):
-  """Block top-p (the DESIGN.md contract) of the indexer and of the teacher per query.
+  """Block top-p (the docs/DESIGN.md §1 contract) of the indexer and of the teacher per query.
 
   sc, zm, a: [b, h, c, L] indexer logits, masked teacher logits, teacher attention;
   vis: [c, L]; L % bs == 0. Returns [b, h, c] recall, fraction and oracle_fraction.
@@ -227,7 +252,7 @@ def per_head_means(sums: dict) -> dict:
 
 
 def stage1_loss(wq, wk, acts: TeacherActs, queries, *, chunk: int, top_p: float,
-                block_size: int, stats_stride: int = 1):
+                block_size: int, stats_stride: int = 1, objective: str = "token"):
   """Stage-1 objective over all retrieval heads (stacked as in `acts`).
 
   Per sequence the loss is the sum over retrieval heads of the head's KL averaged over the
@@ -236,7 +261,7 @@ def stage1_loss(wq, wk, acts: TeacherActs, queries, *, chunk: int, top_p: float,
   oracle_fraction, summed over the batch).
   """
   sums = stage1_sums(wq, wk, acts, queries, chunk=chunk, top_p=top_p, block_size=block_size,
-                     stats_stride=stats_stride)
+                     stats_stride=stats_stride, objective=objective)
   means = per_head_means(sums)
   n_heads = acts.q.shape[2]
   loss = jnp.sum(means["kl"])

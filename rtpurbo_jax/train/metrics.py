@@ -26,7 +26,7 @@ class MetricsLogger:
     self.tokens_per_step = tokens_per_step
     self.main = jax.process_index() == 0
     self._t0 = time.perf_counter()
-    self._last_t, self._last_step = self._t0, start_step
+    self._last_t, self._last_step, self._data_s = self._t0, start_step, 0.0
     self._file = self._tb = self._bar = None
     if not self.main:
       return
@@ -48,10 +48,15 @@ class MetricsLogger:
       from tqdm.auto import tqdm
       self._bar = tqdm(total=total_steps, initial=start_step, desc=stage, dynamic_ncols=True)
 
-  def step(self, step: int, metrics) -> dict | None:
-    """Record the metrics after `step` steps; returns the written record on log steps."""
+  def step(self, step: int, metrics, *, data_seconds: float = 0.0) -> dict | None:
+    """Record the metrics after `step` steps; returns the written record on log steps.
+
+    data_seconds: host time this step waited for its batch; logged as the mean per step
+    (`data_seconds_per_step`, part of `seconds_per_step`), so a slow input pipeline shows.
+    """
     if self._bar is not None:
       self._bar.update(step - self._bar.n)
+    self._data_s += data_seconds
     if step % self.every and step != self.total:
       return None
     now = time.perf_counter()
@@ -60,7 +65,8 @@ class MetricsLogger:
     if self.tokens_per_step and step > self._last_step and dt > 0:
       rec["tokens_per_s"] = self.tokens_per_step * (step - self._last_step) / dt
     rec["seconds_per_step"] = dt / max(step - self._last_step, 1)
-    self._last_t, self._last_step = now, step
+    rec["data_seconds_per_step"] = self._data_s / max(step - self._last_step, 1)
+    self._last_t, self._last_step, self._data_s = now, step, 0.0
     if not self.main:
       return rec
     self._file.write(json.dumps({"stage": self.stage, "step": step, "time": time.time(),

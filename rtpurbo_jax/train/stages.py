@@ -88,6 +88,9 @@ def validate_train(cfg) -> None:
     raise ConfigError("train.stage1.query_chunk must be >= 1")
   if o.stats_stride < 1:
     raise ConfigError("train.stage1.stats_stride must be >= 1")
+  if o.objective not in losses.STAGE1_OBJECTIVES:
+    raise ConfigError(f"train.stage1.objective={o.objective!r}: one of "
+                      f"{', '.join(losses.STAGE1_OBJECTIVES)}")
   o = cfg.train.stage2
   if o.topk < 1:
     raise ConfigError("train.stage2.topk must be >= 1")
@@ -217,12 +220,11 @@ def run_calibrate(cfg, model, tok) -> HeadPlan:
   # The needle is a passage of the filler text from another seeded offset.
   doc = data_lib.filler_tokens(tok, text, c.length, c.seed)
   needle = data_lib.filler_tokens(tok, text, c.needle_len, c.seed + 7919)
-  import rtpurbo_jax
-  from rtpurbo_jax import calibrate as calib
-  ids, span = calib.make_needle_document(doc, needle, c.length)
+  from rtpurbo_jax import calibration
+  ids, span = calibration.make_needle_document(doc, needle, c.length)
   dense = with_mode(model, "dense")
   out_dir = os.path.join(cfg.train.workdir, "calibration")
-  plan, scores = rtpurbo_jax.calibrate(dense, jnp.asarray(ids)[None], span,
+  plan, scores = calibration.calibrate(dense, jnp.asarray(ids)[None], span,
                                        cfg.plan.retrieval_ratio, out_dir=out_dir)
   sparse = pipeline_sparse(cfg)
   _write_json(path, {"headwise_config": plan.to_headwise_config(sparse),
@@ -247,7 +249,8 @@ def stage1_task(split: ParamSplit, o, sparse: SparseConfig) -> Task:
     acts, queries = aux
     wq, wk = losses.stacked_indexer(model, acts)
     return losses.stage1_loss(wq, wk, acts, queries, chunk=o.query_chunk, top_p=sparse.top_p,
-                              block_size=sparse.block_size, stats_stride=o.stats_stride)
+                              block_size=sparse.block_size, stats_stride=o.stats_stride,
+                              objective=o.objective)
 
   return Task("stage1", split, loss, prepare, batch_axes={"ids": ("seq",)},
               tokens_per_example=o.seq_len)
@@ -425,9 +428,10 @@ def stage2_examples(cfg, tok):
   files = cfg.data.stage2_files or cfg.data.train_files
   src = data_lib.TextSource(files, text_key=cfg.data.text_key, prompt_key=cfg.data.prompt_key,
                             response_key=cfg.data.response_key)
-  ex = data_lib.ExampleSource(src, tok, o.seq_len, o.label_tokens)
-  n = len(ex) if not o.max_examples else min(len(ex), o.max_examples)
-  return ex, n, files
+  ex = data_lib.ExampleSource(src, tok, o.seq_len, o.label_tokens, windows=o.windows)
+  if o.max_examples and o.max_examples < len(ex):
+    ex = data_lib.SpreadSubset(ex, o.max_examples)
+  return ex, len(ex), files
 
 
 def run_stage2(cfg, model, tok, mesh, *, on_step=None):
@@ -437,7 +441,8 @@ def run_stage2(cfg, model, tok, mesh, *, on_step=None):
   examples, n, files = stage2_examples(cfg, tok)
   fp = {"model": dataclasses.asdict(model.cfg), "model_path": cfg.model_path,
         "dtype": cfg.dtype, "seed": cfg.seed, "files": data_lib.expand_files(files),
-        "seq_len": o.seq_len, "label_tokens": o.label_tokens, "tokenizer": cfg.data.tokenizer}
+        "seq_len": o.seq_len, "label_tokens": o.label_tokens, "windows": o.windows,
+        "tokenizer": cfg.data.tokenizer}
   store = TeacherStore(os.path.join(cfg.train.workdir, f"teacher_top{o.topk}"), n, o.topk, fp)
   student = with_mode(model, sparse.mode, sparse=sparse)
   # lora_rank > 0: train rank-r factors over the frozen model (a small backbone delta).

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import logging
 import os
+import time
 from typing import Any, Callable
 
 import jax
@@ -263,7 +264,9 @@ class Trainer:
                              log_every=run.log_every, progress=run.progress)
       try:
         for step in range(start, steps):
+          t_data = time.perf_counter()
           batch = next(data_iter)
+          t_data = time.perf_counter() - t_data
           metrics = jax.device_get(self.step(batch, step))
           metrics = {k: float(v) for k, v in metrics.items()}
           if not np.isfinite(metrics["loss"]):
@@ -272,7 +275,7 @@ class Trainer:
                                      f"{run.ckpt_dir}")
           history.append(metrics)
           done = step + 1
-          logger.step(done, metrics)
+          logger.step(done, metrics, data_seconds=t_data)
           if done % max(run.checkpoint_every, 1) == 0 or done == steps:
             state = data_iter.get_state() if hasattr(data_iter, "get_state") else None
             ck.save(done, trainable=self.trainable, opt_state=self.opt_state,

@@ -1,0 +1,239 @@
+"""Stage-1 objective: token-level KL (the method) against block-level KL, on SmolLM2.
+
+Both indexers continue from the committed one (`assets/smollm2-135m-rtpurbo`, 600 steps of
+token KL at 8K) for the same steps on the same training windows, so the only difference is
+the objective; the committed indexer is the third row. Held-out plays (never trained on),
+every query position: recall of the teacher's attention mass inside the indexer's top-p
+blocks, the fraction of causal blocks selected, and the fraction the teacher's own top-p
+needs, at several top_p values (the recall / budget trade-off). Intervals: 95% bootstrap over
+(window, head) pairs of the difference to the token-KL row.
+
+The teacher activations of the training windows are computed once and kept in host memory
+(about 160 MB per 4K window), so a training step is only the indexer's loss.
+
+  python scripts/stage1_objective.py --out results/stage1_objective      # ~40 min, 2 CPU cores
+  python scripts/stage1_objective.py --smoke --out /tmp/x                  # seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from rtpurbo_jax import assets  # noqa: E402
+from rtpurbo_jax.train import losses  # noqa: E402
+from rtpurbo_jax.train import stages  # noqa: E402
+
+OBJECTIVES = ("token", "block")
+
+
+def windows_of(tok, names, length: int, count: int) -> np.ndarray:
+  """`count` windows of `length` tokens spread evenly over the concatenated plays."""
+  ids = np.asarray(tok(assets.shakespeare_text(tuple(names)))["input_ids"], np.int32)
+  if len(ids) < length:
+    raise SystemExit(f"{len(ids)} tokens of text, fewer than one {length}-token window")
+  starts = np.linspace(0, len(ids) - length, count).astype(int)
+  return np.stack([ids[s:s + length] for s in starts])
+
+
+def play_names(split: str) -> list[str]:
+  return [os.path.basename(f).removesuffix("_gut.txt") for f in assets.shakespeare_files(split)]
+
+
+def collect_acts(model, windows: np.ndarray) -> list:
+  """Teacher activations of each window (host arrays), computed once."""
+  graphdef, state = nnx.split(model)
+  run = jax.jit(lambda st, ids: losses.teacher_acts(nnx.merge(graphdef, st), ids))
+  return [jax.device_get(run(state, jnp.asarray(w)[None])) for w in windows]
+
+
+def train(wq, wk, acts: list, *, objective: str, steps: int, lr: float, chunk: int,
+          top_p: float, block_size: int, log_every: int) -> tuple:
+  """AdamW (as stage 1: warmup then cosine, weight decay 0.01, clip 1.0), one window a step."""
+  sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 10, 1), steps)
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.01))
+  params = (jnp.asarray(wq), jnp.asarray(wk))
+  opt = tx.init(params)
+  queries = np.arange(acts[0].q.shape[1], dtype=np.int32)
+
+  @jax.jit
+  def step(params, opt, a):
+    def loss(p):
+      value, _, metrics = losses.stage1_loss(p[0], p[1], a, queries, chunk=chunk, top_p=top_p,
+                                             block_size=block_size, stats_stride=16,
+                                             objective=objective)
+      return value, metrics
+    (value, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    updates, opt = tx.update(grads, opt, params)
+    return optax.apply_updates(params, updates), opt, value, metrics
+
+  log = []
+  for i in range(steps):
+    params, opt, value, metrics = step(params, opt, acts[i % len(acts)])
+    if (i + 1) % log_every == 0 or i + 1 == steps:
+      rec = {"step": i + 1, "loss": float(value),
+             **{k: round(float(v), 4) for k, v in metrics.items()}}
+      log.append(rec)
+      print(f"  {objective} {rec}", flush=True)
+  return params[0], params[1], log
+
+
+def heldout(wq, wk, acts: list, *, top_ps, chunk: int, block_size: int) -> dict:
+  """Per top_p: [windows, heads] arrays of token KL, recall, fraction, oracle fraction."""
+  queries = np.arange(acts[0].q.shape[1], dtype=np.int32)
+  out = {}
+  for p in top_ps:
+    f = jax.jit(lambda wq, wk, a, p=p: losses.per_head_means(losses.stage1_sums(
+        wq, wk, a, queries, chunk=chunk, top_p=p, block_size=block_size)))
+    rows = [jax.device_get(f(wq, wk, a)) for a in acts]
+    out[p] = {k: np.concatenate([np.asarray(r[k]) for r in rows], axis=0)
+              for k in ("kl", "recall", "fraction", "oracle_fraction")}
+  return out
+
+
+def bootstrap_diff(x: np.ndarray, y: np.ndarray, seed: int, n_boot: int = 2000):
+  """Mean of x - y over paired units and its 95% bootstrap interval."""
+  d = (np.asarray(x) - np.asarray(y)).ravel()
+  rng = np.random.default_rng(seed)
+  means = d[rng.integers(0, len(d), (n_boot, len(d)))].mean(axis=1)
+  return float(d.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def markdown(rep: dict) -> str:
+  st = rep["settings"]
+  lines = [
+      "# Stage-1 objective on SmolLM2-135M: token KL vs block KL",
+      "",
+      f"Both indexers continue from the committed one for {st['steps']} steps (lr {st['lr']}, "
+      f"one {st['train_len']}-token window per step, {st['train_windows']} windows of the "
+      f"training plays, every query); held out: {st['heldout_windows']} windows of "
+      f"{st['heldout_len']} tokens of {', '.join(st['heldout_plays'])}, every query. Means over "
+      f"{rep['units']} (window, head) pairs; [95% bootstrap interval] of the difference to "
+      "`token`. Produced by `scripts/stage1_objective.py`; "
+      f"{rep['device']}, jax {rep['jax']}, {rep['date']}.",
+      "",
+      "| indexer | top_p | recall | selected blocks | teacher's own top-p | held-out token KL |",
+      "|---|---|---|---|---|---|",
+  ]
+  for p, rows in rep["heldout"].items():
+    for name, r in rows.items():
+      def cell(key, r=r):
+        v = f"{r[key]['mean']:.3f}"
+        if "diff" in r[key]:
+          d, lo, hi = r[key]["diff"]
+          v += f" ({d:+.3f} [{lo:+.3f}, {hi:+.3f}])"
+        return v
+      lines.append(f"| {name} | {p} | {cell('recall')} | {cell('fraction')} | "
+                   f"{r['oracle_fraction']['mean']:.3f} | {cell('kl')} |")
+  lines += ["", f"Seconds: {rep['seconds']}.", ""]
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                               formatter_class=argparse.RawDescriptionHelpFormatter,
+                               epilog=__doc__.split("\n\n", 1)[1])
+  ap.add_argument("--out", required=True)
+  ap.add_argument("--train_len", type=int, default=4096)
+  ap.add_argument("--train_windows", type=int, default=12)
+  ap.add_argument("--steps", type=int, default=120)
+  ap.add_argument("--lr", type=float, default=3e-4)
+  ap.add_argument("--heldout_len", type=int, default=8192)
+  ap.add_argument("--heldout_windows", type=int, default=2)
+  ap.add_argument("--top_p", default="0.8,0.9,0.95")
+  ap.add_argument("--chunk", type=int, default=256)
+  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--smoke", action="store_true", help="a tiny random model: checks the script")
+  args = ap.parse_args(argv)
+  t0 = time.time()
+  top_ps = [float(x) for x in args.top_p.split(",")]
+  if args.smoke:
+    from rtpurbo_jax.attention.plan import HeadPlan
+    from rtpurbo_jax.config import ModelConfig, SparseConfig
+    from rtpurbo_jax.models.transformer import Transformer
+    cfg = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=16)
+    model = Transformer(cfg, sparse=SparseConfig(mode="dense", indexer_dim=8, block_size=8,
+                                                 seqlen_threshold=0),
+                        plan=HeadPlan.from_mask([[1, 0, 0, 0], [0, 0, 1, 1]], 2),
+                        rngs=nnx.Rngs(args.seed), init_std=0.3)
+    rng = np.random.default_rng(args.seed)
+    train_w = rng.integers(0, 97, (args.train_windows, args.train_len)).astype(np.int32)
+    held_w = rng.integers(0, 97, (args.heldout_windows, args.heldout_len)).astype(np.int32)
+    held_plays = ["random"]
+  else:
+    import rtpurbo_jax as rj
+    model = stages.with_mode(rj.from_pretrained("smollm2-135m-rtpurbo"), "dense")
+    tok = rj.load_tokenizer("smollm2-135m")
+    held_plays = play_names("heldout")
+    train_w = windows_of(tok, play_names("train"), args.train_len, args.train_windows)
+    held_w = windows_of(tok, held_plays, args.heldout_len, args.heldout_windows)
+  bs = model.sparse.block_size
+  print(f"teacher activations: {len(train_w)} training + {len(held_w)} held-out windows",
+        flush=True)
+  train_acts = collect_acts(model, train_w)
+  held_acts = collect_acts(model, held_w)
+  wq0, wk0 = jax.device_get(losses.stacked_indexer(model, held_acts[0]))
+  indexers = {"committed": (wq0, wk0)}
+  logs = {}
+  for objective in OBJECTIVES:
+    print(f"training ({objective})", flush=True)
+    wq, wk, logs[objective] = train(wq0, wk0, train_acts, objective=objective,
+                                    steps=args.steps, lr=args.lr, chunk=args.chunk,
+                                    top_p=model.sparse.top_p, block_size=bs,
+                                    log_every=max(args.steps // 10, 1))
+    indexers[objective] = (wq, wk)
+  del train_acts
+  print("held-out evaluation", flush=True)
+  metrics = {name: heldout(wq, wk, held_acts, top_ps=top_ps, chunk=args.chunk, block_size=bs)
+             for name, (wq, wk) in indexers.items()}
+  rep_held = {}
+  for p in top_ps:
+    rows = {}
+    for name in indexers:
+      m = metrics[name][p]
+      row = {k: {"mean": float(np.mean(v))} for k, v in m.items()}
+      if name != "token":
+        for k in ("recall", "fraction", "kl"):
+          row[k]["diff"] = bootstrap_diff(m[k], metrics["token"][p][k], args.seed)
+      rows[name] = row
+    rep_held[str(p)] = rows
+  rep = {
+      "device": jax.devices()[0].device_kind, "platform": jax.default_backend(),
+      "jax": jax.__version__, "python": platform.python_version(),
+      "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+      "settings": {"train_len": args.train_len, "train_windows": args.train_windows,
+                   "steps": args.steps, "lr": args.lr, "heldout_len": args.heldout_len,
+                   "heldout_windows": args.heldout_windows, "heldout_plays": held_plays,
+                   "chunk": args.chunk, "seed": args.seed, "smoke": args.smoke},
+      "units": int(np.prod(metrics["token"][top_ps[0]]["kl"].shape)),
+      "heldout": rep_held,
+      "per_head": {name: {str(p): {k: np.round(v, 4).tolist() for k, v in m.items()}
+                          for p, m in metrics[name].items()} for name in indexers},
+      "train_log": logs,
+      "seconds": round(time.time() - t0, 1),
+  }
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, "stage1_objective.json"), "w") as f:
+    json.dump(rep, f, indent=1)
+  with open(os.path.join(args.out, "stage1_objective.md"), "w") as f:
+    f.write(markdown(rep))
+  print(markdown(rep))
+
+
+if __name__ == "__main__":
+  main()
