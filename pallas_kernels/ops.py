@@ -24,14 +24,20 @@ OPERATIONS = ("causal_attention", "cache_causal_attention", "window_attention", 
               "cache_prefill_select", "cache_sparse_prefill")
 
 
-def backend() -> str:
+def backend_choice() -> tuple[str, str]:
+  """(backend, why): the kernel backend of this process and the reason, in words."""
   choice = os.environ.get("RTPURBO_KERNELS", "auto").lower()
   if choice not in ("auto", "gpu", "tpu", "reference"):
     raise ValueError(f"RTPURBO_KERNELS={choice!r}: expected auto, gpu, tpu or reference")
   if choice != "auto":
-    return choice
+    return choice, f"RTPURBO_KERNELS={choice}"
   platform = jax.default_backend()
-  return {"gpu": "gpu", "cuda": "gpu", "tpu": "tpu"}.get(platform, "reference")
+  name = {"gpu": "gpu", "cuda": "gpu", "tpu": "tpu"}.get(platform, "reference")
+  return name, f"RTPURBO_KERNELS=auto and the default JAX backend is {platform}"
+
+
+def backend() -> str:
+  return backend_choice()[0]
 
 
 def interpret() -> bool:
