@@ -161,14 +161,21 @@ def create_app(scheduler: Scheduler, codec: Codec, model_name: str) -> FastAPI:
                                media_type="text/event-stream",
                                headers={"Cache-Control": "no-cache"})
     text, tokens, last = [], [], None
+    checked = loop.time()
     try:
       while last is None:
+        ev = None
         try:
           ev = await asyncio.wait_for(queue.get(), _DISCONNECT_POLL_S)
         except TimeoutError:
+          pass
+        # Poll for a disconnect every so often, also while tokens keep coming.
+        if loop.time() - checked >= _DISCONNECT_POLL_S:
+          checked = loop.time()
           if await http.is_disconnected():
             req.cancel()
             return JSONResponse(P.error_body("client disconnected"), 499)
+        if ev is None:
           continue
         text.append(ev.text)
         tokens.extend(ev.token_ids)

@@ -127,8 +127,8 @@ class SlotModel:
     self.slots = int(slots)
     self.chunk = prefill_chunk_size(prefill_chunk, max_len, model.sparse)
     bs = model.sparse.block_size
-    unit = self.chunk * bs // np.gcd(self.chunk, bs)
-    self.max_len = -(-int(max_len) // unit) * unit
+    unit = int(np.lcm(self.chunk, bs))
+    self.max_len = int(-(-int(max_len) // unit) * unit)
     self.graphdef, self.state = nnx.split(model)
     self.cache = model.init_cache(self.slots, self.max_len)
     self.cache_bytes = tree_bytes(self.cache)
