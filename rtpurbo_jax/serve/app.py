@@ -46,6 +46,7 @@ def create_app(scheduler: Scheduler, codec: Codec, model_name: str) -> FastAPI:
 
   @app.exception_handler(RequestValidationError)
   async def _invalid(_, e: RequestValidationError):
+    metrics.count_received()
     metrics.count_rejected()
     err = e.errors()[0] if e.errors() else {}
     loc = [str(x) for x in err.get("loc", ()) if x != "body"]
