@@ -30,6 +30,12 @@ class SelectionStats(nnx.Intermediate):
   """Sown by decode steps: fraction of causal blocks each retrieval head read."""
 
 
+class RowSelectionStats(nnx.Intermediate):
+  """Sown by decode steps beside `SelectionStats`: the same fractions per batch row,
+  [batch, n_retrieval], for callers that average over some rows only (a server's active
+  slots)."""
+
+
 class PrefillSelectionStats(nnx.Intermediate):
   """Sown by sparse prefill chunks: [selected, causal] (query block, key block) pairs of the
   retrieval heads, over the valid query blocks of sparse-active rows (float32 [2])."""
@@ -323,7 +329,9 @@ class MixedHeadAttention(nnx.Module):
         mask = ops.topp_select(qcur, new.ckeys, lengths, top_p=sp.top_p,
                                block_size=sp.block_size, selector=sp.selector)
       mask = mask | ~active[:, None, None]
-      self.sow(SelectionStats, "selected_fraction", _selected_fraction(mask, lengths, sp))
+      rows = _selected_fraction(mask, lengths, sp)
+      self.sow(SelectionStats, "selected_fraction", jnp.mean(rows, axis=0))
+      self.sow(RowSelectionStats, "selected_fraction_rows", rows)
       o, _ = ops.sparse_decode(q[:, 0, jnp.asarray(selected)], new.full_k, new.full_v,
                                full_kvh(selected), mask, lengths, block_size=sp.block_size)
       out = put(out, selected, o)
@@ -510,10 +518,9 @@ class IndexerVar(indexer_lib.IndexerParam):
 
 
 def _selected_fraction(mask, lengths, sp: SparseConfig):
-  """Mean over batch of the per-head fraction of causal blocks selected: [n_ret]."""
+  """Per row and retrieval head, the fraction of causal blocks selected: [batch, n_ret]."""
   causal_blocks = (lengths + sp.block_size - 1) // sp.block_size  # [b]
-  frac = jnp.sum(mask, axis=-1) / jnp.maximum(causal_blocks[:, None], 1)
-  return jnp.mean(frac, axis=0)
+  return jnp.sum(mask, axis=-1) / jnp.maximum(causal_blocks[:, None], 1)
 
 
 def per_query_selection(qi, ki, positions, k_pos, sp: SparseConfig, s_pad: int):
