@@ -698,7 +698,9 @@ def test_baseline_weights_run_dense_and_streaming(corpus, seed, rng, tmp_path):
   cfg = _tiny_config()
   cfg.seed = seed % 1000
   model_a, _ = runner.load_model(cfg)
-  other = Transformer(model_a.cfg, rngs=nnx.Rngs(cfg.seed + 1))
+  # A larger init scale makes the baseline's predictions far from uniform, so its perplexity
+  # differs clearly from model_a's (two near-uniform random models can agree to 1e-4).
+  other = Transformer(model_a.cfg, rngs=nnx.Rngs(cfg.seed + 1), init_std=0.3)
   rtpurbo_jax.save_pretrained(other, tmp_path / "baseline")
   plan = {str(l): [int(h == l + 1) for h in range(4)] for l in range(2)}
   (tmp_path / "plan.json").write_text(json.dumps(plan))
@@ -723,7 +725,7 @@ def test_baseline_weights_run_dense_and_streaming(corpus, seed, rng, tmp_path):
   assert got["dense"] == pytest.approx(ppl_of(other, "dense"), rel=1e-5)
   assert got["streaming"] == pytest.approx(ppl_of(other, "streaming"), rel=1e-5)
   assert got["rtpurbo"] == pytest.approx(ppl_of(model_a, "rtpurbo"), rel=1e-5)
-  assert abs(got["dense"] / ppl_of(model_a, "dense") - 1) > 1e-3  # really other weights
+  assert abs(got["dense"] / ppl_of(model_a, "dense") - 1) > 1e-2  # really other weights
 
 
 def test_reproduce_rechecks_a_recorded_run(corpus, seed, tmp_path):
