@@ -30,6 +30,8 @@ import sys
 from absl import app, flags
 
 from rtpurbo_jax import cli
+from rtpurbo_jax.infer import load
+from rtpurbo_jax.infer.load import head_plan
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _DEFAULT_CONFIG = os.path.join(_HERE, "configs", "smollm2_135m.py")
@@ -119,22 +121,6 @@ def model_config(cfg, resolve: bool = False):
     if os.path.isfile(os.path.join(path, "config.json")):
       return config_io.model_config_from_hf(config_io.read_config_json(path))
   return model_config_from(cfg.model)
-
-
-def head_plan(cfg, model_cfg, own_plan=None):
-  """(plan, note): config.plan.path, else the model's calibrated plan, else a random stand-in."""
-  from rtpurbo_jax.attention.plan import HeadPlan, load_headwise_config
-  from rtpurbo_jax.infer.memory import synthetic_plan
-
-  if cfg.plan.path:
-    plan, _ = HeadPlan.from_headwise_config(load_headwise_config(cfg.plan.path),
-                                            model_cfg.num_kv_heads)
-    return plan, f"head plan from {cfg.plan.path}"
-  if own_plan is not None and own_plan.mask().any():
-    return own_plan, "the model's calibrated head plan"
-  plan = synthetic_plan(model_cfg, cfg.plan.retrieval_ratio, cfg.seed)
-  return plan, (f"no calibrated head plan: a random plan with {cfg.plan.retrieval_ratio:.0%} "
-                "retrieval heads (run calibration for a real one)")
 
 
 def folder_plan(cfg, model_cfg):
@@ -271,22 +257,8 @@ def prompt_ids(tok, ctx: int, max_new: int, seed: int):
 
 def load_model(cfg, model_cfg, mode_sparse):
   """(model, plan note): pretrained or random weights, rebuilt with the run's plan and mode."""
-  from flax import nnx
-
-  from rtpurbo_jax import convert
-  from rtpurbo_jax.models.transformer import Transformer
-
-  if FLAGS.random_weights or not cfg.model_path:
-    plan, note = head_plan(cfg, model_cfg)
-    # One compiled initialiser instead of one dispatch (and compile) per parameter.
-    model = nnx.jit(lambda: Transformer(model_cfg, sparse=mode_sparse, plan=plan,
-                                        dtype=cfg.dtype, rngs=nnx.Rngs(cfg.seed)))()
-    return model, note
-  import rtpurbo_jax
-
-  model = rtpurbo_jax.from_pretrained(cfg.model_path, dtype=cfg.dtype)
-  plan, note = head_plan(cfg, model.cfg, model.plan)
-  return convert.rebuild(model, plan=plan, sparse=mode_sparse), note
+  path = "" if FLAGS.random_weights else cfg.model_path
+  return load.load_model(cfg, mode_sparse, path=path, model_cfg=model_cfg)
 
 
 def eos_ids(tok, model_cfg) -> tuple[int, ...]:

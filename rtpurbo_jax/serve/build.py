@@ -48,42 +48,17 @@ def build_server(model, codec: Codec, model_name: str, *, slots: int, max_len: i
 
 
 def load_model(cfg, *, random_weights: bool = False, init_std: float = 0.02):
-  """(model, plan note) as infer.py runs it: pretrained (`cfg.infer.model`, else
-  `cfg.model_path`) rebuilt with the config's sparse settings and head plan, or random
-  weights from `cfg.model`. The plan: `cfg.plan.path`, else the model's calibrated plan,
-  else a random stand-in with `cfg.plan.retrieval_ratio` retrieval heads."""
-  from flax import nnx
-
-  from rtpurbo_jax import convert
-  from rtpurbo_jax.attention.plan import HeadPlan, load_headwise_config
+  """(model, plan note) as infer.py runs it (`infer.load`): pretrained (`cfg.infer.model`,
+  else `cfg.model_path`) or random weights from `cfg.model`, with the config's sparse
+  settings and head plan."""
   from rtpurbo_jax.config import model_config_from, sparse_config_from
-  from rtpurbo_jax.infer.memory import synthetic_plan
-  from rtpurbo_jax.models.transformer import Transformer
+  from rtpurbo_jax.infer import load
 
-  sparse = sparse_config_from(cfg.sparse)
   path = model_path(cfg, random_weights)
-
-  def plan_for(model_cfg, own=None):
-    if cfg.plan.path:
-      plan, _ = HeadPlan.from_headwise_config(load_headwise_config(cfg.plan.path),
-                                              model_cfg.num_kv_heads)
-      return plan, f"head plan from {cfg.plan.path}"
-    if own is not None and own.mask().any():
-      return own, "the model's calibrated head plan"
-    return (synthetic_plan(model_cfg, cfg.plan.retrieval_ratio, cfg.seed),
-            f"a random head plan ({cfg.plan.retrieval_ratio:.0%} retrieval heads)")
-
-  if not path:
-    model_cfg = model_config_from(cfg.model)
-    plan, note = plan_for(model_cfg)
-    model = nnx.jit(lambda: Transformer(model_cfg, sparse=sparse, plan=plan, dtype=cfg.dtype,
-                                        rngs=nnx.Rngs(cfg.seed), init_std=init_std))()
-    return model, note + ", random weights"
-  import rtpurbo_jax
-
-  model = rtpurbo_jax.from_pretrained(path, dtype=cfg.dtype)
-  plan, note = plan_for(model.cfg, model.plan)
-  return convert.rebuild(model, plan=plan, sparse=sparse), note
+  model, note = load.load_model(cfg, sparse_config_from(cfg.sparse), path=path,
+                                model_cfg=None if path else model_config_from(cfg.model),
+                                init_std=init_std)
+  return model, note if path else note + ", random weights"
 
 
 def model_path(cfg, random_weights: bool = False) -> str:
