@@ -74,6 +74,11 @@ GGUF_SHA256_PREFIX = "b179c9523d0e6a0f"
 # Packages the GPU image lacks (its own numpy, jax, flax, transformers, ... are used).
 WHEELS = ("grain==0.2.18", "ml_collections==1.1.0", "gguf==0.19.0", "array_record==0.8.6",
           "portpicker==1.6.0", "tensorboardX==2.6.5")
+# The server's stack, for benchmarks/serve_load.py (the image has typing_extensions and idna).
+WHEELS += ("fastapi==0.165.0", "starlette==1.10.0", "uvicorn==0.55.0", "pydantic==2.14.4",
+           "pydantic_core==2.50.5", "annotated-types==0.8.0", "annotated-doc==0.0.7",
+           "typing-inspection==0.4.5", "anyio==4.16.0", "sniffio==1.3.1", "h11==0.16.0",
+           "click==8.5.1")
 PART_BYTES = 49181216  # two halves of the 98 MB GGUF, each well under one call's 64 MiB
 
 _PPL = ("--config.eval.modes=rtpurbo --config.eval.samples=0 --config.eval.lengths=8K,4K "
@@ -84,18 +89,19 @@ _TASKS = "--config.eval.modes=rtpurbo --config.eval.lengths=8K,4K,2K --config.ev
 #   full backbone (lr 3e-6), 100 steps of 4K x 8 each; held-out perplexity at 4K / 8K of the
 #   LoRA result, of full stage 2 and of its rank-16 delta (what assets/ can carry); the tasks
 #   of the LoRA result and of window 2048 without stage 2 (the lever that met the perplexity
-#   target) at 2K / 4K / 8K.
+#   target) at 2K / 4K / 8K. Each stage-2 run stops at its first checkpoint (every 20 steps)
+#   after 7 minutes, so that the evaluations fit the same session; window 2048 runs last.
 PRESETS = {
     "stage2": {
         "steps": "",
-        "stage2": ("lora:--lora_rank=16 --lr=1e-4 --steps=100;"
-                   "full:--lr=3e-6 --steps=100 --save_full"),
+        "stage2": ("lora:--lora_rank=16 --lr=1e-4 --steps=100 --max_minutes=7;"
+                   "full:--lr=3e-6 --steps=100 --max_minutes=7 --save_full"),
         "evals": ";".join([
-            f"win2048:--config.sparse.window=2048 {_TASKS}",
             f"s2lora@stage2_lora:--config.eval.model={{big}}/stage2_lora/hf {_PPL}",
             f"s2full@stage2_full:--config.eval.model={{big}}/stage2_full/hf_full {_PPL}",
-            f"s2fulld16@stage2_full:--config.eval.model={{big}}/stage2_full/hf {_PPL}",
             f"s2loratasks@stage2_lora:--config.eval.model={{big}}/stage2_lora/hf {_TASKS}",
+            f"s2fulld16@stage2_full:--config.eval.model={{big}}/stage2_full/hf {_PPL}",
+            f"win2048:--config.sparse.window=2048 {_TASKS}",
         ]),
     },
 }
@@ -373,10 +379,46 @@ def stage1(args):
         cfg.train.stage1.to_json_best_effort())}, f, indent=1)
 
 
+class TimeUp(Exception):
+  """Raised by `time_budget`'s callback: training stopped at checkpoint `step`."""
+
+  def __init__(self, step: int):
+    super().__init__(f"time budget spent at step {step}")
+    self.step = step
+
+
+def time_budget(minutes: float, every: int, clock=time.monotonic):
+  """An on_step callback that raises TimeUp at the first step that is a multiple of `every`
+  (a step the trainer has just checkpointed) once `minutes` have passed; 0: never."""
+  t0 = clock()
+
+  def on_step(step: int, metrics: dict) -> None:
+    if minutes > 0 and step % every == 0 and clock() - t0 > 60 * minutes:
+      raise TimeUp(step)
+
+  return on_step
+
+
+def run_within(cfg, stage: str, minutes: float, every: int):
+  """(model, steps done) of stages.run_pipeline(cfg), stopped at the first checkpoint (a
+  multiple of `every`, which must be cfg.train.checkpoint_every) after `minutes`. The stopped
+  run is resumed with that step as its last, which restores the checkpoint and trains no more."""
+  from rtpurbo_jax.train import stages
+  opts = cfg.train[stage]
+  try:
+    return stages.run_pipeline(cfg, on_step=time_budget(minutes, every)), opts.steps
+  except TimeUp as stop:
+    print(f"{stage}: {stop}", flush=True)
+    opts.steps = stop.step
+    return stages.run_pipeline(cfg), stop.step
+
+
 def stage2(args):
   """Stage 2 from the committed plan and indexer (frozen): full backbone or LoRA.
 
-  Writes out/stage2_<name>/ (artifacts with the rank --delta_rank backbone delta, metrics) and
+  With --max_minutes the run stops at the first checkpoint after that time (counted from
+  the start, teacher logits included) and keeps the weights of that step. Writes
+  out/stage2_<name>/ (artifacts with the rank --delta_rank backbone delta, metrics) and
   big/stage2_<name>/hf (the HF folder those artifacts overlay on the base: what an evaluation
   of this variant loads; with --save_full also hf_full, the trained weights themselves)."""
   import logging
@@ -386,18 +428,18 @@ def stage2(args):
   import smollm2_135m
   import rtpurbo_jax as rj
   from rtpurbo_jax.hf import api
-  from rtpurbo_jax.train import stages
   name = f"stage2_{args.name}"
   out, big = os.path.join(args.out, name), os.path.join(args.big, name)
   cfg = smollm2_135m.get_config()
   cfg.model_path = api.SMOLLM2_RTPURBO  # the committed plan + stage-1 indexer
+  every = args.checkpoint_every if args.max_minutes else args.steps
   cfg.train.update(workdir=os.path.join(big, "work"), stages="stage2", progress=False,
-                   save_final=False, checkpoint_every=args.steps)
+                   save_final=False, checkpoint_every=every)
   cfg.train.stage2.update(steps=args.steps, lr=args.lr, warmup=args.warmup,
                           batch_size=args.batch, seq_len=args.seq_len,
                           lora_rank=args.lora_rank, max_examples=args.max_examples)
   t0 = time.time()
-  model = stages.run_pipeline(cfg)
+  model, steps_done = run_within(cfg, "stage2", args.max_minutes, every)
   seconds = time.time() - t0
   base = rj.from_pretrained(api.SMOLLM2_RTPURBO)
   assets = os.path.join(out, "assets", api.SMOLLM2_RTPURBO)
@@ -410,8 +452,9 @@ def stage2(args):
   shutil.copyfile(os.path.join(big, "work", "metrics", "stage2.jsonl"),
                   os.path.join(out, "stage2.jsonl"))
   with open(os.path.join(out, "stage2.json"), "w") as f:
-    json.dump({"seconds": round(seconds, 1), "config": json.loads(
-        cfg.train.stage2.to_json_best_effort())}, f, indent=1)
+    json.dump({"seconds": round(seconds, 1), "steps_done": steps_done,
+               "steps_asked": args.steps, "config": json.loads(
+                   cfg.train.stage2.to_json_best_effort())}, f, indent=1)
 
 
 def heldout(args):
@@ -484,6 +527,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--delta_rank", type=int, default=16, help="rank of the committed delta")
   p.add_argument("--max_examples", type=int, default=0, help="0: every training window")
   p.add_argument("--save_full", action="store_true", help="also write big/.../hf_full")
+  p.add_argument("--max_minutes", type=float, default=0,
+                 help="stop at the first checkpoint after this long (0: run every step)")
+  p.add_argument("--checkpoint_every", type=int, default=20,
+                 help="steps between checkpoints when --max_minutes is set")
   return ap
 
 

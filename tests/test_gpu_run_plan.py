@@ -4,6 +4,8 @@ import importlib.util
 import os
 import shlex
 
+import jax
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,7 +35,7 @@ def test_stage2_preset_plans_valid_steps(gpu_run, tmp_path):
   args = ap.parse_args(["job", "--preset", "stage2", "--out", str(tmp_path / "out")])
   out, big = str(tmp_path / "out"), str(tmp_path / "big")
   steps, cmds, deps = gpu_run.plan_job(args, out, big)
-  assert steps[:2] == ["stage2_lora", "stage2_full"]
+  assert steps[:2] == ["stage2_lora", "stage2_full"] and steps[-1] == "eval_win2048"
   assert "stage1" not in steps and set(steps) == set(cmds) == set(deps)
   assert deps["stage2_lora"] == [] and deps["stage2_full"] == [] and deps["eval_win2048"] == []
   assert deps["eval_s2lora"] == ["stage2_lora"] and deps["eval_s2full"] == ["stage2_full"]
@@ -45,6 +47,7 @@ def test_stage2_preset_plans_valid_steps(gpu_run, tmp_path):
     if step.startswith("stage2_"):  # the stage2 subcommand accepts every flag
       sub = ap.parse_args(cmd[2:])
       assert sub.cmd == "stage2" and sub.big == big and sub.steps == 100
+      assert sub.max_minutes > 0 and 100 % sub.checkpoint_every == 0
       continue
     flags = [f for f in cmd if f.startswith("--config.")]
     assert any(f.startswith("--config.eval.out_dir=" + os.path.join(out, step)) for f in flags)
@@ -63,3 +66,52 @@ def test_plan_refuses_a_wait_for_a_missing_step(gpu_run, tmp_path):
       ["job", "--steps", "", "--evals", "x@stage2_nope:" + shlex.quote("--config.seed=1")])
   with pytest.raises(SystemExit, match="stage2_nope"):
     gpu_run.plan_job(args, str(tmp_path / "out"), str(tmp_path / "big"))
+
+
+def test_time_budget_stops_at_a_checkpoint_after_the_limit(gpu_run):
+  now = [0.0]
+  on_step = gpu_run.time_budget(2.0, 20, clock=lambda: now[0])
+  for step in range(1, 20):  # before the limit: never
+    now[0] = step * 5.0
+    on_step(step, {})
+  now[0] = 121.0
+  for step in (41, 59):  # after it, but not a checkpoint step
+    on_step(step, {})
+  with pytest.raises(gpu_run.TimeUp) as stop:
+    on_step(60, {})
+  assert stop.value.step == 60
+  never = gpu_run.time_budget(0, 20, clock=lambda: 1e9)
+  never(20, {})  # 0 minutes: no budget
+
+
+def test_run_within_keeps_the_checkpoint_it_stopped_at(gpu_run, tmp_path, seed):
+  """A run stopped by its time budget returns the weights of its last checkpoint: those of
+  a run asked for exactly that many steps."""
+  from configs.tiny import get_config
+  from rtpurbo_jax.attention.indexer import IndexerParam
+  from flax import nnx
+
+  def cfg_in(work):
+    cfg = get_config()
+    (tmp_path / "t.txt").write_text("some words and other words " * 100)
+    cfg.data.train_files, cfg.data.tokenizer = str(tmp_path / "t.txt"), "byte"
+    cfg.train.update(workdir=str(work), stages="calibrate,stage1", progress=False,
+                     save_final=False, checkpoint_every=2)
+    cfg.seed = seed % 1000
+    cfg.train.stage1.update(steps=6, seq_len=128, query_chunk=64)
+    return cfg
+
+  cfg = cfg_in(tmp_path / "stopped")
+  model, done = gpu_run.run_within(cfg, "stage1", 1e-9, 2)  # spent at once: stops at step 2
+  assert done == 2
+  cfg2 = cfg_in(tmp_path / "two")
+  cfg2.train.stage1.steps = 2
+  model2, done2 = gpu_run.run_within(cfg2, "stage1", 0, 2)
+  assert done2 == 2
+  cfg6 = cfg_in(tmp_path / "six")
+  model6, _ = gpu_run.run_within(cfg6, "stage1", 0, 2)
+  idx = lambda m: jax.tree.leaves(nnx.state(m, IndexerParam))
+  for a, b, c in zip(idx(model), idx(model2), idx(model6)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert any(not np.array_equal(np.asarray(a), np.asarray(c))
+             for a, c in zip(idx(model), idx(model6)))
