@@ -30,8 +30,8 @@ import sys
 from absl import app, flags
 
 from rtpurbo_jax import cli
-from rtpurbo_jax.infer import load
-from rtpurbo_jax.infer.load import head_plan
+from rtpurbo_jax import loading
+from rtpurbo_jax.loading import eos_ids, head_plan
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _DEFAULT_CONFIG = os.path.join(_HERE, "configs", "smollm2_135m.py")
@@ -258,16 +258,7 @@ def prompt_ids(tok, ctx: int, max_new: int, seed: int):
 def load_model(cfg, model_cfg, mode_sparse):
   """(model, plan note): pretrained or random weights, rebuilt with the run's plan and mode."""
   path = "" if FLAGS.random_weights else cfg.model_path
-  return load.load_model(cfg, mode_sparse, path=path, model_cfg=model_cfg)
-
-
-def eos_ids(tok, model_cfg) -> tuple[int, ...]:
-  ids = set()
-  for e in (getattr(tok, "eos_token_id", None), model_cfg.eos_token_id):
-    if e is None:
-      continue
-    ids.update(e if isinstance(e, (tuple, list)) else (e,))
-  return tuple(sorted(int(i) for i in ids))
+  return loading.load_model(cfg, mode_sparse, path=path, model_cfg=model_cfg)
 
 
 def run(cfg, ctx):

@@ -27,6 +27,7 @@ from flax import nnx
 
 from rtpurbo_jax.attention.plan import HeadPlan
 from rtpurbo_jax.config import ConfigError
+from rtpurbo_jax.files import atomic_write
 from rtpurbo_jax.models.transformer import Transformer
 
 
@@ -171,19 +172,6 @@ def calibrate(model: Transformer, input_ids, needle_span, retrieval_ratio: float
 # Outputs.
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-  """Write via a temporary file in the same folder, so a crash never leaves half a file."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  try:
-    with open(tmp, "wb") as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-
-
 def write_report(out_dir: str, name: str, scores: np.ndarray, plan: HeadPlan,
                  meta: dict | None = None) -> tuple[str, str]:
   """Write `<name>.json` and `<name>.png` into out_dir; returns their paths."""
@@ -198,9 +186,9 @@ def write_report(out_dir: str, name: str, scores: np.ndarray, plan: HeadPlan,
                                      scores.shape))][: int(plan.mask().sum())],
   )
   json_path = os.path.join(out_dir, f"{name}.json")
-  _atomic_write(json_path, (json.dumps(doc, indent=1) + "\n").encode())
+  atomic_write(json_path, (json.dumps(doc, indent=1) + "\n").encode())
   png_path = os.path.join(out_dir, f"{name}.png")
-  _atomic_write(png_path, heatmap_png(scores, plan, title=name))
+  atomic_write(png_path, heatmap_png(scores, plan, title=name))
   return json_path, png_path
 
 

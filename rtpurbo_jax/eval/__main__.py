@@ -22,6 +22,7 @@ import os
 import sys
 
 from rtpurbo_jax import cli
+from rtpurbo_jax.files import atomic_write
 
 _CONFIG = cli.define_config(os.path.join("configs", "smollm2_135m.py"))
 
@@ -39,7 +40,7 @@ def main(argv):
     out_dir = fresh["settings"]["out_dir"]
     report.write(fresh, out_dir)
     path = os.path.join(out_dir, "reproduce.json")
-    report.atomic_write(path, (json.dumps(out, indent=1) + "\n").encode())
+    atomic_write(path, (json.dumps(out, indent=1) + "\n").encode())
     print(f"{'reproduced' if out['ok'] else 'NOT reproduced'}: {out['predictions']} predictions, "
           f"{out['perplexities']} perplexities checked against {cfg.eval.reproduce} ({path})")
     for line in out["mismatches"][:20]:

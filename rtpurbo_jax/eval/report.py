@@ -32,6 +32,7 @@ import os
 import numpy as np
 
 from rtpurbo_jax.eval import stats
+from rtpurbo_jax.files import atomic_write
 
 FILES = ("results.json", "results.md", "accuracy_vs_length.png", "sparsity_vs_length.png",
          "head_budget.png")
@@ -44,14 +45,6 @@ PARTIAL_NOTE = ("Partial-score tasks (variable tracking, common words, multi-val
                 "a bounded mean).")
 
 
-def atomic_write(path: str, data: bytes) -> None:
-  tmp = path + ".partial"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
-
-
-_atomic_write = atomic_write
 
 
 def _size(n: int) -> str:
@@ -380,7 +373,7 @@ def write(results: dict, out_dir: str) -> list[str]:
   paths = []
   for name in FILES:
     path = os.path.join(out_dir, name)
-    _atomic_write(path, payloads[name])
+    atomic_write(path, payloads[name])
     paths.append(path)
   return paths
 

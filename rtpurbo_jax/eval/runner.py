@@ -39,6 +39,7 @@ import time
 import jax
 import numpy as np
 
+from rtpurbo_jax import loading
 from rtpurbo_jax.attention.plan import HeadPlan
 from rtpurbo_jax.config import ConfigError, SparseConfig, parse_size
 from rtpurbo_jax.eval import perplexity as ppl_lib
@@ -46,6 +47,7 @@ from rtpurbo_jax.eval import scoring, sparsity, stats
 from rtpurbo_jax.eval.corpus import ByteCodec, Corpus, HFCodec
 from rtpurbo_jax.eval.decode import GreedyDecoder
 from rtpurbo_jax.eval.tasks import TASKS, TaskContext, make_examples
+from rtpurbo_jax.files import atomic_write_json
 
 MODES = ("dense", "rtpurbo", "streaming", "topk")
 DEFAULT_TASKS = ("passkey", "niah_single", "niah_multikey", "niah_multivalue",
@@ -175,13 +177,6 @@ def binding_budget(tokens_per_head: float, block_size: int) -> int:
   return max(1, int(np.ceil(tokens_per_head / block_size - 1e-9))) * block_size
 
 
-def _eos_ids(model) -> set[int]:
-  eos = model.cfg.eos_token_id
-  if eos is None:
-    return set()
-  return {int(eos)} if isinstance(eos, int) else {int(e) for e in eos}
-
-
 def _completion(codec, toks, eos: set[int]) -> str:
   out = []
   for t in toks:
@@ -257,7 +252,7 @@ class _Suite:
                      for m in self.models}
     self.nll_fns = {m: ppl_lib.make_nll_fn(self.models[m], sparse.chunk_size)
                     for m in self.models}
-    self.eos = _eos_ids(model)
+    self.eos = set(loading.eos_ids(None, model.cfg))
     self.topk_tokens = None
     # rtpurbo measures topk's binding budget even when rtpurbo itself is not evaluated.
     self.measure = None
@@ -524,18 +519,13 @@ def load_model(cfg):
   name = model_name(cfg)
   if name:
     import rtpurbo_jax
-    model = rtpurbo_jax.from_pretrained(name, dtype=cfg.dtype)
-    return model, HFCodec(rtpurbo_jax.load_tokenizer(name))
-  from flax import nnx
-
+    return loading.build_model(cfg, name), HFCodec(rtpurbo_jax.load_tokenizer(name))
   from rtpurbo_jax.config import model_config_from
-  from rtpurbo_jax.models.transformer import Transformer
-  mc = model_config_from(cfg.model)
-  codec = ByteCodec()
+  mc, codec = model_config_from(cfg.model), ByteCodec()
   if mc.vocab_size < codec.offset + 256:
     raise ConfigError(f"model.vocab_size={mc.vocab_size} is too small for the byte-level "
                       f"tokenizer of a random-init model (needs >= {codec.offset + 256})")
-  return Transformer(mc, dtype=cfg.dtype, rngs=nnx.Rngs(cfg.seed)), codec
+  return loading.build_model(cfg, "", model_cfg=mc), codec
 
 
 def resolve_plan(cfg, model, codec, corpus: Corpus) -> tuple[HeadPlan, str, dict | None]:
@@ -614,11 +604,9 @@ def run_from_config(cfg, *, progress: bool = True, corpus: Corpus | None = None,
   if calibration is not None:
     # Keep the plan: later runs (other lengths) pass it back with --config.plan.path.
     os.makedirs(settings.out_dir, exist_ok=True)
-    path = os.path.join(settings.out_dir, "plan.json")
-    with open(path + ".partial", "w") as f:
-      json.dump({"headwise_config": plan.to_headwise_config(sparse), "calibration": calibration,
-                 "summary": plan.summary()}, f, indent=1)
-    os.replace(path + ".partial", path)
+    atomic_write_json(os.path.join(settings.out_dir, "plan.json"),
+                      {"headwise_config": plan.to_headwise_config(sparse),
+                       "calibration": calibration, "summary": plan.summary()})
   meta = {"name": cfg.name, "model": model_name(cfg) or "random init (config.model)",
           "baseline_model": (baseline_name(cfg) or "random init (config.model)"),
           "plan_source": source, "dtype": cfg.dtype,

@@ -48,14 +48,14 @@ def build_server(model, codec: Codec, model_name: str, *, slots: int, max_len: i
 
 
 def load_model(cfg, *, random_weights: bool = False, init_std: float = 0.02):
-  """(model, plan note) as infer.py runs it (`infer.load`): pretrained (`cfg.infer.model`,
+  """(model, plan note) as infer.py runs it (`loading.load_model`): pretrained (`cfg.infer.model`,
   else `cfg.model_path`) or random weights from `cfg.model`, with the config's sparse
   settings and head plan."""
   from rtpurbo_jax.config import model_config_from, sparse_config_from
-  from rtpurbo_jax.infer import load
+  from rtpurbo_jax import loading
 
   path = model_path(cfg, random_weights)
-  model, note = load.load_model(cfg, sparse_config_from(cfg.sparse), path=path,
+  model, note = loading.load_model(cfg, sparse_config_from(cfg.sparse), path=path,
                                 model_cfg=None if path else model_config_from(cfg.model),
                                 init_std=init_std)
   return model, note if path else note + ", random weights"

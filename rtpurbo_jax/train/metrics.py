@@ -9,6 +9,8 @@ import logging
 import os
 import time
 
+from rtpurbo_jax.files import atomic_write
+
 log = logging.getLogger(__name__)
 
 
@@ -105,10 +107,7 @@ def truncate_after(path: str, step: int) -> None:
       continue
   if len(keep) == len(lines):
     return
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.writelines(keep)
-  os.replace(tmp, path)
+  atomic_write(path, "".join(keep))
 
 
 def read_metrics(path: str) -> list[dict]:

@@ -28,13 +28,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rtpurbo_jax import lowrank
+from rtpurbo_jax import loading, lowrank
 from rtpurbo_jax import sharding as shd
 from rtpurbo_jax.attention.indexer import IndexerParam
 from rtpurbo_jax.attention.plan import HeadPlan, read_plan
-from rtpurbo_jax.config import (ConfigError, SparseConfig, model_config_from, sparse_config_from,
+from rtpurbo_jax.config import (ConfigError, SparseConfig, sparse_config_from,
                                 validate)
 from rtpurbo_jax.convert import rebuild
+from rtpurbo_jax.files import atomic_write_json
 from rtpurbo_jax.train import data as data_lib
 from rtpurbo_jax.train import losses
 from rtpurbo_jax.train.trainer import ParamSplit, RunOptions, Task, Trainer, write_run_config
@@ -123,25 +124,13 @@ def run_options(cfg, stage: str) -> RunOptions:
                     config_json=cfg.to_json_best_effort())
 
 
-def _write_json(path: str, obj) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(tmp, path)  # atomic: a reader sees the old file or the whole new one
-
-
 # ---------------------------------------------------------------------------
 # Model, mesh, plan.
 
 
 def load_model(cfg):
   """From `cfg.model_path` (HF folder or registered name) or random init from `cfg.model`."""
-  if cfg.model_path:
-    import rtpurbo_jax
-    return rtpurbo_jax.from_pretrained(cfg.model_path, dtype=cfg.dtype)
-  from rtpurbo_jax.models.transformer import Transformer
-  return Transformer(model_config_from(cfg.model), sparse=sparse_config_from(cfg.sparse),
-                     dtype=cfg.dtype, rngs=nnx.Rngs(cfg.seed))
+  return loading.build_model(cfg, cfg.model_path, sparse=sparse_config_from(cfg.sparse))
 
 
 def make_mesh(cfg):
@@ -227,7 +216,7 @@ def run_calibrate(cfg, model, tok) -> HeadPlan:
   plan, scores = calibration.calibrate(dense, jnp.asarray(ids)[None], span,
                                        cfg.plan.retrieval_ratio, out_dir=out_dir)
   sparse = pipeline_sparse(cfg)
-  _write_json(path, {"headwise_config": plan.to_headwise_config(sparse),
+  atomic_write_json(path, {"headwise_config": plan.to_headwise_config(sparse),
                      "scores": np.asarray(scores).tolist(), "needle_span": list(span),
                      "length": int(c.length), "summary": plan.summary()})
   log.info("calibrate: %s", plan.summary())
@@ -320,7 +309,7 @@ class TeacherStore:
                           f"({old.get('fingerprint')} vs {meta['fingerprint']}); delete it or "
                           "use another train.workdir")
     else:
-      _write_json(meta_path, meta)
+      atomic_write_json(meta_path, meta)
 
   def shard_path(self, s: int) -> str:
     return os.path.join(self.dir, f"shard_{s:05d}.npz")

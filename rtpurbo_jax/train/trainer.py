@@ -31,6 +31,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rtpurbo_jax import sharding as shd
+from rtpurbo_jax.files import atomic_write_json
 from rtpurbo_jax.train import checkpoint as ckpt_lib
 from rtpurbo_jax.train.metrics import MetricsLogger
 from rtpurbo_jax.train.optim import make_optimizer
@@ -120,11 +121,7 @@ def write_run_config(workdir: str, config_json: str) -> None:
   checkpoints match), so a refused run leaves the config of the run that wrote them."""
   if jax.process_index():
     return
-  path = os.path.join(workdir, "config.json")
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(json.loads(config_json), f, indent=1)
-  os.replace(tmp, path)
+  atomic_write_json(os.path.join(workdir, "config.json"), json.loads(config_json))
 
 
 class Trainer:
