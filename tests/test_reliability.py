@@ -528,28 +528,16 @@ def test_corrupt_weights_are_one_line_in_train(tmp_path):
   _one_error(r, f"{folder}/model.safetensors is not a readable safetensors file")
 
 
-_infer_module = None
-
-
-def _infer():
-  """infer.py as a module (once per process: it defines absl flags)."""
-  global _infer_module
-  if _infer_module is None:
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("infer_under_test",
-                                                  os.path.join(ROOT, "infer.py"))
-    _infer_module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(_infer_module)
-  return _infer_module
-
-
 def test_random_weights_check_memory_before_building_the_prompt(monkeypatch):
-  from absl import flags
-  from rtpurbo_jax.infer import memory
-  infer = _infer()
-  flags.FLAGS(["infer.py", "--config=" + os.path.join(ROOT, "configs", "tiny.py"),
-               "--random_weights", "--ctx=64K"])
-  cfg, ctx = infer.resolve_config(infer.cli.load_config(infer._CONFIG))
+  import importlib.util
+
+  from rtpurbo_jax.infer import command, memory
+  spec = importlib.util.spec_from_file_location("tiny_config",
+                                                os.path.join(ROOT, "configs", "tiny.py"))
+  tiny = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tiny)
+  opts = command.Options(random_weights=True, ctx="64K")
+  cfg, ctx = command.resolve_config(tiny.get_config(), opts)
   calls = []
 
   class Stop(Exception):
@@ -560,7 +548,7 @@ def test_random_weights_check_memory_before_building_the_prompt(monkeypatch):
     raise Stop
 
   monkeypatch.setattr(memory, "check_memory", check)
-  monkeypatch.setattr(infer, "random_prompt", lambda *a: calls.append("prompt"))
+  monkeypatch.setattr(command, "random_prompt", lambda *a: calls.append("prompt"))
   with pytest.raises(Stop):
-    infer.run(cfg, ctx)
+    command.run(cfg, opts, ctx)
   assert calls == [("check", 65536)]
