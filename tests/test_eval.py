@@ -689,6 +689,11 @@ def test_merge_by_mode_and_variants_table(corpus, seed, rng, tmp_path):
   assert rows[("v topk", 512)]["topk_budget"] == full["topk_budget"]["512"]["tokens"]
   md = (tmp_path / "cmp" / "variants.md").read_text()
   assert "| v | A | 512 |" in md and "| baseline dense | B | 512 |" in md
+  # A variant that ran rtpurbo only gets no topk row from a baseline that ran topk.
+  only = report.compare({"r": report._only_modes(v_run, ["rtpurbo"])}, baseline=full)
+  names = {r["name"] for r in only["rows"]}
+  assert "r" in names and "r topk" not in names
+  assert {r["name"] for r in report.compare({"v": v_run}, baseline=full)["rows"]} >= {"v topk"}
 
 
 def test_baseline_weights_run_dense_and_streaming(corpus, seed, rng, tmp_path):

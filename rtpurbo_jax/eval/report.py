@@ -568,9 +568,10 @@ def compare(variants: dict[str, dict], baseline: dict | None = None,
       if m in base["settings"]["modes"]:
         add(f"baseline {m}", base, m)
   for name, res in variants.items():
+    own = res["settings"]["modes"]  # topk merged in from the baseline is not this variant's
     res = with_baseline(res)
     for m in (mode, "topk"):
-      if m in res["settings"]["modes"] and (m != "topk" or mode != "topk"):
+      if m in res["settings"]["modes"] and (m == mode or (m in own and mode != "topk")):
         add(name if m == mode else f"{name} topk", res, m)
   return {"lengths": sorted(lengths), "rows": rows, "niah_tasks": list(NIAH_TASKS),
           "mode": mode}
