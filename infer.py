@@ -30,6 +30,7 @@ import sys
 from absl import app, flags
 
 from rtpurbo_jax import cli
+from rtpurbo_jax.attention.routing import selects_blocks
 from rtpurbo_jax.infer import load
 from rtpurbo_jax.infer.load import head_plan
 
@@ -310,7 +311,7 @@ def run(cfg, ctx):
 
   model, note = load_model(cfg, model_cfg, sparse)
   print(f"model: {cfg.model_path or cfg.name}{' (random weights)' if FLAGS.random_weights else ''}"
-        f", mode={sparse.mode}; {note if sparse.mode in ('rtpurbo', 'topk') else 'no plan needed'}")
+        f", mode={sparse.mode}; {note if selects_blocks(sparse.mode) else 'no plan needed'}")
   mesh = None
   if jax.device_count() > 1:
     mesh = sharding.make_mesh(mesh_shape(cfg))

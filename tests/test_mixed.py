@@ -243,7 +243,7 @@ def test_layer_matches_bruteforce_rules(layer, rng):
   model = rtpurbo("rtpurbo").model
   attn = model.layers[layer].attn
   # Layer 0: a ring-only KV head and a mixed group; layer 1: two mixed groups.
-  assert len(attn.layout.full_kv) and (layer == 1 or len(attn.layout.ring_kv))
+  assert len(attn.routing.full_kv) and (layer == 1 or len(attn.routing.ring_kv))
   b = 2
   x = jnp.asarray(rng.standard_normal((b, S, CFG.hidden_size)), jnp.float32)
   pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (b, S))

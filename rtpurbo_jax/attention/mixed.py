@@ -21,6 +21,7 @@ from flax import nnx
 from pallas_kernels import ops
 from rtpurbo_jax.attention import cache as cache_lib
 from rtpurbo_jax.attention import indexer as indexer_lib
+from rtpurbo_jax.attention import routing as routing_lib
 from rtpurbo_jax.attention.plan import LayerHeads
 from rtpurbo_jax.config import ModelConfig, SparseConfig
 from rtpurbo_jax.models.layers import RMSNorm, apply_rope, param
@@ -41,16 +42,6 @@ class PrefillSelectionStats(nnx.Intermediate):
   retrieval heads, over the valid query blocks of sparse-active rows (float32 [2])."""
 
 
-def _head_groups(heads: LayerHeads, mode: str, num_heads: int):
-  """(local query heads, selected query heads, dense query heads) for a mode."""
-  every = tuple(range(num_heads))
-  if mode == "dense":
-    return (), (), every
-  if mode == "streaming":
-    return every, (), ()
-  return heads.local, heads.retrieval, ()
-
-
 class MixedHeadAttention(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, sparse: SparseConfig, heads: LayerHeads, *, dtype,
@@ -58,7 +49,7 @@ class MixedHeadAttention(nnx.Module):
     self.cfg = cfg
     self.sparse = sparse
     self.heads = heads
-    self.layout = cache_lib.layout_for(heads, sparse.mode, cfg.num_kv_heads)
+    self.routing = routing_lib.head_routing(heads, sparse.mode, cfg.num_heads, cfg.num_kv_heads)
     e, h, k, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     init = nnx.initializers.normal(init_std)
     zeros = nnx.initializers.zeros
@@ -132,7 +123,8 @@ class MixedHeadAttention(nnx.Module):
     """Attention of a whole sequence over itself (training, scoring, calibration)."""
     sp, cfg = self.sparse, self.cfg
     b, s, h, d = q.shape
-    local, selected, dense = _head_groups(self.heads, sp.mode, h)
+    r = self.routing
+    local, selected, dense = r.local.heads, r.selected.heads, r.dense.heads
     contiguous = valid is None
     if valid is None:
       valid = jnp.ones((b, s), bool)
@@ -221,13 +213,13 @@ class MixedHeadAttention(nnx.Module):
     O(s x max_len) and whose math is fp32 jnp. Keys beyond a valid query's position are hidden
     by causality, so padding and unwritten slots never reach a valid query.
     """
-    sp, cfg, lay = self.sparse, self.cfg, self.layout
+    sp, cfg, lay = self.sparse, self.cfg, self.routing
     b, s, h, d = q.shape
     if valid is None:
       valid = jnp.ones((b, s), bool)
-    local, selected, dense = _head_groups(self.heads, sp.mode, h)
+    local, selected, dense = lay.local.heads, lay.selected.heads, lay.dense.heads
     ck = None
-    if lay.indexed:
+    if lay.selected:
       qi, ck = self.indexer_qk(q_pre, k_pre)
     ring_before = (cache.ring_k, cache.ring_v, cache.ring_pos)
     new = cache_lib.write(cache, lay, k, v, ck, positions, valid, sp)
@@ -238,9 +230,8 @@ class MixedHeadAttention(nnx.Module):
     out = jnp.zeros(q.shape, q.dtype)
     decode = s == 1
 
-    ring_local = tuple(i for i in local if self.heads.kv_of(i) in lay.ring_kv)
-    full_local = tuple(i for i in local if i not in ring_local)
-    ring_kvh = tuple(lay.ring_kv.index(self.heads.kv_of(i)) for i in ring_local)
+    ring_local, full_local = lay.ring_local.heads, lay.full_local.heads
+    ring_kvh = lay.ring_local.slots
     full_kvh = lambda hs: tuple(lay.full_kv.index(self.heads.kv_of(i)) for i in hs)
     window_rule = dict(sinks=sp.sinks, window=sp.window, sparse_active=active)
 

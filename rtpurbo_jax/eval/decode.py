@@ -42,9 +42,9 @@ class GreedyDecoder:
       m = nnx.merge(graphdef, state)
       return jnp.argmax(m.logits_from_hidden(last_h[:, None])[:, 0], axis=-1).astype(jnp.int32)
 
-    # Retrieval-head layers whose decode steps sow a selected fraction ([n_ret] each).
-    self.selecting = {i: len(l.attn.heads.retrieval) for i, l in enumerate(model.layers)
-                      if l.attn.heads.retrieval and model.sparse.mode in ("rtpurbo", "topk")}
+    # Layers with selected heads: their decode steps sow a selected fraction ([n_ret] each).
+    self.selecting = {i: len(l.attn.routing.selected) for i, l in enumerate(model.layers)
+                      if l.attn.routing.selected}
     selecting = self.selecting
 
     @functools.partial(jax.jit, static_argnames=("steps",))

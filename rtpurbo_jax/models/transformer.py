@@ -111,5 +111,5 @@ class Transformer(nnx.Module):
 
   def init_cache(self, batch: int, max_len: int, dtype=None) -> list[cache_lib.LayerCache]:
     dtype = as_dtype(dtype) if dtype is not None else self.dtype
-    return [cache_lib.init_layer_cache(layer.attn.layout, self.cfg, self.sparse, batch, max_len,
-                                       dtype) for layer in self.layers]
+    return [cache_lib.init_layer_cache(layer.attn.routing, self.cfg, self.sparse, batch,
+                                       max_len, dtype) for layer in self.layers]
