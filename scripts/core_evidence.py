@@ -8,7 +8,7 @@
    / topk, the sparse modes scored decode-style (`sparse_queries` on at every position, so
    each query's retrieval heads read only the blocks their indexer selects, exactly as a
    decode step would); and the decode selected-block fraction of the retrieval heads
-   (`mixed.per_query_selection`, selected blocks / causal blocks, per head and position).
+   (`select.per_query_selection`, selected blocks / causal blocks, per head and position).
    Writes results/core_smollm2.{json,md}.
 
   python scripts/core_evidence.py [--ctx 4096 8192] [--out results]
@@ -37,7 +37,7 @@ import rtpurbo_jax as rj  # noqa: E402
 from rtpurbo_jax import assets  # noqa: E402
 from rtpurbo_jax.attention.cache import memory_report  # noqa: E402
 from rtpurbo_jax.attention.routing import selects_blocks  # noqa: E402
-from rtpurbo_jax.attention.mixed import per_query_selection  # noqa: E402
+from rtpurbo_jax.attention.select import per_query_selection  # noqa: E402
 from rtpurbo_jax.calibration import make_needle_document  # noqa: E402
 
 MODES = ("dense", "rtpurbo", "streaming", "topk")

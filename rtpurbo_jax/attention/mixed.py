@@ -22,6 +22,7 @@ from pallas_kernels import ops
 from rtpurbo_jax.attention import cache as cache_lib
 from rtpurbo_jax.attention import indexer as indexer_lib
 from rtpurbo_jax.attention import routing as routing_lib
+from rtpurbo_jax.attention import select
 from rtpurbo_jax.attention.plan import LayerHeads
 from rtpurbo_jax.config import ModelConfig, SparseConfig
 from rtpurbo_jax.models.layers import RMSNorm, apply_rope, param
@@ -184,18 +185,13 @@ class MixedHeadAttention(nnx.Module):
     pad = ((0, 0), (0, s_pad - s), (0, 0), (0, 0))
     q_ret = q[:, :, jnp.asarray(ret)]
     if sparse_queries is None and use_kernel:
-      if s == s_pad:
-        mask = ops.prefill_select(qi, ki, top_p=sp.top_p, block_size=bs)
-      else:  # the padding is neither pooled nor scored (as in chunked prefill)
-        mask = ops.cache_prefill_select(jnp.pad(qi, pad), jnp.swapaxes(jnp.pad(ki, pad), 1, 2),
-                                        jnp.full((b,), s, jnp.int32), top_p=sp.top_p,
-                                        block_size=bs)
+      mask = select.prefill_topp(qi, ki, sp.top_p, bs)
       o, _ = ops.sparse_prefill(jnp.pad(q_ret, pad), jnp.pad(k, pad), jnp.pad(v, pad), kv,
                                 mask, block_size=bs)
       return o[:, :s]
     if sparse_queries is None:
       sparse_queries = valid
-    mask = per_query_selection(qi, ki, positions, k_pos, sp, s_pad)  # [b, h, s, nb]
+    mask = select.per_query_selection(qi, ki, positions, k_pos, sp, s_pad)  # [b, h, s, nb]
     use = (sparse_queries & active[:, None])[:, None, :, None]
     mask = mask | ~use
     o, _ = ops.masked_attention(q_ret, k, v, positions, k_pos, kv, key_block_mask=mask,
@@ -312,15 +308,8 @@ class MixedHeadAttention(nnx.Module):
       out = put(out, dense_now, o)
     if decode and selected and sp.mode in ("rtpurbo", "topk"):
       lengths = new.length
-      qcur = qi[:, 0]  # [b, n_ret, r]
-      if sp.mode == "topk":
-        mask = ops.topk_select(qcur, new.ckeys, lengths, k_tokens=sp.topk_tokens,
-                               block_size=sp.block_size)
-      else:
-        mask = ops.topp_select(qcur, new.ckeys, lengths, top_p=sp.top_p,
-                               block_size=sp.block_size, selector=sp.selector)
-      mask = mask | ~active[:, None, None]
-      rows = _selected_fraction(mask, lengths, sp)
+      mask = select.decode_blocks(qi[:, 0], new.ckeys, lengths, active, sp)
+      rows = select.selected_fraction(mask, (lengths - 1)[:, None], sp.block_size)
       self.sow(SelectionStats, "selected_fraction", jnp.mean(rows, axis=0))
       self.sow(RowSelectionStats, "selected_fraction_rows", rows)
       o, _ = ops.sparse_decode(q[:, 0, jnp.asarray(selected)], new.full_k, new.full_v,
@@ -342,22 +331,10 @@ class MixedHeadAttention(nnx.Module):
     Returns [batch, s, n_retrieval, head_dim].
     """
     sp = self.sparse
-    bs = sp.block_size
-    b, s = q.shape[:2]
-    if s % bs:
-      raise ValueError(f"sparse_prefill: a prefill chunk of {s} tokens is not a whole number "
-                       f"of {bs}-token blocks (the Engine rounds its prefill_chunk up)")
-    mask = ops.cache_prefill_select(qi, new.ckeys, new.length, q_offset=p0, top_p=sp.top_p,
-                                    block_size=bs)
-    nq, nk = mask.shape[2:]
-    g = p0 // bs + jnp.arange(nq, dtype=jnp.int32)  # global block of each query block
-    causal = jnp.arange(nk, dtype=jnp.int32)[None, :] <= g[:, None]  # [nq, nk]
-    mask = mask | (~active[:, None, None, None] & causal)
-    counted = ((g[None, :] * bs < new.length[:, None]) & active[:, None])[:, None, :, None]
-    pairs = jnp.stack([jnp.sum(mask & causal & counted), jnp.sum(causal & counted) * q.shape[2]])
-    self.sow(PrefillSelectionStats, "prefill_blocks", pairs.astype(jnp.float32))
+    mask, pairs = select.chunk_blocks(qi, new.ckeys, new.length, p0, active, sp)
+    self.sow(PrefillSelectionStats, "prefill_blocks", pairs)
     o, _ = ops.cache_sparse_prefill(q, new.full_k, new.full_v, kv_heads, mask, q_offset=p0,
-                                    block_size=bs, chunk=sp.chunk_size)
+                                    block_size=sp.block_size, chunk=sp.chunk_size)
     return o
 
   def _ring_prefill_fast(self, q, ring_before, chunk_kv, new, kv_heads, p0, active):
@@ -506,45 +483,3 @@ class IndexerVar(indexer_lib.IndexerParam):
 
   def __init__(self, value, axes):
     super().__init__(jnp.asarray(value), out_sharding=axes, eager_sharding=False)
-
-
-def _selected_fraction(mask, lengths, sp: SparseConfig):
-  """Per row and retrieval head, the fraction of causal blocks selected: [batch, n_ret]."""
-  causal_blocks = (lengths + sp.block_size - 1) // sp.block_size  # [b]
-  return jnp.sum(mask, axis=-1) / jnp.maximum(causal_blocks[:, None], 1)
-
-
-def per_query_selection(qi, ki, positions, k_pos, sp: SparseConfig, s_pad: int):
-  """Decode-style block top-p for every query of a sequence, chunked over queries.
-
-  qi: [batch, seq, heads, r], ki: [batch, kv_len, heads, r] (kv_len may differ from seq: a
-  subset of queries); positions [batch, seq] / k_pos [batch, kv_len] as in masked attention.
-  Returns bool [batch, heads, seq, s_pad // block_size].
-  """
-  from pallas_kernels import reference as ref
-
-  b, s, h, r = qi.shape
-  bs = sp.block_size
-  nb = s_pad // bs
-  ki_p = jnp.pad(ki, ((0, 0), (0, s_pad - ki.shape[1]), (0, 0), (0, 0)))
-  kpos_p = jnp.pad(k_pos, ((0, 0), (0, s_pad - k_pos.shape[1])), constant_values=-1)
-  chunk = min(sp.chunk_size, s)
-  n_chunks = -(-s // chunk)
-  qi_p = jnp.pad(qi, ((0, 0), (0, n_chunks * chunk - s), (0, 0), (0, 0)))
-  pos_p = jnp.pad(positions, ((0, 0), (0, n_chunks * chunk - s)), constant_values=0)
-  select = ref.SELECTORS[sp.selector]
-
-  def one(i):
-    qc = jax.lax.dynamic_slice_in_dim(qi_p, i * chunk, chunk, axis=1)
-    pc = jax.lax.dynamic_slice_in_dim(pos_p, i * chunk, chunk, axis=1)
-    sc = indexer_lib.scores(qc, ki_p)  # [b, h, c, s_pad]
-    vis = (kpos_p[:, None, None, :] >= 0) & (kpos_p[:, None, None, :] <= pc[:, None, :, None])
-    lm, ok = ref.block_logmass(sc, jnp.broadcast_to(vis, sc.shape), bs)
-    own = jnp.broadcast_to((pc // bs)[:, None, :], lm.shape[:-1])
-    if sp.mode == "topk":
-      return ref.topk_from_block_logmass(lm, ok, own, -(-sp.topk_tokens // bs))
-    return select(lm, ok, own, sp.top_p)
-
-  m = jax.lax.map(one, jnp.arange(n_chunks))  # [n, b, h, c, nb]
-  m = jnp.moveaxis(m, 0, 2).reshape(b, h, n_chunks * chunk, nb)
-  return m[:, :, :s]

@@ -2,7 +2,7 @@
 
 `selection_report` replays a sequence through the model in its own mode (the prefill a cache
 would hold) and, at sampled query positions t, applies the decode selection of every
-selected head (indexer block top-p, or top-k, `mixed.per_query_selection`). Per selected
+selected head (indexer block top-p, or top-k, `select.per_query_selection`). Per selected
 head and query it measures:
   fraction  selected blocks / causal blocks (ceil((t + 1) / block_size)), as decode sows it
   tokens    causal tokens inside the selected blocks
@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from rtpurbo_jax.attention import routing as routing_lib
-from rtpurbo_jax.attention.mixed import per_query_selection
+from rtpurbo_jax.attention.select import per_query_selection
 
 
 def query_positions(length: int, count: int, seed: int) -> np.ndarray:
