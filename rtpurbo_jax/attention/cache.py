@@ -73,6 +73,14 @@ def ring_slot(pos: jax.Array, sinks: int, capacity: int) -> jax.Array:
   return jnp.where(pos < sinks, pos, sinks + (pos - sinks) % max(ring, 1))
 
 
+def full_view(cache: LayerCache):
+  """The full cache as attention keys: full_k, full_v [batch, max_len, n_full_kv, head_dim]
+  and the position of each slot [batch, max_len] int32 (-1 from `length` on)."""
+  t = cache.max_len
+  pos = jnp.where(jnp.arange(t)[None] < cache.length[:, None], jnp.arange(t)[None], -1)
+  return jnp.swapaxes(cache.full_k, 1, 2), jnp.swapaxes(cache.full_v, 1, 2), pos
+
+
 def write(cache: LayerCache, routing: routing_lib.HeadRouting, k, v, ck, positions, valid,
           sparse: SparseConfig) -> LayerCache:
   """Write new tokens.

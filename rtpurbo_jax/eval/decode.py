@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rtpurbo_jax.attention.mixed import SelectionStats
+from rtpurbo_jax.attention.mixed import DECODE, SelectionStats
 from rtpurbo_jax.infer.engine import prefill_chunk_size, prefill_chunks
 
 
@@ -54,7 +54,8 @@ class GreedyDecoder:
       def body(carry, _):
         tok, cache, sums = carry
         m = nnx.merge(graphdef, state)  # inside the loop body: capture sows at its trace level
-        (logits, cache), stats = nnx.capture(m, SelectionStats)(tok[:, None], cache=cache)
+        (logits, cache), stats = nnx.capture(m, SelectionStats)(tok[:, None], cache=cache,
+                                                                phase=DECODE)
         fr = _step_fractions(nnx.to_pure_dict(stats))
         if set(fr) - set(sums):
           raise ValueError(f"layers {sorted(set(fr) - set(sums))} sow selection stats but "
