@@ -55,6 +55,8 @@ from pallas_kernels.gpu import prefill_select as prefill_select_k  # noqa: E402
 from pallas_kernels.gpu import sparse_prefill as sparse_prefill_k  # noqa: E402
 from pallas_kernels.gpu import topp_select as topp_select_k  # noqa: E402
 from pallas_kernels.gpu import window_attention as flash_k  # noqa: E402
+from rtpurbo_jax.attention.plan import HeadPlan  # noqa: E402
+from rtpurbo_jax.attention.routing import head_routing  # noqa: E402
 
 # Ceilings measured on the H200 used for these benchmarks: bf16 8192^3 matmul and a
 # device-to-device copy (bytes read + written). fp32 FMA: datasheet.
@@ -78,20 +80,27 @@ class Cfg:
   dtype: str = "bfloat16"
 
   @property
+  def routing(self):
+    """The layer in rtpurbo mode: the `retrieval` heads selected, the others local."""
+    row = [h in self.retrieval for h in range(self.hq)]
+    return head_routing(HeadPlan.from_mask([row], self.hk).layer(0), "rtpurbo", self.hq,
+                        self.hk)
+
+  @property
   def kv_of(self):
     return tuple(h * self.hk // self.hq for h in range(self.hq))
 
   @property
   def local(self):
-    return tuple(h for h in range(self.hq) if h not in self.retrieval)
+    return self.routing.local.heads
 
   @property
   def full_kv(self):
-    return tuple(sorted({self.kv_of[h] for h in self.retrieval}))
+    return self.routing.full_kv
 
   @property
   def ring_kv(self):
-    return tuple(k for k in range(self.hk) if k not in self.full_kv)
+    return self.routing.ring_kv
 
 
 SMOKE = Cfg(hq=8, hk=4, d=32, retrieval=(1, 6), window=256, ring_capacity=512)
@@ -441,11 +450,10 @@ def run_decode(run, cfg, t, inner, reps, smoke, densities, profile=False):
   copies = [cache_copy() for _ in range(N_COPIES)]
   q0 = _normal(next(keys), (b, cfg.hq, cfg.d), dt)
   qi0 = _normal(next(keys), (b, nr, cfg.r), jnp.float32)
-  local = cfg.local
-  ring_local = tuple(h for h in local if cfg.kv_of[h] in cfg.ring_kv)
-  full_local = tuple(h for h in local if h not in ring_local)
-  ring_kvh = tuple(cfg.ring_kv.index(cfg.kv_of[h]) for h in ring_local)
-  full_kvh = lambda hs: tuple(cfg.full_kv.index(cfg.kv_of[h]) for h in hs)  # noqa: E731
+  routing = cfg.routing
+  ring_local, full_local = routing.ring_local.heads, routing.full_local.heads
+  ring_kvh, full_local_kvh = routing.ring_local.slots, routing.full_local.slots
+  ret_kvh = routing.selected.slots
   order = ring_local + full_local + cfg.retrieval
   inv = jnp.asarray(np.argsort(np.asarray(order)))
   rule = dict(sinks=cfg.sinks, window=cfg.window)
@@ -456,10 +464,10 @@ def run_decode(run, cfg, t, inner, reps, smoke, densities, profile=False):
     o1, _ = ops.ring_decode(q[:, jnp.asarray(ring_local)], c["ring_k"], c["ring_v"], ring_pos,
                             ring_kvh, q_pos, sparse_active=active, **rule)
     o2, _ = ops.ring_decode(q[:, jnp.asarray(full_local)], c["full_k"], c["full_v"], full_pos,
-                            full_kvh(full_local), q_pos, sparse_active=active, **rule)
+                            full_local_kvh, q_pos, sparse_active=active, **rule)
     sel = ops.topp_select(qi, c["ckeys"], lengths, top_p=cfg.top_p, block_size=cfg.bs)
     o3, _ = ops.sparse_decode(q[:, jnp.asarray(cfg.retrieval)], c["full_k"], c["full_v"],
-                              full_kvh(cfg.retrieval), mask, lengths, block_size=cfg.bs)
+                              ret_kvh, mask, lengths, block_size=cfg.bs)
     return jnp.concatenate([o1, o2, o3], axis=1)[:, inv], sel
 
   if profile:  # one layer step between cuProfilerStart/Stop, for `ncu --profile-from-start off`
@@ -482,9 +490,9 @@ def run_decode(run, cfg, t, inner, reps, smoke, densities, profile=False):
                             q_block_index=jnp.asarray([nb - 1]))[:, :, 0]
   try:
     o, l = decode_k.sparse_decode(q0[:, jnp.asarray(cfg.retrieval)], c["full_k"], c["full_v"],
-                                  full_kvh(cfg.retrieval), mask, lengths, block_size=cfg.bs)
+                                  ret_kvh, mask, lengths, block_size=cfg.bs)
     ro, rl = ref.sparse_decode(q0[:, jnp.asarray(cfg.retrieval)], c["full_k"], c["full_v"],
-                               full_kvh(cfg.retrieval), mask, lengths, block_size=cfg.bs)
+                               ret_kvh, mask, lengths, block_size=cfg.bs)
     run.check("sparse_decode", t, out_rel=rel_err(o, ro),
               lse_max_abs=float(jnp.max(jnp.abs(l - rl))))
     o, l = decode_k.ring_decode(q0[:, jnp.asarray(ring_local)], c["ring_k"], c["ring_v"],
@@ -495,10 +503,10 @@ def run_decode(run, cfg, t, inner, reps, smoke, densities, profile=False):
               lse_max_abs=float(jnp.max(jnp.abs(l - rl))))
     full_pos = jnp.where(jnp.arange(t)[None] < lengths[:, None], jnp.arange(t)[None], -1)
     o, l = decode_k.ring_decode(q0[:, jnp.asarray(full_local)], c["full_k"], c["full_v"],
-                                full_pos, full_kvh(full_local), q_pos, sparse_active=active,
+                                full_pos, full_local_kvh, q_pos, sparse_active=active,
                                 **rule)
     ro, rl = ref.ring_decode(q0[:, jnp.asarray(full_local)], c["full_k"], c["full_v"],
-                             full_pos, full_kvh(full_local), q_pos, sparse_active=active,
+                             full_pos, full_local_kvh, q_pos, sparse_active=active,
                              **rule)
     run.check("ring_decode_full_cache", t, out_rel=rel_err(o, ro),
               lse_max_abs=float(jnp.max(jnp.abs(l - rl))))
@@ -569,7 +577,7 @@ def run_decode(run, cfg, t, inner, reps, smoke, densities, profile=False):
       q, qi, acc = carry
       c = unpack(arrays, ci)
       o, _ = ops.sparse_decode(q[:, jnp.asarray(cfg.retrieval)], c["full_k"], c["full_v"],
-                               full_kvh(cfg.retrieval), dmasks[ci], lengths,
+                               ret_kvh, dmasks[ci], lengths,
                                block_size=cfg.bs)
       return q.at[:, jnp.asarray(cfg.retrieval)].add(1e-3 * o), qi, acc
 
@@ -592,7 +600,7 @@ def run_decode(run, cfg, t, inner, reps, smoke, densities, profile=False):
     o1, _ = ops.ring_decode(q[:, jnp.asarray(ring_local)], c["ring_k"], c["ring_v"], ring_pos,
                             ring_kvh, q_pos, sparse_active=active, **rule)
     o2, _ = ops.ring_decode(q[:, jnp.asarray(full_local)], c["full_k"], c["full_v"], full_pos,
-                            full_kvh(full_local), q_pos, sparse_active=active, **rule)
+                            full_local_kvh, q_pos, sparse_active=active, **rule)
     return q + 1e-3 * jnp.concatenate([o1, o2], 1).mean(), qi, acc
 
   run.time("ring_decode_27h", t, looped(ring_step), (q0, qi0, *flat), reps=reps, inner=inner,

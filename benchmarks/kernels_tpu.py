@@ -51,6 +51,8 @@ from pallas_kernels.tpu import sparse_decode as decode_k  # noqa: E402
 from pallas_kernels.tpu import sparse_prefill as prefill_k  # noqa: E402
 from pallas_kernels.tpu import topp_select as topp_k  # noqa: E402
 from pallas_kernels.tpu import window_attention as window_k  # noqa: E402
+from rtpurbo_jax.attention.plan import HeadPlan  # noqa: E402
+from rtpurbo_jax.attention.routing import head_routing  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,20 +69,27 @@ class Cfg:
   top_p: float = 0.9
 
   @property
+  def routing(self):
+    """The layer in rtpurbo mode: the `retrieval` heads selected, the others local."""
+    row = [h in self.retrieval for h in range(self.hq)]
+    return head_routing(HeadPlan.from_mask([row], self.hk).layer(0), "rtpurbo", self.hq,
+                        self.hk)
+
+  @property
   def kv_of(self):
     return tuple(h * self.hk // self.hq for h in range(self.hq))
 
   @property
   def local(self):
-    return tuple(h for h in range(self.hq) if h not in self.retrieval)
+    return self.routing.local.heads
 
   @property
   def full_kv(self):  # KV heads read by a retrieval head: full cache
-    return tuple(sorted({self.kv_of[h] for h in self.retrieval}))
+    return self.routing.full_kv
 
   @property
   def ring_kv(self):
-    return tuple(k for k in range(self.hk) if k not in self.full_kv)
+    return self.routing.ring_kv
 
 
 def log(*a):
@@ -263,11 +272,10 @@ def run_decode(run, cfg, t, reps, steps, ip):
   ckeys = normal(ks[6], (1, n_ret, t, cfg.r))
   qi = jax.random.normal(ks[7], (1, n_ret, cfg.r), jnp.float32)
   q = normal(ks[7], (1, cfg.hq, cfg.d))
-  kv_sel = tuple(cfg.full_kv.index(cfg.kv_of[h]) for h in cfg.retrieval)
-  ring_local = tuple(h for h in cfg.local if cfg.kv_of[h] in cfg.ring_kv)
-  full_local = tuple(h for h in cfg.local if cfg.kv_of[h] in cfg.full_kv)
-  kv_ring = tuple(cfg.ring_kv.index(cfg.kv_of[h]) for h in ring_local)
-  kv_full_local = tuple(cfg.full_kv.index(cfg.kv_of[h]) for h in full_local)
+  routing = cfg.routing
+  kv_sel = routing.selected.slots
+  ring_local, full_local = routing.ring_local.heads, routing.full_local.heads
+  kv_ring, kv_full_local = routing.ring_local.slots, routing.full_local.slots
   nb = t // cfg.bs
   own = jnp.full((1, n_ret), nb - 1)
   rule = dict(sinks=cfg.sinks, window=cfg.window)

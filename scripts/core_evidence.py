@@ -8,7 +8,7 @@
    / topk, the sparse modes scored decode-style (`sparse_queries` on at every position, so
    each query's retrieval heads read only the blocks their indexer selects, exactly as a
    decode step would); and the decode selected-block fraction of the retrieval heads
-   (`mixed.per_query_selection`, selected blocks / causal blocks, per head and position).
+   (`select.per_query_selection`, selected blocks / causal blocks, per head and position).
    Writes results/core_smollm2.{json,md}.
 
   python scripts/core_evidence.py [--ctx 4096 8192] [--out results]
@@ -36,7 +36,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import rtpurbo_jax as rj  # noqa: E402
 from rtpurbo_jax import assets  # noqa: E402
 from rtpurbo_jax.attention.cache import memory_report  # noqa: E402
-from rtpurbo_jax.attention.mixed import per_query_selection  # noqa: E402
+from rtpurbo_jax.attention.routing import selects_blocks  # noqa: E402
+from rtpurbo_jax.attention.select import per_query_selection  # noqa: E402
 from rtpurbo_jax.calibration import make_needle_document  # noqa: E402
 
 MODES = ("dense", "rtpurbo", "streaming", "topk")
@@ -71,7 +72,7 @@ def make_eval_fn(model, *, chunk: int = 512, stats: bool = False):
     fracs, toks = [], []
     s_pad = -(-s // bs) * bs
     for layer in m.layers:
-      if stats and layer.attn.heads.retrieval:
+      if stats and layer.attn.routing.selected:
         q_pre, k_pre, _, _, _ = layer.attn.project_qkv(layer.input_norm(x), pos, inv)
         qi, ki = layer.attn.indexer_qk(q_pre, k_pre)
         mask = per_query_selection(qi, ki, pos, pos, sp, s_pad)[0]  # [h, S, nb]
@@ -236,7 +237,7 @@ def main(argv=None):
     for mode in modes:
       t1 = time.time()
       m = model if mode == "dense" else rj.to_rtpurbo(model, plan, mode=mode, **sparse_kw)
-      selecting = mode in ("rtpurbo", "topk")
+      selecting = selects_blocks(mode)
       fn = make_eval_fn(m, stats=selecting)
       sq = None if mode == "dense" else jnp.ones(x.shape, bool)
       nll, frac, toks = fn(x, sq)

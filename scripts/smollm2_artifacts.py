@@ -42,6 +42,7 @@ sys.path.insert(0, _HERE)
 
 import rtpurbo_jax as rj  # noqa: E402
 from core_evidence import make_eval_fn, play_tokens, summarize  # noqa: E402
+from rtpurbo_jax.attention.routing import selects_blocks  # noqa: E402
 from rtpurbo_jax.train import losses  # noqa: E402
 from rtpurbo_jax.train import stages  # noqa: E402
 
@@ -257,7 +258,7 @@ def main(argv=None):
     for ctx in args.ctx:
       x = jnp.asarray(held[None, :ctx])
       t = time.time()
-      selecting = model.sparse.mode in ("rtpurbo", "topk")
+      selecting = selects_blocks(model.sparse.mode)
       sq = None if model.sparse.mode == "dense" else jnp.ones(x.shape, bool)
       nll, frac, toks = make_eval_fn(model, stats=selecting)(x, sq)
       r = summarize(nll, frac, toks, ctx, ctx // 2)

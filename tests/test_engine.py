@@ -82,7 +82,7 @@ def test_contiguous_fast_path_equals_masked_path(mode, seed, rng):
   def step(cache, ids, p0, lengths, contiguous):
     m = nnx.merge(graphdef, state)
     pos = jnp.broadcast_to(p0 + jnp.arange(ids.shape[1]), ids.shape)
-    return m(ids, positions=pos, valid=pos < lengths[:, None], cache=cache,
+    return m(ids, positions=pos, valid=pos < lengths[:, None], cache=cache, phase="prefill",
              contiguous=contiguous)
 
   step = jax.jit(step, static_argnames="contiguous")

@@ -71,13 +71,14 @@ def _chunked_logits(model, ids, lengths, chunk, rng):
     m = nnx.merge(graphdef, state)
     pos = jnp.broadcast_to(p0 + jnp.arange(x.shape[1], dtype=jnp.int32), x.shape)
     out, _, _ = nnx.capture(m, SelectionStats, PrefillSelectionStats)(
-        x, positions=pos, valid=pos < lengths[:, None], cache=cache, contiguous=True)
+        x, positions=pos, valid=pos < lengths[:, None], cache=cache, phase="prefill",
+        contiguous=True)
     return out
 
   @jax.jit
   def decode(cache, x, pos):
     m = nnx.merge(graphdef, state)
-    out, _ = nnx.capture(m, SelectionStats)(x, positions=pos, cache=cache)
+    out, _ = nnx.capture(m, SelectionStats)(x, positions=pos, cache=cache, phase="decode")
     return out
 
   n = -(-s // chunk)

@@ -60,7 +60,8 @@ class Harness:
 
     @jax.jit
     def step(state, ids, cache):
-      out, _ = nnx.capture(nnx.merge(graphdef, state), SelectionStats)(ids, cache=cache)
+      out, _ = nnx.capture(nnx.merge(graphdef, state), SelectionStats)(ids, cache=cache,
+                                                                      phase="decode")
       return out
 
     @jax.jit
@@ -77,7 +78,7 @@ class Harness:
     return self._forward(self.state, ids, positions, valid, sparse_queries)
 
   def prefill(self, ids, cache, valid=None):
-    return self.model(ids, cache=cache, valid=valid)
+    return self.model(ids, cache=cache, valid=valid, phase="prefill")
 
   def step(self, ids, cache):
     return self._step(self.state, ids, cache)
@@ -182,6 +183,16 @@ def test_decode_equals_prefill_histogram_selector():
   assert max_diff(model.cached(ids, P), want) < ATOL
 
 
+def test_cached_forward_names_its_phase():
+  model = rtpurbo("rtpurbo").model
+  ids = token_ids(2)[:, :4]
+  cache = model.init_cache(1, S)
+  with pytest.raises(ValueError, match="phase"):
+    model(ids, cache=cache)
+  with pytest.raises(ValueError, match="one token"):
+    model(ids, cache=cache, phase="decode")
+
+
 # ---------------------------------------------------------------------------
 # One layer vs a numpy brute force with the docs/DESIGN.md §1 rules (mixed GQA groups).
 
@@ -243,7 +254,7 @@ def test_layer_matches_bruteforce_rules(layer, rng):
   model = rtpurbo("rtpurbo").model
   attn = model.layers[layer].attn
   # Layer 0: a ring-only KV head and a mixed group; layer 1: two mixed groups.
-  assert len(attn.layout.full_kv) and (layer == 1 or len(attn.layout.ring_kv))
+  assert len(attn.routing.full_kv) and (layer == 1 or len(attn.routing.ring_kv))
   b = 2
   x = jnp.asarray(rng.standard_normal((b, S, CFG.hidden_size)), jnp.float32)
   pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (b, S))
@@ -258,14 +269,16 @@ def test_layer_matches_bruteforce_rules(layer, rng):
 
   @jax.jit
   def step(state, x, pos, cache):
-    out, _ = nnx.capture(nnx.merge(graphdef, state), SelectionStats)(x, pos, inv, cache=cache)
+    out, _ = nnx.capture(nnx.merge(graphdef, state), SelectionStats)(x, pos, inv, cache=cache,
+                                                                     phase="decode")
     return out
 
   # Prefill with sparse_queries.
   got, _ = attn(x, pos, inv, sparse_queries=jnp.asarray(sq))
   np.testing.assert_allclose(np.asarray(got)[keep], want[keep], atol=ATOL, rtol=1e-4)
   # Prefill P tokens through the layer cache, then decode one token at a time.
-  y, cache = attn(x[:, :P], pos[:, :P], inv, cache=model.init_cache(b, S)[layer])
+  y, cache = attn(x[:, :P], pos[:, :P], inv, cache=model.init_cache(b, S)[layer],
+                  phase="prefill")
   ys = [y]
   for i in range(P, S):
     y, cache = step(state, x[:, i:i + 1], pos[:, i:i + 1], cache)

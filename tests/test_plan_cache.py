@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from rtpurbo_jax.attention import cache as cache_lib
+from rtpurbo_jax.attention.routing import head_routing
 from rtpurbo_jax.attention.plan import HeadPlan, load_headwise_config
 from rtpurbo_jax.config import ConfigError, ModelConfig, SparseConfig
 
@@ -100,10 +101,10 @@ def test_full_and_ring_kv_heads():
       for h in ret:
         assert lh.full_kv[lh.full_slot(h)] == h // g
       # Modes: dense keeps everything full, streaming everything in rings.
-      assert cache_lib.layout_for(lh, "dense", kv).full_kv == tuple(range(kv))
-      assert cache_lib.layout_for(lh, "streaming", kv).ring_kv == tuple(range(kv))
-      lay = cache_lib.layout_for(lh, "rtpurbo", kv)
-      assert lay.indexed == tuple(ret) and lay.full_kv == tuple(full)
+      assert head_routing(lh, "dense", heads, kv).full_kv == tuple(range(kv))
+      assert head_routing(lh, "streaming", heads, kv).ring_kv == tuple(range(kv))
+      routing = head_routing(lh, "rtpurbo", heads, kv)
+      assert routing.selected.heads == tuple(ret) and routing.full_kv == tuple(full)
 
 
 # ---------------------------------------------------------------------------
@@ -188,7 +189,7 @@ def test_cache_write_ring_keeps_sinks_and_newest():
   sparse = SparseConfig(mode="rtpurbo", window=6, sinks=2, seqlen_threshold=0, block_size=8,
                         indexer_dim=2)
   plan = HeadPlan.from_mask([[True, False, False, False]], 2)  # KV 0 full, KV 1 ring
-  lay = cache_lib.layout_for(plan.layer(0), "rtpurbo", 2)
+  lay = head_routing(plan.layer(0), "rtpurbo", 4, 2)
   batch, total = 2, 34
   lens = [34, 27]  # row 1 is shorter: its tail is padding (valid = False)
   cap = sparse.ring_capacity

@@ -284,6 +284,27 @@ def test_prefill_topp_per_query_block(rng):
       np.testing.assert_array_equal(got[bi, hi, qb], want, err_msg=f"{bi},{hi},{qb}")
 
 
+def test_prefill_topp_ragged_tail(rng):
+  # S not a multiple of the block: the last block's query is the mean of its real queries
+  # and only real keys count.
+  b, s, h, r, bs, p = 2, 53, 2, 8, 16, 0.6
+  qi = rng.standard_normal((b, s, h, r)).astype(np.float32)
+  ki = rng.standard_normal((b, s, h, r)).astype(np.float32)
+  got = np.asarray(select.prefill_topp(jnp.asarray(qi), jnp.asarray(ki), p, bs))
+  nq = -(-s // bs)
+  assert got.shape == (b, h, nq, nq)
+  n_amb = 0
+  for bi, hi, qb in np.ndindex(b, h, nq):
+    end = min((qb + 1) * bs, s)
+    pooled = qi[bi, qb * bs:end, hi].astype(np.float64).mean(0)
+    row = ki[bi, :, hi].astype(np.float64) @ pooled
+    want, amb = oracle_topp(row, end - 1, p, bs, nq)
+    n_amb += amb
+    if not amb:
+      np.testing.assert_array_equal(got[bi, hi, qb], want, err_msg=f"{bi},{hi},{qb}")
+  assert n_amb <= 2
+
+
 def test_selected_fraction():
   mask = jnp.array([[True, False, True, False], [True, True, False, False]])
   frac = np.asarray(select.selected_fraction(mask, jnp.array([200, 10]), 64))

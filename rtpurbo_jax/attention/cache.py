@@ -1,10 +1,10 @@
-"""The mixed KV cache: full K/V only where a retrieval head reads it, rings elsewhere.
+"""The mixed KV cache: full K/V only where a selected or dense head reads it, rings elsewhere.
 
-Per layer (`LayerCache`):
-  full_k, full_v: [batch, n_full_kv, max_len, head_dim]   KV heads serving a retrieval head
+Per layer (`LayerCache`), over the KV heads `routing.HeadRouting` names (full_kv, ring_kv):
+  full_k, full_v: [batch, n_full_kv, max_len, head_dim]   KV heads of selected / dense heads
   ring_k, ring_v: [batch, n_ring_kv, capacity, head_dim]  local-only KV heads
   ring_pos:       [batch, capacity] int32                 position held by each ring slot, -1 empty
-  ckeys:          [batch, n_retrieval, max_len, r]        compressed keys W_k k_pre per retrieval head
+  ckeys:          [batch, n_selected, max_len, r]         W_k k_pre of each selected head
   length:         [batch] int32                           tokens written so far
 
 Ring layout: the first `sinks` slots hold positions 0..sinks-1; position j >= sinks lives in
@@ -19,7 +19,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from rtpurbo_jax.attention.plan import HeadPlan, LayerHeads
+from rtpurbo_jax.attention import routing as routing_lib
+from rtpurbo_jax.attention.plan import HeadPlan
 from rtpurbo_jax.config import ModelConfig, SparseConfig
 
 CACHE_AXES = {
@@ -49,37 +50,19 @@ class LayerCache:
     return self.full_k.shape[2]
 
 
-@dataclasses.dataclass(frozen=True)
-class CacheLayout:
-  """Which heads keep what, for one layer in one mode."""
-
-  full_kv: tuple[int, ...]
-  ring_kv: tuple[int, ...]
-  indexed: tuple[int, ...]  # retrieval query heads with a compressed key stream
-
-
-def layout_for(heads: LayerHeads, mode: str, num_kv_heads: int) -> CacheLayout:
-  every = tuple(range(num_kv_heads))
-  if mode == "dense":
-    return CacheLayout(every, (), ())
-  if mode == "streaming":
-    return CacheLayout((), every, ())
-  return CacheLayout(heads.full_kv, heads.ring_kv, heads.retrieval)
-
-
-def init_layer_cache(layout: CacheLayout, cfg: ModelConfig, sparse: SparseConfig, batch: int,
-                     max_len: int, dtype) -> LayerCache:
+def init_layer_cache(routing: routing_lib.HeadRouting, cfg: ModelConfig, sparse: SparseConfig,
+                     batch: int, max_len: int, dtype) -> LayerCache:
   bs = sparse.block_size
   max_len = -(-max_len // bs) * bs  # whole blocks for the selection kernels
-  cap = sparse.ring_capacity if layout.ring_kv else 0
+  cap = sparse.ring_capacity if routing.ring_kv else 0
   d = cfg.head_dim
   return LayerCache(
-      full_k=jnp.zeros((batch, len(layout.full_kv), max_len, d), dtype),
-      full_v=jnp.zeros((batch, len(layout.full_kv), max_len, d), dtype),
-      ring_k=jnp.zeros((batch, len(layout.ring_kv), cap, d), dtype),
-      ring_v=jnp.zeros((batch, len(layout.ring_kv), cap, d), dtype),
+      full_k=jnp.zeros((batch, len(routing.full_kv), max_len, d), dtype),
+      full_v=jnp.zeros((batch, len(routing.full_kv), max_len, d), dtype),
+      ring_k=jnp.zeros((batch, len(routing.ring_kv), cap, d), dtype),
+      ring_v=jnp.zeros((batch, len(routing.ring_kv), cap, d), dtype),
       ring_pos=jnp.full((batch, cap), -1, jnp.int32),
-      ckeys=jnp.zeros((batch, len(layout.indexed), max_len, sparse.indexer_dim), dtype),
+      ckeys=jnp.zeros((batch, len(routing.selected), max_len, sparse.indexer_dim), dtype),
       length=jnp.zeros((batch,), jnp.int32),
   )
 
@@ -90,28 +73,36 @@ def ring_slot(pos: jax.Array, sinks: int, capacity: int) -> jax.Array:
   return jnp.where(pos < sinks, pos, sinks + (pos - sinks) % max(ring, 1))
 
 
-def write(cache: LayerCache, layout: CacheLayout, k, v, ck, positions, valid, sparse: SparseConfig
-          ) -> LayerCache:
+def full_view(cache: LayerCache):
+  """The full cache as attention keys: full_k, full_v [batch, max_len, n_full_kv, head_dim]
+  and the position of each slot [batch, max_len] int32 (-1 from `length` on)."""
+  t = cache.max_len
+  pos = jnp.where(jnp.arange(t)[None] < cache.length[:, None], jnp.arange(t)[None], -1)
+  return jnp.swapaxes(cache.full_k, 1, 2), jnp.swapaxes(cache.full_v, 1, 2), pos
+
+
+def write(cache: LayerCache, routing: routing_lib.HeadRouting, k, v, ck, positions, valid,
+          sparse: SparseConfig) -> LayerCache:
   """Write new tokens.
 
-  k, v: [batch, n, kv_heads, head_dim] (all KV heads); ck: [batch, n, n_indexed, r] or None;
+  k, v: [batch, n, kv_heads, head_dim] (all KV heads); ck: [batch, n, n_selected, r] or None;
   positions: [batch, n] int32; valid: [batch, n] bool (padding is not written).
   """
   b, n = positions.shape
   bidx = jnp.arange(b)[:, None]
   out = dataclasses.replace(cache)
-  if layout.full_kv:
+  if routing.full_kv:
     # Invalid tokens go out of range and are dropped.
     slot = jnp.where(valid, positions, cache.max_len)
-    sel = jnp.asarray(layout.full_kv)
+    sel = jnp.asarray(routing.full_kv)
     out.full_k = cache.full_k.at[bidx, :, slot].set(k[:, :, sel].astype(cache.full_k.dtype),
                                                     mode="drop")
     out.full_v = cache.full_v.at[bidx, :, slot].set(v[:, :, sel].astype(cache.full_v.dtype),
                                                     mode="drop")
-  if layout.indexed and ck is not None:
+  if routing.selected and ck is not None:
     slot = jnp.where(valid, positions, cache.max_len)
     out.ckeys = cache.ckeys.at[bidx, :, slot].set(ck.astype(cache.ckeys.dtype), mode="drop")
-  if layout.ring_kv:
+  if routing.ring_kv:
     cap = cache.ring_pos.shape[1]
     slot = ring_slot(positions, sparse.sinks, cap)
     # Within one write, only the newest token per slot may land (older ones are evicted).
@@ -119,7 +110,7 @@ def write(cache: LayerCache, layout: CacheLayout, k, v, ck, positions, valid, sp
         jnp.where(valid, positions, -1), axis=1, keepdims=True) + 1
     keep = valid & (newest | (positions < sparse.sinks))
     slot = jnp.where(keep, slot, cap)
-    sel = jnp.asarray(layout.ring_kv)
+    sel = jnp.asarray(routing.ring_kv)
     out.ring_k = cache.ring_k.at[bidx, :, slot].set(k[:, :, sel].astype(cache.ring_k.dtype),
                                                     mode="drop")
     out.ring_v = cache.ring_v.at[bidx, :, slot].set(v[:, :, sel].astype(cache.ring_v.dtype),
@@ -135,18 +126,18 @@ def write(cache: LayerCache, layout: CacheLayout, k, v, ck, positions, valid, sp
 
 def memory_report(cfg: ModelConfig, plan: HeadPlan | None, ctx: int, batch: int = 1,
                   sparse: SparseConfig | None = None, dtype_bytes: int = 2) -> dict:
-  """Cache bytes for `ctx` tokens: dense vs RTPurbo (the layout above), and the ratio."""
+  """Cache bytes for `ctx` tokens: dense vs RTPurbo (the layout above, in mode rtpurbo), and
+  the ratio."""
   sparse = sparse or SparseConfig(mode="rtpurbo")
   d = cfg.head_dim
   per_token_head = 2 * d * dtype_bytes  # K and V
   dense = cfg.num_layers * cfg.num_kv_heads * ctx * per_token_head * batch
   full_heads = ring_heads = indexed = 0
   if plan is not None:
-    for l in range(plan.num_layers):
-      h = plan.layer(l)
-      full_heads += len(h.full_kv)
-      ring_heads += len(h.ring_kv)
-      indexed += len(h.retrieval)
+    for r in routing_lib.plan_routings(plan, "rtpurbo"):
+      full_heads += len(r.full_kv)
+      ring_heads += len(r.ring_kv)
+      indexed += len(r.selected)
   cap = min(sparse.ring_capacity, ctx)
   full_b = full_heads * ctx * per_token_head * batch
   ring_b = ring_heads * cap * per_token_head * batch + cfg.num_layers * cap * 4 * batch

@@ -1,8 +1,10 @@
-"""Block selection: the public API of the selection contract (docs/DESIGN.md §1).
+"""Block selection: the public API of the selection contract (docs/DESIGN.md §1), and the
+selection the model runs for its selected heads.
 
 Every function here is a thin shape-checking layer over the references in
 `pallas_kernels/reference.py` (`topp_from_block_logmass`, `histogram_from_block_logmass`,
-`topk_from_block_logmass`, `topp_select`, `prefill_select`), so the rule lives in one place.
+`topk_from_block_logmass`, `topp_select`, `prefill_select`) or the kernels behind
+`pallas_kernels.ops`, so the rule lives in one place.
 
 The token-score entry points take
 
@@ -19,14 +21,23 @@ cumulative mass is >= p; always add the query's own block; p >= 1 keeps every ca
 `block_topp_histogram` returns a superset of that set (256-bin fused-kernel rule),
 `block_topk` the k heaviest blocks plus the own block, `streaming_mask` the token mask of a
 local head (sinks + window).
+
+The model's entry points take a `SparseConfig` and pick the rule of its mode (top-k in
+`topk`, top-p otherwise): `decode_blocks` (one decode step over the compressed-key cache),
+`chunk_blocks` (a `sparse_prefill` chunk), `prefill_topp` (a whole sequence with
+`sparse_prefill`) and `per_query_selection` (the decode rule at every query of a sequence:
+stage 2, decode-style scoring, the sparsity report).
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from pallas_kernels import ops
 from pallas_kernels import reference as ref
+from rtpurbo_jax.attention import indexer as indexer_lib
+from rtpurbo_jax.config import SparseConfig
 
 
 def _check(p: float | None = None, block_size: int | None = None) -> None:
@@ -149,22 +160,27 @@ def decode_topk(qi, ckeys, lengths, k_tokens: int, block_size: int = 64):
 
 
 def prefill_topp(qi, ki, p: float, block_size: int = 64):
-  """Sparse-prefill selection per query block (opt-in mode, beyond the paper).
+  """Sparse-prefill selection per query block of one sequence (opt-in mode, beyond the paper).
 
   Query block i is represented by its mean indexer query and selects key blocks by exact
   top-p over keys up to the end of block i (own block always kept).
-  qi, ki: [batch, S, heads, r]. S need not be a multiple of the block size: the tail is
-  zero-padded exactly as `MixedHeadAttention` does before calling the kernel.
+  qi, ki: [batch, S, heads, r], positions 0..S-1. S need not be a multiple of the block size:
+  the last block's query is the mean of its real queries and the padding is never scored,
+  as in a chunked prefill (`ops.cache_prefill_select`).
   Returns bool [batch, heads, nq, nq] with nq = ceil(S / block_size) (query block, key block).
   """
   _check(p, block_size)
   if qi.shape != ki.shape or qi.ndim != 4:
     raise ValueError(f"qi and ki must both be [batch, S, heads, r], got {qi.shape} and "
                      f"{ki.shape}")
-  s = qi.shape[1]
-  pad = ((0, 0), (0, -(-s // block_size) * block_size - s), (0, 0), (0, 0))
-  return ops.prefill_select(jnp.pad(qi, pad), jnp.pad(ki, pad), top_p=float(p),
-                            block_size=block_size)
+  b, s = qi.shape[:2]
+  s_pad = -(-s // block_size) * block_size
+  if s == s_pad:
+    return ops.prefill_select(qi, ki, top_p=float(p), block_size=block_size)
+  pad = ((0, 0), (0, s_pad - s), (0, 0), (0, 0))
+  return ops.cache_prefill_select(jnp.pad(qi, pad), jnp.swapaxes(jnp.pad(ki, pad), 1, 2),
+                                  jnp.full((b,), s, jnp.int32), top_p=float(p),
+                                  block_size=block_size)
 
 
 def selected_fraction(block_mask, query_positions, block_size: int = 64):
@@ -174,6 +190,92 @@ def selected_fraction(block_mask, query_positions, block_size: int = 64):
   return jnp.sum(block_mask, axis=-1) / jnp.maximum(causal, 1).astype(jnp.float32)
 
 
+# ---------------------------------------------------------------------------
+# The model's selection for its selected heads, by the rule of the configured mode.
+
+
+def decode_blocks(qi, ckeys, lengths, active, sp: SparseConfig):
+  """Key blocks each selected head reads in one decode step.
+
+  qi: [batch, heads, r] indexer query of the new token; ckeys: [batch, heads, T, r], the new
+  token already written; lengths: [batch] tokens written; active: [batch] bool, False below
+  the dense-fallback threshold, where a row reads every written block.
+  Returns bool [batch, heads, T // block_size].
+  """
+  if sp.mode == "topk":
+    mask = decode_topk(qi, ckeys, lengths, sp.topk_tokens, sp.block_size)
+  else:
+    mask = decode_topp(qi, ckeys, lengths, sp.top_p, sp.block_size, selector=sp.selector)
+  return mask | ~active[:, None, None]
+
+
+def chunk_blocks(qi, ckeys, lengths, p0, active, sp: SparseConfig):
+  """Key blocks each query block of a contiguous `sparse_prefill` chunk reads.
+
+  qi: [batch, s, heads, r] at positions p0..p0+s-1 (p0 traced; s and p0 multiples of
+  block_size: the Engine rounds its chunk to whole blocks); ckeys: [batch, heads, T, r], the
+  chunk already written; lengths: [batch]; active: [batch] bool.
+  Query block i picks key blocks by top-p of its pooled indexer query over the compressed keys
+  (`ops.cache_prefill_select`): the one-pass `prefill_topp` selection, chunk by chunk. Rows
+  below the dense-fallback threshold read every causal block. The rule is top-p in both
+  selecting modes (the top-k baseline is a decode rule).
+  Returns (mask bool [batch, heads, s // block_size, T // block_size], pairs float32 [2]: the
+  (selected, causal) (query block, key block) pairs over the valid query blocks of active
+  rows).
+  """
+  bs = sp.block_size
+  s = qi.shape[1]
+  if s % bs:
+    raise ValueError(f"sparse_prefill: a prefill chunk of {s} tokens is not a whole number "
+                     f"of {bs}-token blocks (the Engine rounds its prefill_chunk up)")
+  mask = ops.cache_prefill_select(qi, ckeys, lengths, q_offset=p0, top_p=sp.top_p,
+                                  block_size=bs)
+  nq, nk = mask.shape[2:]
+  g = p0 // bs + jnp.arange(nq, dtype=jnp.int32)  # global block of each query block
+  causal = jnp.arange(nk, dtype=jnp.int32)[None, :] <= g[:, None]  # [nq, nk]
+  mask = mask | (~active[:, None, None, None] & causal)
+  counted = ((g[None, :] * bs < lengths[:, None]) & active[:, None])[:, None, :, None]
+  pairs = jnp.stack([jnp.sum(mask & causal & counted), jnp.sum(causal & counted) * qi.shape[2]])
+  return mask, pairs.astype(jnp.float32)
+
+
+def per_query_selection(qi, ki, positions, k_pos, sp: SparseConfig, s_pad: int):
+  """Decode-style block selection for every query of a sequence, chunked over queries.
+
+  qi: [batch, seq, heads, r], ki: [batch, kv_len, heads, r] (kv_len may differ from seq: a
+  subset of queries); positions [batch, seq] / k_pos [batch, kv_len] as in masked attention
+  (k_pos -1: an empty key). The rule of `sp.mode` (top-k in `topk`, else `sp.selector`
+  top-p) over each query's causal keys, as a decode step at that position selects.
+  Returns bool [batch, heads, seq, s_pad // block_size].
+  """
+  b, s, h, r = qi.shape
+  bs = sp.block_size
+  nb = s_pad // bs
+  ki_p = jnp.pad(ki, ((0, 0), (0, s_pad - ki.shape[1]), (0, 0), (0, 0)))
+  kpos_p = jnp.pad(k_pos, ((0, 0), (0, s_pad - k_pos.shape[1])), constant_values=-1)
+  chunk = min(sp.chunk_size, s)
+  n_chunks = -(-s // chunk)
+  qi_p = jnp.pad(qi, ((0, 0), (0, n_chunks * chunk - s), (0, 0), (0, 0)))
+  pos_p = jnp.pad(positions, ((0, 0), (0, n_chunks * chunk - s)), constant_values=0)
+  select = ref.SELECTORS[sp.selector]
+
+  def one(i):
+    qc = jax.lax.dynamic_slice_in_dim(qi_p, i * chunk, chunk, axis=1)
+    pc = jax.lax.dynamic_slice_in_dim(pos_p, i * chunk, chunk, axis=1)
+    sc = indexer_lib.scores(qc, ki_p)  # [b, h, c, s_pad]
+    vis = (kpos_p[:, None, None, :] >= 0) & (kpos_p[:, None, None, :] <= pc[:, None, :, None])
+    lm, ok = ref.block_logmass(sc, jnp.broadcast_to(vis, sc.shape), bs)
+    own = jnp.broadcast_to((pc // bs)[:, None, :], lm.shape[:-1])
+    if sp.mode == "topk":
+      return ref.topk_from_block_logmass(lm, ok, own, -(-sp.topk_tokens // bs))
+    return select(lm, ok, own, sp.top_p)
+
+  m = jax.lax.map(one, jnp.arange(n_chunks))  # [n, b, h, c, nb]
+  m = jnp.moveaxis(m, 0, 2).reshape(b, h, n_chunks * chunk, nb)
+  return m[:, :, :s]
+
+
 __all__ = ["causal_block_logmass", "block_topp", "block_topp_histogram", "block_topk",
            "streaming_mask", "block_mask_to_tokens", "decode_topp", "decode_topk",
-           "prefill_topp", "selected_fraction"]
+           "prefill_topp", "selected_fraction", "decode_blocks", "chunk_blocks",
+           "per_query_selection"]

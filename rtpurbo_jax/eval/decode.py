@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rtpurbo_jax.attention.mixed import SelectionStats
+from rtpurbo_jax.attention.mixed import DECODE, SelectionStats
 from rtpurbo_jax.infer.engine import prefill_chunk_size, prefill_chunks
 
 
@@ -42,9 +42,9 @@ class GreedyDecoder:
       m = nnx.merge(graphdef, state)
       return jnp.argmax(m.logits_from_hidden(last_h[:, None])[:, 0], axis=-1).astype(jnp.int32)
 
-    # Retrieval-head layers whose decode steps sow a selected fraction ([n_ret] each).
-    self.selecting = {i: len(l.attn.heads.retrieval) for i, l in enumerate(model.layers)
-                      if l.attn.heads.retrieval and model.sparse.mode in ("rtpurbo", "topk")}
+    # Layers with selected heads: their decode steps sow a selected fraction ([n_ret] each).
+    self.selecting = {i: len(l.attn.routing.selected) for i, l in enumerate(model.layers)
+                      if l.attn.routing.selected}
     selecting = self.selecting
 
     @functools.partial(jax.jit, static_argnames=("steps",))
@@ -54,7 +54,8 @@ class GreedyDecoder:
       def body(carry, _):
         tok, cache, sums = carry
         m = nnx.merge(graphdef, state)  # inside the loop body: capture sows at its trace level
-        (logits, cache), stats = nnx.capture(m, SelectionStats)(tok[:, None], cache=cache)
+        (logits, cache), stats = nnx.capture(m, SelectionStats)(tok[:, None], cache=cache,
+                                                                phase=DECODE)
         fr = _step_fractions(nnx.to_pure_dict(stats))
         if set(fr) - set(sums):
           raise ValueError(f"layers {sorted(set(fr) - set(sums))} sow selection stats but "

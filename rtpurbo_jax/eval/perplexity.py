@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rtpurbo_jax.attention import routing as routing_lib
+
 
 def token_nll(logits: jax.Array, ids: jax.Array) -> jax.Array:
   """logits [batch, seq, vocab], ids [batch, seq] -> nll [batch, seq - 1] of ids[:, 1:]."""
@@ -118,4 +120,4 @@ def make_nll_fn(model, chunk: int = 512):
 
 def decode_style(mode: str) -> bool:
   """Whether a mode selects blocks per query (rtpurbo, topk) when scoring a whole sequence."""
-  return mode in ("rtpurbo", "topk")
+  return routing_lib.selects_blocks(mode)

@@ -448,7 +448,7 @@ def _decode_summary(model, acc: dict, n: int) -> dict:
   """Mean selected fraction over the decode steps of the task answers, per head and overall."""
   heads = []
   for layer in sorted(acc):
-    for j, h in enumerate(model.layers[layer].attn.heads.retrieval):
+    for j, h in enumerate(model.layers[layer].attn.routing.selected.heads):
       heads.append({"layer": int(layer), "head": int(h), "fraction": float(acc[layer][j] / n)})
   mean = float(np.mean([h["fraction"] for h in heads])) if heads else 0.0
   return {"selected_fraction": mean, "sparsity": 1.0 - mean, "heads": heads}

@@ -2,7 +2,7 @@
 
 `selection_report` replays a sequence through the model in its own mode (the prefill a cache
 would hold) and, at sampled query positions t, applies the decode selection of every
-retrieval head (indexer block top-p, or top-k, `mixed.per_query_selection`). Per retrieval
+selected head (indexer block top-p, or top-k, `select.per_query_selection`). Per selected
 head and query it measures:
   fraction  selected blocks / causal blocks (ceil((t + 1) / block_size)), as decode sows it
   tokens    causal tokens inside the selected blocks
@@ -23,9 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rtpurbo_jax.attention.mixed import per_query_selection
-
-SELECTING_MODES = ("rtpurbo", "topk")
+from rtpurbo_jax.attention import routing as routing_lib
+from rtpurbo_jax.attention.select import per_query_selection
 
 
 def query_positions(length: int, count: int, seed: int) -> np.ndarray:
@@ -42,7 +41,7 @@ def _layer_stats(attn, x_norm, positions, inv_freq, qpos, sparse_configs):
 
   The exact attention and the indexer projections are shared; only the selection differs.
   """
-  heads = attn.heads
+  sel = attn.routing.selected
   q_pre, k_pre, q, k, _ = attn.project_qkv(x_norm, positions, inv_freq)
   qi, ki = attn.indexer_qk(q_pre, k_pre)
   b, s = positions.shape
@@ -50,8 +49,8 @@ def _layer_stats(attn, x_norm, positions, inv_freq, qpos, sparse_configs):
   s_pad = -(-s // bs) * bs
   nb = s_pad // bs
   pos_q = positions[:, qpos]  # [b, nq]
-  ret = jnp.asarray(heads.retrieval)
-  kv = jnp.asarray([heads.kv_of(h) for h in heads.retrieval])
+  ret = jnp.asarray(sel.heads)
+  kv = jnp.asarray(sel.kv)
   qq = q[:, qpos][:, :, ret].astype(jnp.float32)  # [b, nq, h, d]
   kk = k[:, :, kv].astype(jnp.float32)  # [b, s, h, d]
   logits = jnp.einsum("bqhd,bkhd->bhqk", qq, kk) / math.sqrt(q.shape[-1])
@@ -74,7 +73,7 @@ def _layer_stats(attn, x_norm, positions, inv_freq, qpos, sparse_configs):
 
 def _make_report_fn(model, sparse_configs):
   graphdef, state = nnx.split(model)
-  layers = [i for i, l in enumerate(model.layers) if l.attn.heads.retrieval]
+  layers = [i for i, l in enumerate(model.layers) if l.attn.routing.selected]
 
   @jax.jit
   def run(state, ids, qpos):
@@ -105,11 +104,11 @@ def selection_reports(models: dict, ids, qpos) -> dict:
   names = list(models)
   first = models[names[0]]
   for name, m in models.items():
-    if m.sparse.mode not in SELECTING_MODES:
+    if not routing_lib.selects_blocks(m.sparse.mode):
       raise ValueError(f"selection_report needs mode rtpurbo or topk, got {m.sparse.mode!r}")
     if m.plan != first.plan or m.sparse.block_size != first.sparse.block_size:
       raise ValueError(f"model {name!r} has another plan or block size than {names[0]!r}")
-  if not any(l.attn.heads.retrieval for l in first.layers):
+  if not any(l.attn.routing.selected for l in first.layers):
     raise ValueError("the model's plan has no retrieval heads")
   ids = jnp.asarray(ids, jnp.int32)
   qpos = jnp.asarray(np.asarray(qpos), jnp.int32)
@@ -121,7 +120,7 @@ def selection_reports(models: dict, ids, qpos) -> dict:
     heads, frac, tok, rec = [], [], [], []
     for layer, per_config in sorted(raw.items()):
       f, t, r = per_config[i]
-      for j, h in enumerate(first.layers[layer].attn.heads.retrieval):
+      for j, h in enumerate(first.layers[layer].attn.routing.selected.heads):
         heads.append({"layer": int(layer), "head": int(h), "fraction": float(f[:, j].mean()),
                       "tokens": float(t[:, j].mean()), "recall": float(r[:, j].mean()),
                       "recall_min": float(r[:, j].min())})
@@ -157,18 +156,20 @@ def selection_report(model, ids, qpos) -> dict:
 def compute_sparsity(model, retrieval_tokens, ctx) -> float:
   """1 - attended / (query heads x context) over all query heads, averaged over queries.
 
-  retrieval_tokens: [n_queries] mean tokens a retrieval head attends; ctx: [n_queries] t + 1.
+  retrieval_tokens: [n_queries] mean tokens a selected head attends; ctx: [n_queries] t + 1.
+  A local head attends min(ctx, sinks + window) tokens, a dense head ctx.
   """
   sp, cfg = model.sparse, model.cfg
   ctx = np.asarray(ctx, np.float64)
   total = cfg.num_layers * cfg.num_heads
-  if sp.mode == "dense":
-    return 0.0
-  local_tokens = np.minimum(ctx, sp.sinks + sp.window)
-  if sp.mode == "streaming":
-    return float(np.mean(1.0 - local_tokens / ctx))
-  n_ret = int(model.plan.mask().sum())
-  attended = n_ret * np.asarray(retrieval_tokens) + (total - n_ret) * local_tokens
+  routes = [layer.attn.routing for layer in model.layers]
+  tokens = {"selected": np.asarray(retrieval_tokens),
+            "local": np.minimum(ctx, sp.sinks + sp.window), "dense": ctx}
+  attended = np.zeros_like(ctx)
+  for group, per_head in tokens.items():
+    n = sum(len(getattr(r, group)) for r in routes)
+    if n:
+      attended = attended + n * per_head
   return float(np.mean(1.0 - attended / (total * ctx)))
 
 

@@ -18,6 +18,7 @@ import os
 import sys
 
 from rtpurbo_jax import loading
+from rtpurbo_jax.attention.routing import selects_blocks
 from rtpurbo_jax.infer.prompts import passkey_prompt
 from rtpurbo_jax.loading import eos_ids, head_plan
 
@@ -256,7 +257,7 @@ def run(cfg, opts: Options, ctx: int):
 
   model, note = load_model(cfg, opts, model_cfg, sparse)
   print(f"model: {cfg.model_path or cfg.name}{' (random weights)' if opts.random_weights else ''}"
-        f", mode={sparse.mode}; {note if sparse.mode in ('rtpurbo', 'topk') else 'no plan needed'}")
+        f", mode={sparse.mode}; {note if selects_blocks(sparse.mode) else 'no plan needed'}")
   mesh = None
   if jax.device_count() > 1:
     mesh = sharding.make_mesh(mesh_shape(cfg))

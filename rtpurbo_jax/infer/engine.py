@@ -37,7 +37,7 @@ from flax import nnx
 
 from rtpurbo_jax import sharding as sharding_lib
 from rtpurbo_jax.attention import cache as cache_lib
-from rtpurbo_jax.attention.mixed import PrefillSelectionStats, SelectionStats
+from rtpurbo_jax.attention.mixed import DECODE, PREFILL, PrefillSelectionStats, SelectionStats
 from rtpurbo_jax.infer import sampling as sampling_lib
 
 
@@ -111,7 +111,7 @@ def prefill_chunk_step(state, cache, ids, p0, lengths, last_h, *, graphdef, mesh
   pos = jnp.broadcast_to(p0 + jnp.arange(c, dtype=jnp.int32)[None], (b, c))
   valid = pos < lengths[:, None]
   (h, cache), stats = nnx.capture(model.hidden_states, PrefillSelectionStats)(
-      ids, positions=pos, valid=valid, cache=cache, contiguous=True)
+      ids, positions=pos, valid=valid, cache=cache, phase=PREFILL, contiguous=True)
   cache = _constrain(cache, mesh)
   idx = lengths - 1 - p0
   here = (idx >= 0) & (idx < c)
@@ -187,7 +187,7 @@ def _decode(state, cache, carry, lengths, limit, key, *, graphdef, mesh, samplin
     n = cr["n"]
     tok = jax.lax.dynamic_index_in_dim(cr["out"], n - 1, axis=1, keepdims=False)
     (logits, cache), stats = nnx.capture(model, SelectionStats)(
-        tok[:, None], positions=(lengths + n - 1)[:, None], cache=cache)
+        tok[:, None], positions=(lengths + n - 1)[:, None], cache=cache, phase=DECODE)
     cache = _constrain(cache, mesh)
     fracs = jax.tree.leaves(stats)
     nxt = sampling_lib.sample(logits[:, 0], jax.random.fold_in(key, n),

@@ -27,6 +27,7 @@ import numpy as np
 
 from rtpurbo_jax import sharding as sharding_lib
 from rtpurbo_jax.attention import cache as cache_lib
+from rtpurbo_jax.attention import routing as routing_lib
 from rtpurbo_jax.attention.plan import HeadPlan
 from rtpurbo_jax.config import ModelConfig, SparseConfig
 
@@ -97,20 +98,19 @@ def cache_bytes(cfg: ModelConfig, sparse: SparseConfig, plan: HeadPlan, ctx: int
                 dtype: str, mesh_shape: dict) -> tuple[int, int]:
   """(total, per device) bytes of `init_cache(batch, ctx)` in `sparse.mode`."""
   total = per_dev = 0
-  for layer in range(cfg.num_layers):
-    layout = cache_lib.layout_for(plan.layer(layer), sparse.mode, cfg.num_kv_heads)
-    t, p = _layer_cache_bytes(layout, cfg, sparse, ctx, batch, dtype,
+  for routing in routing_lib.plan_routings(plan, sparse.mode):
+    t, p = _layer_cache_bytes(routing, cfg, sparse, ctx, batch, dtype,
                               tuple(sorted(mesh_shape.items())))
     total, per_dev = total + t, per_dev + p
   return total, per_dev
 
 
 @functools.lru_cache(maxsize=1024)
-def _layer_cache_bytes(layout, cfg, sparse, ctx, batch, dtype, mesh_items):
+def _layer_cache_bytes(routing, cfg, sparse, ctx, batch, dtype, mesh_items):
   from rtpurbo_jax.models.transformer import as_dtype
 
   mesh_shape = dict(mesh_items)
-  shapes = jax.eval_shape(lambda: cache_lib.init_layer_cache(layout, cfg, sparse, batch, ctx,
+  shapes = jax.eval_shape(lambda: cache_lib.init_layer_cache(routing, cfg, sparse, batch, ctx,
                                                              as_dtype(dtype)))
   total = per_dev = 0
   for f in dataclasses.fields(cache_lib.LayerCache):
@@ -132,22 +132,17 @@ def workspace_bytes(cfg: ModelConfig, sparse: SparseConfig, plan: HeadPlan, ctx:
   acts = batch * c * (4 * e + 2 * (h + 2 * k) * d + 3 * m) * act
   logits = 2 * batch * cfg.vocab_size * 4
   t = -(-ctx // sparse.block_size) * sparse.block_size
-  ring_heads = full_kv = n_ret = 0
-  for layer in range(cfg.num_layers):
-    lay = cache_lib.layout_for(plan.layer(layer), sparse.mode, k)
-    heads = plan.layer(layer)
-    local = heads.local if sparse.mode != "streaming" else tuple(range(h))
-    if sparse.mode == "dense":
-      local = ()
-    ring_heads = max(ring_heads, sum(1 for q in local if heads.kv_of(q) in lay.ring_kv))
-    full_kv = max(full_kv, len(lay.full_kv))
-    n_ret = max(n_ret, len(heads.retrieval))
+  ring_heads = full_kv = n_sel = 0
+  for routing in routing_lib.plan_routings(plan, sparse.mode):
+    ring_heads = max(ring_heads, len(routing.ring_local))
+    full_kv = max(full_kv, len(routing.full_kv))
+    n_sel = max(n_sel, len(routing.selected))
   # Sparse prefill, per layer: block log-masses (f32), block lists (int32) and two masks over
-  # [retrieval heads, query blocks of the chunk, key blocks of the cache].
+  # [selected heads, query blocks of the chunk, key blocks of the cache].
   select_scratch = 0
-  if sparse.sparse_prefill and sparse.mode in ("rtpurbo", "topk"):
+  if sparse.sparse_prefill and n_sel:
     bs = sparse.block_size
-    select_scratch = batch * n_ret * -(-c // bs) * (t // bs) * 10
+    select_scratch = batch * n_sel * -(-c // bs) * (t // bs) * 10
   ring_scratch = 0
   if ring_heads:
     ring_scratch = 2 * batch * ring_heads * min(512, c) * (sparse.ring_capacity + c) * 4

@@ -36,11 +36,12 @@ class DecoderLayer(nnx.Module):
     self.mlp = MLP(cfg, dtype, rngs, init_std)
 
   def __call__(self, x, positions, inv_freq, *, cache=None, valid=None, sparse_queries=None,
-               contiguous=False):
+               phase=None, contiguous=False):
     # Named scopes label the two halves of a layer in profiles (HLO op metadata).
     with jax.named_scope("attention"):
       h, new_cache = self.attn(self.input_norm(x), positions, inv_freq, cache=cache,
-                               valid=valid, sparse_queries=sparse_queries, contiguous=contiguous)
+                               valid=valid, sparse_queries=sparse_queries, phase=phase,
+                               contiguous=contiguous)
     x = x + h
     with jax.named_scope("mlp"):
       x = x + self.mlp(self.post_attn_norm(x))
@@ -74,12 +75,14 @@ class Transformer(nnx.Module):
     return rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
 
   def hidden_states(self, input_ids, *, positions=None, valid=None, cache=None,
-                    sparse_queries=None, contiguous=False):
+                    sparse_queries=None, phase=None, contiguous=False):
     """Final-norm hidden states [batch, seq, embed] and the new cache (or None).
 
+    phase (static, required with a cache): "prefill" for a chunk of prompt tokens, "decode"
+    for one new token per row (`mixed.PREFILL` / `mixed.DECODE`).
     contiguous (static): with a cache, promises that every row's positions are p0 + arange(seq)
-    for one shared p0 and that padding (valid False) only sits at the right end of a row; the
-    attention then takes its fast prefill path (see MixedHeadAttention._cached_attention).
+    for one shared p0 and that padding (valid False) only sits at the right end of a row; a
+    prefill chunk then takes its fast paths (see MixedHeadAttention.prefill_chunk).
     """
     b, s = input_ids.shape
     if positions is None:
@@ -92,7 +95,8 @@ class Transformer(nnx.Module):
     new_cache = [] if cache is not None else None
     for i, layer in enumerate(self.layers):
       x, c = layer(x, positions, inv_freq, cache=None if cache is None else cache[i],
-                   valid=valid, sparse_queries=sparse_queries, contiguous=contiguous)
+                   valid=valid, sparse_queries=sparse_queries, phase=phase,
+                   contiguous=contiguous)
       if cache is not None:
         new_cache.append(c)
     return self.final_norm(x), new_cache
@@ -102,14 +106,16 @@ class Transformer(nnx.Module):
     return jnp.einsum("bse,ev->bsv", h, w, preferred_element_type=jnp.float32)
 
   def __call__(self, input_ids, *, positions=None, valid=None, cache=None, sparse_queries=None,
-               contiguous=False):
-    """Logits [batch, seq, vocab] (float32); with `cache`, returns (logits, new_cache)."""
+               phase=None, contiguous=False):
+    """Logits [batch, seq, vocab] (float32); with `cache` (and `phase`), returns (logits,
+    new_cache)."""
     h, new_cache = self.hidden_states(input_ids, positions=positions, valid=valid, cache=cache,
-                                      sparse_queries=sparse_queries, contiguous=contiguous)
+                                      sparse_queries=sparse_queries, phase=phase,
+                                      contiguous=contiguous)
     logits = self.logits_from_hidden(h)
     return logits if cache is None else (logits, new_cache)
 
   def init_cache(self, batch: int, max_len: int, dtype=None) -> list[cache_lib.LayerCache]:
     dtype = as_dtype(dtype) if dtype is not None else self.dtype
-    return [cache_lib.init_layer_cache(layer.attn.layout, self.cfg, self.sparse, batch, max_len,
-                                       dtype) for layer in self.layers]
+    return [cache_lib.init_layer_cache(layer.attn.routing, self.cfg, self.sparse, batch,
+                                       max_len, dtype) for layer in self.layers]

@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rtpurbo_jax.attention.mixed import PrefillSelectionStats, RowSelectionStats
+from rtpurbo_jax.attention.mixed import (DECODE, PREFILL, PrefillSelectionStats,
+                                         RowSelectionStats)
 from rtpurbo_jax.infer.engine import prefill_chunk_size, tree_bytes
 from rtpurbo_jax.serve.sampling import sample_rows
 
@@ -80,7 +81,7 @@ def _prefill(state, cache, slot, ids, p0, length, samp, *, graphdef):
          for l in _row(cache, slot)]
   pos = (p0 + jnp.arange(c, dtype=jnp.int32))[None]
   (h, row), stats = nnx.capture(model.hidden_states, PrefillSelectionStats)(
-      ids, positions=pos, valid=pos < length, cache=row, contiguous=True)
+      ids, positions=pos, valid=pos < length, cache=row, phase=PREFILL, contiguous=True)
   cache = _put_row(cache, row, slot)
   last = jax.lax.dynamic_index_in_dim(h[0], jnp.clip(length - 1 - p0, 0, c - 1), axis=0)
   logits = model.logits_from_hidden(last[None])[:, 0]  # [1, vocab]
@@ -98,7 +99,8 @@ def _decode(state, cache, tokens, positions, active, samp, *, graphdef):
   """
   model = nnx.merge(graphdef, state)
   (logits, cache), stats = nnx.capture(model, RowSelectionStats)(
-      tokens[:, None], positions=positions[:, None], valid=active[:, None], cache=cache)
+      tokens[:, None], positions=positions[:, None], valid=active[:, None], cache=cache,
+      phase=DECODE)
   nxt = sample_rows(logits[:, 0], **samp)
   rows = [f for f in jax.tree.leaves(stats)]  # each [slots, n_ret]
   if rows:

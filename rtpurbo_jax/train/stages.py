@@ -30,6 +30,7 @@ from flax import nnx
 
 from rtpurbo_jax import loading, lowrank
 from rtpurbo_jax import sharding as shd
+from rtpurbo_jax.attention import routing as routing_lib
 from rtpurbo_jax.attention.indexer import IndexerParam
 from rtpurbo_jax.attention.plan import HeadPlan, read_plan
 from rtpurbo_jax.config import (ConfigError, SparseConfig, sparse_config_from,
@@ -106,7 +107,7 @@ def validate_train(cfg) -> None:
 def pipeline_sparse(cfg) -> SparseConfig:
   """The sparse config of the converted model (mode rtpurbo unless the config says topk)."""
   sp = sparse_config_from(cfg.sparse)
-  mode = sp.mode if sp.mode in ("rtpurbo", "topk") else "rtpurbo"
+  mode = sp.mode if routing_lib.selects_blocks(sp.mode) else "rtpurbo"
   return dataclasses.replace(sp, mode=mode)
 
 
