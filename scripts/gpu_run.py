@@ -78,7 +78,8 @@ WHEELS = ("grain==0.2.18", "ml_collections==1.1.0", "gguf==0.19.0", "array_recor
 WHEELS += ("fastapi==0.165.0", "starlette==1.10.0", "uvicorn==0.55.0", "pydantic==2.14.4",
            "pydantic_core==2.50.5", "annotated-types==0.8.0", "annotated-doc==0.0.7",
            "typing-inspection==0.4.5", "anyio==4.16.0", "sniffio==1.3.1", "h11==0.16.0",
-           "click==8.5.1")
+           "click==8.5.1", "opentelemetry-api==1.45.3", "importlib_metadata==10.2.0",
+           "zipp==4.1.2")
 PART_BYTES = 49181216  # two halves of the 98 MB GGUF, each well under one call's 64 MiB
 
 _PPL = ("--config.eval.modes=rtpurbo --config.eval.samples=0 --config.eval.lengths=8K,4K "
