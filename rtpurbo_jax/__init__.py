@@ -21,7 +21,7 @@ _EXPORTS = {
     "generate": "rtpurbo_jax.infer.generate",
     "calibrate": "rtpurbo_jax.calibration",
     "to_rtpurbo": "rtpurbo_jax.convert",
-    "memory_report": "rtpurbo_jax.attention.cache",
+    "memory_report": "rtpurbo_jax.infer.memory",
     "HeadPlan": "rtpurbo_jax.attention.plan",
     "ModelConfig": "rtpurbo_jax.config",
     "SparseConfig": "rtpurbo_jax.config",

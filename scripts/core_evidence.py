@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import rtpurbo_jax as rj  # noqa: E402
 from rtpurbo_jax import assets  # noqa: E402
-from rtpurbo_jax.attention.cache import memory_report  # noqa: E402
+from rtpurbo_jax.infer.memory import memory_report  # noqa: E402
 from rtpurbo_jax.attention.routing import selects_blocks  # noqa: E402
 from rtpurbo_jax.attention.select import per_query_selection  # noqa: E402
 from rtpurbo_jax.calibration import make_needle_document  # noqa: E402

@@ -3,6 +3,7 @@
 import json
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from rtpurbo_jax.attention import cache as cache_lib
 from rtpurbo_jax.attention.routing import head_routing
 from rtpurbo_jax.attention.plan import HeadPlan, load_headwise_config
 from rtpurbo_jax.config import ConfigError, ModelConfig, SparseConfig
+from rtpurbo_jax.infer.memory import memory_report
 
 LLAMA31_8B = ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                          num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
@@ -112,19 +114,26 @@ def test_full_and_ring_kv_heads():
 
 
 def _formula(cfg, plan, ctx, batch, sparse, dtype_bytes=2):
-  """Bytes by hand: K and V per token per KV head, rings hold ring_capacity slots (+ an int32
-  position per slot per layer), compressed keys are r values per token per retrieval head."""
+  """Bytes by hand: K and V per token per KV head over whole blocks of the context, a ring of
+  ring_capacity slots per local-only KV head (+ an int32 position per slot in each layer that
+  has a ring), r values per token per retrieval head for the compressed keys, and an int32
+  length per row per layer."""
   m = plan.mask()
   g = cfg.num_heads // cfg.num_kv_heads
-  full = sum(int(m[l].reshape(cfg.num_kv_heads, g).any(1).sum()) for l in range(len(m)))
+  full_per_layer = [int(m[l].reshape(cfg.num_kv_heads, g).any(1).sum()) for l in range(len(m))]
+  full = sum(full_per_layer)
   ring = len(m) * cfg.num_kv_heads - full
+  ring_layers = sum(1 for f in full_per_layer if f < cfg.num_kv_heads)
   kv_tok = 2 * cfg.head_dim * dtype_bytes
-  cap = min(max(sparse.sinks + sparse.window, sparse.seqlen_threshold), ctx)
+  t = -(-ctx // sparse.block_size) * sparse.block_size
+  cap = max(sparse.sinks + sparse.window, sparse.seqlen_threshold)
+  lengths = cfg.num_layers * 4 * batch
   return {
-      "dense_bytes": cfg.num_layers * cfg.num_kv_heads * ctx * kv_tok * batch,
-      "full_kv_bytes": full * ctx * kv_tok * batch,
-      "ring_bytes": (ring * cap * kv_tok + cfg.num_layers * cap * 4) * batch,
-      "compressed_key_bytes": int(m.sum()) * ctx * sparse.indexer_dim * dtype_bytes * batch,
+      "dense_bytes": cfg.num_layers * cfg.num_kv_heads * t * kv_tok * batch + lengths,
+      "full_kv_bytes": full * t * kv_tok * batch,
+      "ring_bytes": (ring * cap * kv_tok + ring_layers * cap * 4) * batch,
+      "compressed_key_bytes": int(m.sum()) * t * sparse.indexer_dim * dtype_bytes * batch,
+      "length_bytes": lengths,
   }
 
 
@@ -133,19 +142,21 @@ def test_memory_report_llama31_8b_at_1m_literal():
   mask = np.zeros((32, 32), bool)
   mask[:, :4] = True
   plan = HeadPlan.from_mask(mask, 8)
-  rep = cache_lib.memory_report(LLAMA31_8B, plan, ctx=1 << 20)
+  rep = memory_report(LLAMA31_8B, plan, ctx=1 << 20)
   gib = 1 << 30
-  assert rep["dense_bytes"] == 128 * gib  # 32 L x 8 KV x 1M x (K+V) x 128 x bf16
+  # 32 L x 8 KV x 1M x (K+V) x 128 x bf16, + an int32 length per layer
+  assert rep["dense_bytes"] == 128 * gib + 32 * 4
   assert rep["full_kv_bytes"] == 16 * gib
   # rings: 7 KV heads x 32 L x 16384 slots (= seqlen_threshold) x 512 B, + int32 positions
   assert rep["ring_bytes"] == 7 * 32 * 16384 * 512 + 32 * 16384 * 4
   assert rep["compressed_key_bytes"] == 4 * gib  # 128 heads x 1M x 16 x bf16
-  total = 20 * gib + 7 * 32 * 16384 * 512 + 32 * 16384 * 4
+  assert rep["length_bytes"] == 32 * 4
+  total = 20 * gib + 7 * 32 * 16384 * 512 + 32 * 16384 * 4 + 32 * 4
   assert rep["rtpurbo_bytes"] == total
-  assert rep["ratio"] == pytest.approx(128 * gib / total)
+  assert rep["ratio"] == pytest.approx((128 * gib + 32 * 4) / total)
 
 
-@pytest.mark.parametrize("ctx,batch", [(1 << 20, 1), (8192, 2), (200_000, 3)])
+@pytest.mark.parametrize("ctx,batch", [(1 << 20, 1), (8192, 2), (200_003, 3)])
 def test_memory_report_llama31_8b_15pct_plan(ctx, batch):
   rng = np.random.default_rng(ctx % 997)
   scores = rng.random((32, 32))
@@ -153,7 +164,7 @@ def test_memory_report_llama31_8b_15pct_plan(ctx, batch):
   plan = HeadPlan.from_scores(scores, 8, 0.15)
   assert plan.summary()["retrieval_heads"] == 153  # floor(0.15 x 1024)
   sparse = SparseConfig(mode="rtpurbo")
-  rep = cache_lib.memory_report(LLAMA31_8B, plan, ctx=ctx, batch=batch, sparse=sparse)
+  rep = memory_report(LLAMA31_8B, plan, ctx=ctx, batch=batch, sparse=sparse)
   want = _formula(LLAMA31_8B, plan, ctx, batch, sparse)
   for key, value in want.items():
     assert rep[key] == value, key
@@ -233,3 +244,22 @@ def test_ring_slot_layout():
   slots = np.asarray(cache_lib.ring_slot(jnp.arange(20), 3, 8))
   np.testing.assert_array_equal(slots[:3], [0, 1, 2])
   np.testing.assert_array_equal(slots[3:], [3 + (p - 3) % 5 for p in range(3, 20)])
+
+
+@pytest.mark.parametrize("mode", ["rtpurbo", "dense"])
+def test_memory_report_counts_what_init_cache_allocates(mode, seed):
+  """The report is the allocation: its bytes equal the arrays `init_cache` returns."""
+  from flax import nnx
+  from rtpurbo_jax.models.transformer import Transformer
+  cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3,
+                    num_heads=4, num_kv_heads=2, head_dim=8)
+  mask = np.random.default_rng(seed).random((3, 4)) < 0.4
+  mask[0] = False  # one layer with rings only
+  plan = HeadPlan.from_mask(mask, 2)
+  sparse = SparseConfig(mode=mode, block_size=16, window=32, sinks=4, seqlen_threshold=48,
+                        indexer_dim=4)
+  model = Transformer(cfg, sparse=sparse, plan=plan, dtype="bfloat16", rngs=nnx.Rngs(0))
+  ctx, batch = 100, 2
+  allocated = sum(x.nbytes for c in model.init_cache(batch, ctx) for x in jax.tree.leaves(c))
+  rep = memory_report(cfg, plan, ctx, batch=batch, sparse=sparse)
+  assert rep["rtpurbo_bytes" if mode == "rtpurbo" else "dense_bytes"] == allocated

@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 
 from rtpurbo_jax.attention import routing as routing_lib
-from rtpurbo_jax.attention.plan import HeadPlan
 from rtpurbo_jax.config import ModelConfig, SparseConfig
 
 CACHE_AXES = {
@@ -118,36 +117,3 @@ def write(cache: LayerCache, routing: routing_lib.HeadRouting, k, v, ck, positio
     out.ring_pos = cache.ring_pos.at[bidx, slot].set(positions, mode="drop")
   out.length = jnp.maximum(cache.length, jnp.max(jnp.where(valid, positions + 1, 0), axis=1))
   return out
-
-
-# ---------------------------------------------------------------------------
-# Memory accounting.
-
-
-def memory_report(cfg: ModelConfig, plan: HeadPlan | None, ctx: int, batch: int = 1,
-                  sparse: SparseConfig | None = None, dtype_bytes: int = 2) -> dict:
-  """Cache bytes for `ctx` tokens: dense vs RTPurbo (the layout above, in mode rtpurbo), and
-  the ratio."""
-  sparse = sparse or SparseConfig(mode="rtpurbo")
-  d = cfg.head_dim
-  per_token_head = 2 * d * dtype_bytes  # K and V
-  dense = cfg.num_layers * cfg.num_kv_heads * ctx * per_token_head * batch
-  full_heads = ring_heads = indexed = 0
-  if plan is not None:
-    for r in routing_lib.plan_routings(plan, "rtpurbo"):
-      full_heads += len(r.full_kv)
-      ring_heads += len(r.ring_kv)
-      indexed += len(r.selected)
-  cap = min(sparse.ring_capacity, ctx)
-  full_b = full_heads * ctx * per_token_head * batch
-  ring_b = ring_heads * cap * per_token_head * batch + cfg.num_layers * cap * 4 * batch
-  ckey_b = indexed * ctx * sparse.indexer_dim * dtype_bytes * batch
-  sparse_total = full_b + ring_b + ckey_b
-  return {
-      "ctx": ctx, "batch": batch,
-      "dense_bytes": dense,
-      "rtpurbo_bytes": sparse_total,
-      "full_kv_bytes": full_b, "ring_bytes": ring_b, "compressed_key_bytes": ckey_b,
-      "full_kv_heads": full_heads, "ring_kv_heads": ring_heads, "indexed_heads": indexed,
-      "ratio": dense / max(sparse_total, 1),
-  }

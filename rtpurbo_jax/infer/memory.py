@@ -97,28 +97,72 @@ def _weight_bytes(cfg, sparse, plan, dtype, mesh_items):
 def cache_bytes(cfg: ModelConfig, sparse: SparseConfig, plan: HeadPlan, ctx: int, batch: int,
                 dtype: str, mesh_shape: dict) -> tuple[int, int]:
   """(total, per device) bytes of `init_cache(batch, ctx)` in `sparse.mode`."""
-  total = per_dev = 0
+  fields = cache_field_bytes(cfg, sparse, plan, ctx, batch, dtype, mesh_shape)
+  return sum(t for t, _ in fields.values()), sum(p for _, p in fields.values())
+
+
+def cache_field_bytes(cfg: ModelConfig, sparse: SparseConfig, plan: HeadPlan, ctx: int,
+                      batch: int, dtype: str, mesh_shape: dict | None = None
+                      ) -> dict[str, tuple[int, int]]:
+  """{LayerCache field: (total, per device) bytes} of `init_cache(batch, ctx)` in
+  `sparse.mode`, summed over layers: the one count of cache memory."""
+  out = {f.name: (0, 0) for f in dataclasses.fields(cache_lib.LayerCache)}
+  items = tuple(sorted((mesh_shape or {}).items()))
   for routing in routing_lib.plan_routings(plan, sparse.mode):
-    t, p = _layer_cache_bytes(routing, cfg, sparse, ctx, batch, dtype,
-                              tuple(sorted(mesh_shape.items())))
-    total, per_dev = total + t, per_dev + p
-  return total, per_dev
+    for name, (t, p) in _layer_cache_bytes(routing, cfg, sparse, ctx, batch, dtype, items):
+      out[name] = (out[name][0] + t, out[name][1] + p)
+  return out
 
 
 @functools.lru_cache(maxsize=1024)
 def _layer_cache_bytes(routing, cfg, sparse, ctx, batch, dtype, mesh_items):
+  """((field, total bytes, per-device bytes), ...) of one layer's cache."""
   from rtpurbo_jax.models.transformer import as_dtype
 
-  mesh_shape = dict(mesh_items)
+  mesh_shape = resolve_mesh_shape(dict(mesh_items))
   shapes = jax.eval_shape(lambda: cache_lib.init_layer_cache(routing, cfg, sparse, batch, ctx,
                                                              as_dtype(dtype)))
-  total = per_dev = 0
+  out = []
   for f in dataclasses.fields(cache_lib.LayerCache):
     x = getattr(shapes, f.name)
     item = np.dtype(x.dtype).itemsize
-    total += math.prod(x.shape) * item
-    per_dev += _per_device(x.shape, cache_lib.CACHE_AXES[f.name], mesh_shape) * item
-  return int(total), int(per_dev)
+    out.append((f.name, (int(math.prod(x.shape) * item),
+                         int(_per_device(x.shape, cache_lib.CACHE_AXES[f.name], mesh_shape)
+                             * item))))
+  return tuple(out)
+
+
+def memory_report(cfg: ModelConfig, plan: HeadPlan | None, ctx: int, batch: int = 1,
+                  sparse: SparseConfig | None = None, dtype_bytes: int = 2) -> dict:
+  """Cache bytes for `ctx` tokens (what `init_cache` allocates: whole blocks, rings, compressed
+  keys, per-row lengths): dense vs the rtpurbo layout of `plan` (None: every head local), with
+  the rtpurbo bytes by part and the ratio. dtype_bytes: 2 (bfloat16) or 4 (float32)."""
+  dtype = {2: "bfloat16", 4: "float32"}.get(dtype_bytes)
+  if dtype is None:
+    raise ValueError(f"dtype_bytes={dtype_bytes}: expected 2 (bfloat16) or 4 (float32)")
+  sparse = dataclasses.replace(sparse or SparseConfig(), mode="rtpurbo")
+  plan = plan if plan is not None else HeadPlan.all_local(cfg)
+  total = lambda f: sum(t for t, _ in f.values())
+  dense = cache_field_bytes(cfg, dataclasses.replace(sparse, mode="dense"), plan, ctx, batch,
+                            dtype)
+  f = cache_field_bytes(cfg, sparse, plan, ctx, batch, dtype)
+  heads = {"full_kv_heads": 0, "ring_kv_heads": 0, "indexed_heads": 0}
+  for r in routing_lib.plan_routings(plan, "rtpurbo"):
+    heads["full_kv_heads"] += len(r.full_kv)
+    heads["ring_kv_heads"] += len(r.ring_kv)
+    heads["indexed_heads"] += len(r.selected)
+  rtpurbo = total(f)
+  return {
+      "ctx": ctx, "batch": batch,
+      "dense_bytes": total(dense),
+      "rtpurbo_bytes": rtpurbo,
+      "full_kv_bytes": f["full_k"][0] + f["full_v"][0],
+      "ring_bytes": f["ring_k"][0] + f["ring_v"][0] + f["ring_pos"][0],
+      "compressed_key_bytes": f["ckeys"][0],
+      "length_bytes": f["length"][0],
+      **heads,
+      "ratio": total(dense) / max(rtpurbo, 1),
+  }
 
 
 def workspace_bytes(cfg: ModelConfig, sparse: SparseConfig, plan: HeadPlan, ctx: int,
