@@ -142,7 +142,7 @@ def memory_report(cfg: ModelConfig, plan: HeadPlan | None, ctx: int, batch: int 
     raise ValueError(f"dtype_bytes={dtype_bytes}: expected 2 (bfloat16) or 4 (float32)")
   sparse = dataclasses.replace(sparse or SparseConfig(), mode="rtpurbo")
   plan = plan if plan is not None else HeadPlan.all_local(cfg)
-  total = lambda f: sum(t for t, _ in f.values())
+  total = lambda fields: sum(t for t, _ in fields.values())
   dense = cache_field_bytes(cfg, dataclasses.replace(sparse, mode="dense"), plan, ctx, batch,
                             dtype)
   f = cache_field_bytes(cfg, sparse, plan, ctx, batch, dtype)
