@@ -46,6 +46,8 @@ import re
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import config
+from pallas_kernels.config import IMPLS, OVERRIDE_ENV
 from pallas_kernels.gpu import common
 from pallas_kernels.gpu import cudnn_attention as cudnn
 from pallas_kernels.gpu import decode as decode_k
@@ -57,26 +59,9 @@ from pallas_kernels.gpu import window_attention as flash_k
 # ---------------------------------------------------------------------------
 # Implementation choice.
 
-# The implementations of each operation; "pallas" runs wherever the Pallas kernels do.
-IMPLS: dict[str, tuple[str, ...]] = {
-    "causal_attention": ("pallas", "cudnn", "xla"),
-    "window_attention": ("pallas", "cudnn", "cudnn_chunked"),
-    "cache_causal_attention": ("pallas", "cudnn"),
-    "topp_select": ("pallas",),
-    "sparse_decode": ("pallas",),
-    "ring_decode": ("pallas",),
-    "prefill_select": ("pallas",),
-    "sparse_prefill": ("pallas",),
-    "cache_prefill_select": ("pallas",),
-    "cache_sparse_prefill": ("pallas",),
-}
-
-# The environment variable that overrides the choice, per operation with a choice.
-OVERRIDE_ENV: dict[str, str] = {
-    "causal_attention": "RTPURBO_CAUSAL_ATTN",
-    "window_attention": "RTPURBO_WINDOW_ATTN",
-    "cache_causal_attention": "RTPURBO_CACHE_ATTN",
-}
+# `IMPLS` (the implementations of each operation) and `OVERRIDE_ENV` (the environment variable
+# that overrides each switchable one) live in `pallas_kernels.config`, which validates
+# overrides; they are re-exported here.
 
 # The faster implementation measured per architecture (H200, jax 0.11.2, Llama-3.1-8B attention
 # shapes, bf16; benchmarks/NOTES.md). Operations not listed get "pallas"; architectures not
@@ -156,13 +141,8 @@ def select_impl(op: str, *, dtype, cudnn_available: bool, compute_capability=Non
   """
   if op not in IMPLS:
     raise ValueError(f"unknown GPU operation {op!r}; expected one of {sorted(IMPLS)}")
-  choices = IMPLS[op]
   if override is not None and str(override).strip():
-    want = str(override).strip().lower()
-    if want not in choices:
-      name = source or OVERRIDE_ENV.get(op, f"the {op} override")
-      raise ValueError(f"{name}={override!r} is not an implementation of {op}: expected one "
-                       f"of {', '.join(choices)}")
+    want = config.check_impl(op, override, source)
   else:
     arch = gpu_arch(compute_capability, device_kind)
     table = MEASURED.get(arch, UNMEASURED)
