@@ -75,3 +75,14 @@ def test_stage1_objective_smoke(tmp_path):
   assert rows["token"]["kl"]["mean"] != rows["committed"]["kl"]["mean"]
   assert [r["step"] for r in rep["train_log"]["block"]][-1] == 3
   assert "| block | 0.9 |" in (tmp_path / "stage1_objective.md").read_text()
+
+
+def test_stage2_step_smoke(tmp_path):
+  """The stage-2 step benchmark runs the Trainer's step and the bare gradient on a tiny
+  model, and records both."""
+  _run(["benchmarks/stage2_step.py", "--smoke", "--rows", "bare/b8,trainer/lora", "--out",
+        str(tmp_path)], tmp_path)
+  rows = json.loads((tmp_path / "stage2_step.json").read_text())["rows"]
+  assert set(rows) == {"bare/b8", "trainer/lora"}
+  for row in rows.values():
+    assert "error" not in row and row["s"] > 0 and row["first_call_s"] > 0
