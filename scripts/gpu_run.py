@@ -47,10 +47,11 @@ processes at once ran the GPU out of memory (batch 50 at 4K beside batch 25 at 8
 --parallel at 3 or less and batch 25 at 8K. A 30-minute device budget holds stage 1 or the
 four-mode evaluation of all three lengths, not both. On one H100 (80 GB, 2026-12-05) with
 --parallel 2: rtpurbo,topk at 8K (batch 25) 326 s beside 4K (batch 50) 256 s; a
-perplexity-only variant at 4K + 8K ~2 min; stage 2 at 4K x 8 ~15 s per step with two stage-2
-runs sharing the GPU (too slow for 100 steps in one session; each stage2_<name>.jsonl record
-now has `data_seconds_per_step`, the host time a step waited for its batch, apart from the
-device step).
+perplexity-only variant at 4K + 8K ~2 min. Stage 2 at 4K x 8, alone on an H100
+(benchmarks/stage2_step.py, 2026-12-06): 5.3 s per step with 8 accumulated passes, the gradient
+of the 8 sequences in one pass 3.8 s, 65-95 s to compile; two stage-2 runs sharing the GPU
+took 428 s for the teacher logits, compilation and 10 steps (the input wait,
+`data_seconds_per_step`, was 0.02 s). Budget ~10 minutes for 100 steps of one run.
 """
 
 from __future__ import annotations
@@ -437,7 +438,8 @@ def stage2(args):
   cfg.train.update(workdir=os.path.join(big, "work"), stages="stage2", progress=False,
                    save_final=False, checkpoint_every=every)
   cfg.train.stage2.update(steps=args.steps, lr=args.lr, warmup=args.warmup,
-                          batch_size=args.batch, seq_len=args.seq_len,
+                          batch_size=args.batch, micro_batch=args.micro_batch or args.batch,
+                          seq_len=args.seq_len,
                           lora_rank=args.lora_rank, max_examples=args.max_examples)
   t0 = time.time()
   model, steps_done = run_within(cfg, "stage2", args.max_minutes, every)
@@ -522,6 +524,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--seq_len", type=int, default=4096)
   p.add_argument("--steps", type=int, default=100)
   p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--micro_batch", type=int, default=0,
+                 help="sequences per gradient pass, 0: the whole batch (on an H100 the "
+                      "gradient of 8 x 4K in one pass took 3.8 s, the step of 8 accumulated "
+                      "passes of 1 5.3 s: benchmarks/results/stage2_step_h100.json)")
   p.add_argument("--lr", type=float, default=3e-6)
   p.add_argument("--warmup", type=int, default=10)
   p.add_argument("--lora_rank", type=int, default=0, help="0: the full backbone")
