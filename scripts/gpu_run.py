@@ -91,13 +91,15 @@ _TASKS = "--config.eval.modes=rtpurbo --config.eval.lengths=8K,4K,2K --config.ev
 #   full backbone (lr 3e-6), 100 steps of 4K x 8 each; held-out perplexity at 4K / 8K of the
 #   LoRA result, of full stage 2 and of its rank-16 delta (what assets/ can carry); the tasks
 #   of the LoRA result and of window 2048 without stage 2 (the lever that met the perplexity
-#   target) at 2K / 4K / 8K. Each stage-2 run stops at its first checkpoint (every 20 steps)
-#   after 7 minutes, so that the evaluations fit the same session; window 2048 runs last.
+#   target) at 2K / 4K / 8K. Each stage-2 run stops at its first checkpoint (every 10 steps)
+#   after 8 minutes, so that the evaluations fit the same session; window 2048 runs last.
 PRESETS = {
     "stage2": {
         "steps": "",
-        "stage2": ("lora:--lora_rank=16 --lr=1e-4 --steps=100 --max_minutes=7;"
-                   "full:--lr=3e-6 --steps=100 --max_minutes=7 --save_full"),
+        "stage2": ("lora:--lora_rank=16 --lr=1e-4 --steps=100 --max_minutes=8 "
+                   "--checkpoint_every=10;"
+                   "full:--lr=3e-6 --steps=100 --max_minutes=8 --checkpoint_every=10 "
+                   "--save_full"),
         "evals": ";".join([
             f"s2lora@stage2_lora:--config.eval.model={{big}}/stage2_lora/hf {_PPL}",
             f"s2full@stage2_full:--config.eval.model={{big}}/stage2_full/hf_full {_PPL}",
