@@ -93,13 +93,15 @@ _TASKS = "--config.eval.modes=rtpurbo --config.eval.lengths=8K,4K,2K --config.ev
 #   of the LoRA result and of window 2048 without stage 2 (the lever that met the perplexity
 #   target) at 2K / 4K / 8K. Each stage-2 run stops at its first checkpoint (every 10 steps)
 #   after 8 minutes, so that the evaluations fit the same session; window 2048 runs last.
+#   One gradient pass over all 8 sequences of 4K needs ~55 GiB (two such runs side by side
+#   ran an H100 out of memory, 2026-12-06), so each run takes its batch as 2 passes of 4.
 PRESETS = {
     "stage2": {
         "steps": "",
         "stage2": ("lora:--lora_rank=16 --lr=1e-4 --steps=100 --max_minutes=8 "
-                   "--checkpoint_every=10;"
+                   "--checkpoint_every=10 --micro_batch=4;"
                    "full:--lr=3e-6 --steps=100 --max_minutes=8 --checkpoint_every=10 "
-                   "--save_full"),
+                   "--micro_batch=4 --save_full"),
         "evals": ";".join([
             f"s2lora@stage2_lora:--config.eval.model={{big}}/stage2_lora/hf {_PPL}",
             f"s2full@stage2_full:--config.eval.model={{big}}/stage2_full/hf_full {_PPL}",

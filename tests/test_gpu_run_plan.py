@@ -48,6 +48,8 @@ def test_stage2_preset_plans_valid_steps(gpu_run, tmp_path):
       sub = ap.parse_args(cmd[2:])
       assert sub.cmd == "stage2" and sub.big == big and sub.steps == 100
       assert sub.max_minutes > 0 and 100 % sub.checkpoint_every == 0
+      # two runs share one GPU: neither may take its whole batch in one pass
+      assert 0 < sub.micro_batch < sub.batch and sub.batch % sub.micro_batch == 0
       continue
     flags = [f for f in cmd if f.startswith("--config.")]
     assert any(f.startswith("--config.eval.out_dir=" + os.path.join(out, step)) for f in flags)
