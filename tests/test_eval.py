@@ -523,6 +523,34 @@ def test_paired_bootstrap_is_seeded_and_matches_a_loop(rng, seed):
   assert stats.fmt_pct_interval(0.008, 0.005, 0.011) == "+0.8% [+0.5, +1.1]"
 
 
+def test_paired_accuracy_bootstrap_matches_a_loop(rng, seed):
+  """Task-averaged accuracy difference over paired prompts: the statistic by hand, the interval
+  against the same stratified resamples evaluated one at a time."""
+  from rtpurbo_jax.eval import stats
+  sizes = (9, 5, 12)
+  a = [rng.integers(0, 2, n).astype(float) for n in sizes]
+  b = [np.where(rng.random(n) < 0.3, 1 - x, x) for n, x in zip(sizes, a)]
+  b[2] = rng.random(12)  # a partial-score task
+  r = stats.paired_bootstrap_diff(a, b, [seed, 4], n_boot=300)
+  assert r == stats.paired_bootstrap_diff(a, b, [seed, 4], n_boot=300)
+  assert r["diff"] == pytest.approx(np.mean([x.mean() for x in a]) -
+                                    np.mean([y.mean() for y in b]), abs=1e-12)
+  assert r["n"] == sum(sizes)
+  assert r["changed"] == sum(int(np.sum(x != y)) for x, y in zip(a, b))
+  gen = np.random.default_rng([seed, 4])
+  draws = [gen.integers(0, n, (300, n)) for n in sizes]
+  reps = [np.mean([a[g][draws[g][k]].mean() - b[g][draws[g][k]].mean() for g in range(3)])
+          for k in range(300)]
+  assert r["lo"] == pytest.approx(np.quantile(reps, 0.025), abs=1e-12)
+  assert r["hi"] == pytest.approx(np.quantile(reps, 0.975), abs=1e-12)
+  assert r["lo"] <= r["diff"] <= r["hi"]
+  same = stats.paired_bootstrap_diff(a, a, seed)
+  assert (same["diff"], same["lo"], same["hi"], same["changed"]) == (0, 0, 0, 0)
+  with pytest.raises(ValueError, match="paired prompts"):
+    stats.paired_bootstrap_diff([a[0]], [a[0][:-1]], seed)
+  assert stats.fmt_points_interval(-0.029, -0.055, -0.005) == "-2.9 [-5.5, -0.5]"
+
+
 def test_largest_fitting_from_a_guess_equals_bisection(rng):
   from rtpurbo_jax.eval import tasks as tasks_lib
   for _ in range(30):
@@ -687,8 +715,46 @@ def test_merge_by_mode_and_variants_table(corpus, seed, rng, tmp_path):
   assert v["selected_fraction"] == pytest.approx(
       full["sparsity"]["rtpurbo"]["512"]["selected_fraction"])
   assert rows[("v topk", 512)]["topk_budget"] == full["topk_budget"]["512"]["tokens"]
+  # Paired against dense on the same prompts: the difference of the task means, by hand.
+  dense = {(e["task"], e["index"]): e["scores"]["dense"] for e in b_run["examples"]}
+  by_task = lambda t: [e for e in v_run["examples"] if e["task"] == t]
+  want_diff = np.mean([np.mean([e["scores"]["rtpurbo"] - dense[(t, e["index"])]
+                                for e in by_task(t)]) for t in ("passkey", "niah_single")])
+  assert v["acc_vs_dense"]["diff"] == pytest.approx(want_diff, abs=1e-12)
+  assert v["acc_vs_dense"]["n"] == 4 and v["acc_vs_dense"]["lo"] <= want_diff
+  assert rows[("baseline dense", 512)]["acc_vs_dense"] is None
   md = (tmp_path / "cmp" / "variants.md").read_text()
   assert "| v | A | 512 |" in md and "| baseline dense | B | 512 |" in md
+  assert "Δacc vs dense" in md and "vs v" not in md
+  # A reference variant: the others are paired against its rtpurbo, prompt by prompt and
+  # window by window; the reference itself gets no such cells.
+  lever = json.loads(json.dumps(v_run))
+  for e in lever["examples"]:
+    e["scores"]["rtpurbo"] = 1.0 - e["scores"]["rtpurbo"]
+  lever["perplexity"]["rtpurbo"]["512"]["window_nll"]["all"] = [
+      x + 0.01 for x in v_run["perplexity"]["rtpurbo"]["512"]["window_nll"]["all"]]
+  report.write(lever, str(tmp_path / "lever"))
+  report.main(["--compare", f"v={tmp_path / 'v'}", f"lever={tmp_path / 'lever'}",
+               f"--baseline={tmp_path / 'base'}", "--reference=v", f"--out={tmp_path / 'cmp2'}"])
+  table = json.loads((tmp_path / "cmp2" / "variants.json").read_text())
+  rows = {(r["name"], r["length"]): r for r in table["rows"]}
+  assert table["reference"] == "v" and "acc_vs_ref" not in rows[("v", 512)]
+  flip = rows[("lever", 512)]
+  want_ref = np.mean([np.mean([1 - 2 * e["scores"]["rtpurbo"] for e in by_task(t)])
+                      for t in ("passkey", "niah_single")])
+  assert flip["acc_vs_ref"]["diff"] == pytest.approx(want_ref, abs=1e-12)
+  assert flip["acc_vs_ref"]["changed"] == 4
+  assert flip["ppl_vs_ref"]["rel"] == pytest.approx(np.expm1(0.01), rel=1e-9)
+  assert flip["ppl_vs_ref"]["lo"] == pytest.approx(np.expm1(0.01), rel=1e-9)
+  assert "Δacc vs v" in (tmp_path / "cmp2" / "variants.md").read_text()
+  with pytest.raises(SystemExit):
+    report.main(["--compare", f"v={tmp_path / 'v'}", "--reference=nope",
+                 f"--out={tmp_path / 'cmp3'}"])
+  other_prompts = json.loads(json.dumps(lever))
+  other_prompts["examples"][0]["answers"] = ["something else"]
+  with pytest.raises(ValueError, match="at 512 differs between the runs"):
+    report.paired_accuracy(other_prompts, "rtpurbo", v_run, "rtpurbo", 512,
+                           ("passkey", "niah_single"), seed)
   # A variant that ran rtpurbo only gets no topk row from a baseline that ran topk.
   only = report.compare({"r": report._only_modes(v_run, ["rtpurbo"])}, baseline=full)
   names = {r["name"] for r in only["rows"]}

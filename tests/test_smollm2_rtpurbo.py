@@ -1,4 +1,5 @@
-"""The committed SmolLM2 RTPurbo artifacts: the registered name loads them over the base model,
+"""The committed SmolLM2 RTPurbo artifacts: the registered name loads them (plan, indexer and
+the stage-2 backbone delta) over the base model,
 README command 1 (`python infer.py`, passkey in 4K tokens of Shakespeare) finds the key, and
 the evaluation CLI reproduces the committed small CPU run (`eval_results/repro_cpu/`)."""
 
@@ -25,8 +26,9 @@ def artifacts():
   return config, load_file(os.path.join(folder, api.ARTIFACT_INDEXER))
 
 
-def test_registered_name_overlays_committed_plan_and_indexer(artifacts):
+def test_registered_name_overlays_committed_plan_indexer_and_delta(artifacts):
   import rtpurbo_jax as rj
+  from rtpurbo_jax.hf import api
   from rtpurbo_jax.convert import indexer_weights
 
   config, tensors = artifacts
@@ -41,9 +43,47 @@ def test_registered_name_overlays_committed_plan_and_indexer(artifacts):
   for i, (wq, wk) in ws.items():
     np.testing.assert_array_equal(np.asarray(wq), tensors[f"model.layers.{i}.self_attn.indexer.wq"])
     np.testing.assert_array_equal(np.asarray(wk), tensors[f"model.layers.{i}.self_attn.indexer.wk"])
-  # The backbone is the base model's, untouched.
-  np.testing.assert_array_equal(np.asarray(model.layers[5].attn.q_proj[...]),
-                                np.asarray(base.layers[5].attn.q_proj[...]))
+  # The backbone is the base model's plus the committed stage-2 delta (rank-r LoRA factors of
+  # each linear weight, full deltas of the norm gains), in the HF layout.
+  from rtpurbo_jax import lowrank
+  info = config["backbone_delta"]
+  folder = os.path.join(api.artifacts_dir(), api.SMOLLM2_RTPURBO)
+  delta = load_file(os.path.join(folder, info["file"]))
+  assert info["rank"] >= 1 and delta
+  by_hf = {t.entry.hf: t for t in lowrank.targets(model)}
+  for stem in ("model.layers.5.self_attn.q_proj", "model.layers.25.mlp.down_proj"):
+    t = by_hf[stem + ".weight"]
+    w_base = lowrank.to_hf_matrix(t, _param(base, t.key))
+    got = lowrank.to_hf_matrix(t, _param(model, t.key)) - w_base
+    want = (delta[stem + ".lora_B.weight"].astype(np.float64) @
+            delta[stem + ".lora_A.weight"].astype(np.float64))
+    assert delta[stem + ".lora_A.weight"].shape[0] == info["rank"]
+    assert np.abs(want).max() > 1e-4
+    # The sum is rounded to float32: one ulp of the largest weight.
+    np.testing.assert_allclose(got, want, rtol=0,
+                               atol=np.finfo(np.float32).eps * np.abs(w_base).max())
+  norm = "model.layers.3.input_layernorm.weight"
+  assert norm + ".delta" in delta
+  t = by_hf[norm]
+  got = lowrank.to_hf_matrix(t, _param(model, t.key)) - lowrank.to_hf_matrix(t, _param(base,
+                                                                                      t.key))
+  np.testing.assert_allclose(got, delta[norm + ".delta"], rtol=0, atol=1e-6)
+  # The embedding is not part of the delta: untouched.
+  np.testing.assert_array_equal(np.asarray(model.embed[...]), np.asarray(base.embed[...]))
+  # Without the delta (what stage 2 starts from): the base backbone, the same plan and indexer.
+  stage1 = rj.from_pretrained(api.SMOLLM2_RTPURBO_STAGE1)
+  np.testing.assert_array_equal(stage1.plan.mask(), mask)
+  for key in ("layers/5/attn/q_proj", "layers/3/input_norm/scale"):
+    np.testing.assert_array_equal(_param(stage1, key), _param(base, key))
+  for i, (wq, _) in indexer_weights(stage1).items():
+    np.testing.assert_array_equal(np.asarray(wq), tensors[f"model.layers.{i}.self_attn.indexer.wq"])
+
+
+def _param(model, key: str) -> np.ndarray:
+  obj = model
+  for part in key.split("/"):
+    obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+  return np.asarray(obj[...], np.float64)
 
 
 def test_readme_command_finds_the_passkey():

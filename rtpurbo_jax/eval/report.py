@@ -20,7 +20,9 @@ Runs combine by (length, mode): other lengths, or a subset of modes (e.g. a vari
 merges them and re-renders (one file: just re-renders). RTPurbo variants against the dense
 baseline (a variants table, Markdown + JSON):
   python -m rtpurbo_jax.eval.report --compare stage1=runs/s1 stage2=runs/s2 \
-      --baseline=runs/base --out_dir=eval_results/variants
+      --baseline=runs/base --reference=stage1 --out_dir=eval_results/variants
+Accuracy differences are paired over the same prompts (every run of one seed draws the same
+ones), perplexity changes over the same held-out windows, both with bootstrap intervals.
 """
 
 from __future__ import annotations
@@ -519,17 +521,64 @@ def load_run(path: str) -> dict:
     return json.load(f)
 
 
+def paired_accuracy(res_a: dict, mode_a: str, res_b: dict, mode_b: str, length: int, tasks,
+                    seed: int) -> dict | None:
+  """`mode_a` of run `res_a` minus `mode_b` of run `res_b` in task-averaged accuracy at
+  `length`, paired over the prompts both scored (`stats.paired_bootstrap_diff`), or None when
+  they share no task. The runs must hold the same prompts (same seed, tasks and tokenizer:
+  answers and prompt lengths are checked), else ValueError."""
+  def scored(res, m):
+    return {(e["task"], e["index"]): e for e in res["examples"]
+            if e["length"] == length and m in e["scores"]}
+  a, b = scored(res_a, mode_a), scored(res_b, mode_b)
+  groups_a, groups_b, used = [], [], []
+  for t in tasks:
+    keys = sorted(k for k in a if k[0] == t and k in b)
+    if not keys:
+      continue
+    for k in keys:
+      if (a[k]["answers"], a[k]["prompt_tokens"]) != (b[k]["answers"], b[k]["prompt_tokens"]):
+        raise ValueError(f"prompt {k} at {length} differs between the runs: pair runs of the "
+                         "same seed, tasks and tokenizer")
+    groups_a.append([a[k]["scores"][mode_a] for k in keys])
+    groups_b.append([b[k]["scores"][mode_b] for k in keys])
+    used.append(t)
+  if not used:
+    return None
+  out = stats.paired_bootstrap_diff(groups_a, groups_b, [int(seed), int(length)])
+  return dict(out, tasks=used)
+
+
+def paired_ppl(res_a: dict, mode_a: str, res_b: dict, mode_b: str, length: int,
+               seed: int) -> dict | None:
+  """Relative perplexity change of `mode_a` of `res_a` against `mode_b` of `res_b` at `length`
+  over the same held-out windows (`stats.paired_bootstrap_rel`), or None without per-window
+  nlls for both."""
+  nll = [((r.get("perplexity") or {}).get(m, {}).get(str(length)) or {}).get("window_nll")
+         for r, m in ((res_a, mode_a), (res_b, mode_b))]
+  if not all(n and n.get("all") for n in nll) or len(nll[0]["all"]) != len(nll[1]["all"]):
+    return None
+  return stats.paired_bootstrap_rel(nll[0]["all"], nll[1]["all"], [int(seed), int(length), 3])
+
+
 def compare(variants: dict[str, dict], baseline: dict | None = None,
-            mode: str = "rtpurbo") -> dict:
+            mode: str = "rtpurbo", reference: str | None = None) -> dict:
   """The variants table: each variant's `mode` (and its topk, when run) against dense.
 
   variants: {name: results}; baseline: results holding dense (and streaming / topk), merged
   into each variant by mode when the variant lacks dense (a --config.eval.modes=rtpurbo,topk
   run). Per row and length: perplexity and its change against dense with the paired bootstrap
   interval, mean task accuracy and NIAH accuracy (passkey + niah_*) with Wilson intervals,
-  the selected fraction and tokens per retrieval head (selection report), topk's budget.
-  Returns {"lengths", "rows": [{"name", "mode", "weights", "length", ...}], "niah_tasks"}.
+  the selected fraction and tokens per retrieval head (selection report), topk's budget;
+  `acc_vs_dense`: the task accuracy minus dense's, paired over the same prompts
+  (`paired_accuracy`). With `reference` (a variant's name), every other variant row also
+  gets `acc_vs_ref` and `ppl_vs_ref`: paired against the reference's `mode` on the same
+  prompts and held-out windows (is a lever better than the run it changes?).
+  Returns {"lengths", "rows": [{"name", "mode", "weights", "length", ...}], "niah_tasks",
+  "mode", "reference"}.
   """
+  if reference is not None and reference not in variants:
+    raise ValueError(f"reference {reference!r} is not one of the variants {sorted(variants)}")
   rows, lengths = [], set()
 
   def with_baseline(res):
@@ -538,8 +587,11 @@ def compare(variants: dict[str, dict], baseline: dict | None = None,
     keep = [m for m in baseline["settings"]["modes"] if m not in res["settings"]["modes"]]
     return merge([res, _only_modes(baseline, keep)])
 
-  def add(name, res, m):
+  ref = None if reference is None else with_baseline(variants[reference])
+
+  def add(name, res, m, variant=None):
     ppl, rel = res.get("perplexity") or {}, ppl_vs_dense(res)
+    seed = res["settings"]["seed"]
     for length in _lengths(res):
       if not any(m in e["scores"] for e in res["examples"] if e["length"] == length) and \
           str(length) not in ppl.get(m, {}):
@@ -558,7 +610,13 @@ def compare(variants: dict[str, dict], baseline: dict | None = None,
           "compute_sparsity": rep.get("compute_sparsity"),
           "topk_budget": ((res.get("topk_budget") or {}).get(str(length)) or {}).get("tokens")
           if m == "topk" else None,
+          "acc_vs_dense": None if m == "dense" else paired_accuracy(
+              res, m, res, "dense", length, res["settings"]["tasks"], seed),
       })
+      if ref is not None and variant is not None and variant != reference:
+        rows[-1]["acc_vs_ref"] = paired_accuracy(res, m, ref, mode, length,
+                                                 res["settings"]["tasks"], seed)
+        rows[-1]["ppl_vs_ref"] = paired_ppl(res, m, ref, mode, length, seed)
 
   base = baseline
   if base is None:
@@ -572,9 +630,9 @@ def compare(variants: dict[str, dict], baseline: dict | None = None,
     res = with_baseline(res)
     for m in (mode, "topk"):
       if m in res["settings"]["modes"] and (m == mode or (m in own and mode != "topk")):
-        add(name if m == mode else f"{name} topk", res, m)
+        add(name if m == mode else f"{name} topk", res, m, variant=name)
   return {"lengths": sorted(lengths), "rows": rows, "niah_tasks": list(NIAH_TASKS),
-          "mode": mode}
+          "mode": mode, "reference": reference}
 
 
 def _only_modes(results: dict, modes) -> dict:
@@ -597,6 +655,13 @@ def compare_markdown(table: dict, title: str = "RTPurbo variants") -> str:
   def acc(c):
     return "-" if c is None else stats.fmt_acc_interval(c["mean"], c["lo"], c["hi"])
 
+  def diff(c):
+    if c is None:
+      return "-"
+    return f"{stats.fmt_points_interval(c['diff'], c['lo'], c['hi'])} ({c['changed']}/{c['n']})"
+
+  ref = table.get("reference")
+
   out = [f"# {title}", "",
          "Each variant's rtpurbo (and topk, when run) against the dense baseline, per length. "
          "Δppl: relative to dense on the same held-out windows, 95% paired bootstrap interval. "
@@ -606,16 +671,27 @@ def compare_markdown(table: dict, title: str = "RTPurbo variants") -> str:
          "of causal blocks the retrieval heads read (selection report), with tokens per "
          "retrieval head. Compute sparsity: 1 - keys attended / (query heads x context) over "
          "all query heads, local and retrieval (the selection report's queries; the attention "
-         "cost relative to dense is 1 - sparsity).", "",
-         "| variant | weights | length | ppl | Δppl vs dense | task acc (%) | NIAH acc (%) | "
-         "selected | tokens/head | compute sparsity |", "|---|---|---|---|---|---|---|---|---|---|"]
+         "cost relative to dense is 1 - sparsity). Δacc: task accuracy minus the other "
+         "mode's on the same prompts, in points, with the 95% paired bootstrap interval "
+         "(prompts resampled within each task; n prompts, of which `changed` score "
+         "differently)." + (f" `vs {ref}`: against the variant {ref}'s {table['mode']} on the "
+                            "same prompts and held-out windows." if ref else ""), "",
+         "| variant | weights | length | ppl | Δppl vs dense | task acc (%) | Δacc vs dense | "
+         + (f"Δppl vs {ref} | Δacc vs {ref} | " if ref else "") +
+         "NIAH acc (%) | selected | tokens/head | compute sparsity |",
+         "|---|---|---|---|---|---|---|" + ("---|---|" if ref else "") + "---|---|---|---|"]
   for r in sorted(table["rows"], key=lambda r: (r["length"],)):
     d = r["ppl_vs_dense"]
+    by_ref = []
+    if ref:
+      p = r.get("ppl_vs_ref")
+      by_ref = ["-" if p is None else stats.fmt_pct_interval(p["rel"], p["lo"], p["hi"], 2),
+                diff(r.get("acc_vs_ref"))]
     out.append(" | ".join([
         f"| {r['name']}", r["weights"], _size(r["length"]),
         "-" if r["ppl"] is None else f"{r['ppl']:.3f}",
         "-" if d is None else stats.fmt_pct_interval(d["rel"], d["lo"], d["hi"], 2),
-        acc(r["accuracy"]), acc(r["niah"]),
+        acc(r["accuracy"]), diff(r.get("acc_vs_dense")), *by_ref, acc(r["niah"]),
         "-" if r["selected_fraction"] is None else f"{100 * r['selected_fraction']:.1f}%",
         ("-" if r["tokens_per_head"] is None else f"{r['tokens_per_head']:.0f}") + (
             f" (budget {r['topk_budget']})" if r.get("topk_budget") else ""),
@@ -643,6 +719,9 @@ def main(argv=None) -> None:
   ap.add_argument("--baseline", default="",
                   help="with --compare: the run holding dense (and streaming), merged into "
                   "variants run without it")
+  ap.add_argument("--reference", default=None, metavar="NAME",
+                  help="with --compare: a variant the others are also paired against "
+                  "(perplexity on the same windows, accuracy on the same prompts)")
   args = ap.parse_args(argv)
   if args.compare:
     variants = {}
@@ -651,7 +730,11 @@ def main(argv=None) -> None:
       if not sep or not name or not path:
         ap.error(f"--compare takes NAME=DIR, got {item!r}")
       variants[name] = load_run(path)
-    table = compare(variants, load_run(args.baseline) if args.baseline else None)
+    if args.reference is not None and args.reference not in variants:
+      ap.error(f"--reference {args.reference!r} is not one of the --compare names "
+               f"{sorted(variants)}")
+    table = compare(variants, load_run(args.baseline) if args.baseline else None,
+                    reference=args.reference)
     for path in write_compare(table, args.out_dir):
       print(path)
     return

@@ -4,6 +4,9 @@
   paired_bootstrap_rel(a, b, seed)  relative change exp(mean a) / exp(mean b) - 1 of per-window
                                     mean nlls a, b [windows] with a 95% percentile interval,
                                     resampling windows (the same ones for a and b)
+  paired_bootstrap_diff(a, b, seed) difference of mean-over-groups accuracies of two modes on
+                                    the same prompts, with a 95% percentile interval,
+                                    resampling prompts within each group (task)
 
 Partial-score tasks (variable tracking, common words, multi-value NIAH) score a fraction per
 sample; their interval is the Wilson interval of the mean score with n samples (a
@@ -59,6 +62,44 @@ def paired_bootstrap_rel(nll_a, nll_b, seed, n_boot: int = 2000,
   lo, hi = np.quantile(boot, [q, 1 - q])
   return {"rel": rel, "lo": float(lo), "hi": float(hi), "windows": int(a.size),
           "n_boot": int(n_boot)}
+
+
+def paired_bootstrap_diff(groups_a, groups_b, seed, n_boot: int = 4000,
+                          level: float = 0.95) -> dict:
+  """Difference of two modes' accuracy on the same prompts, as a mean over groups (tasks).
+
+  groups_a, groups_b: lists (one entry per group) of [n_g] per-prompt scores, prompt i of
+  group g being the same prompt for a and b. The statistic is mean_g(mean a_g) - mean_g(mean
+  b_g), the difference of the task-averaged accuracies the reports show; the interval
+  resamples prompts within each group (stratified, so every task keeps its weight) `n_boot`
+  times, seeded like `paired_bootstrap_rel`. Returns {"diff", "lo", "hi", "n", "changed",
+  "n_boot"}: `n` prompts in all, `changed` of them with different scores.
+  """
+  if len(groups_a) != len(groups_b) or not groups_a:
+    raise ValueError(f"paired groups needed: got {len(groups_a)} and {len(groups_b)}")
+  diffs = []
+  for a, b in zip(groups_a, groups_b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape or a.ndim != 1 or a.size == 0:
+      raise ValueError(f"paired prompts needed: got shapes {a.shape} and {b.shape}")
+    diffs.append(a - b)
+  diff = float(np.mean([d.mean() for d in diffs]))
+  n = sum(d.size for d in diffs)
+  changed = int(sum(np.count_nonzero(d) for d in diffs))
+  rng = np.random.default_rng(seed)
+  boot = np.zeros(n_boot)
+  for d in diffs:
+    boot += d[rng.integers(0, d.size, (n_boot, d.size))].mean(axis=1)
+  boot /= len(diffs)
+  q = (1 - level) / 2
+  lo, hi = np.quantile(boot, [q, 1 - q])
+  return {"diff": diff, "lo": float(lo), "hi": float(hi), "n": int(n), "changed": changed,
+          "n_boot": int(n_boot)}
+
+
+def fmt_points_interval(diff: float, lo: float, hi: float) -> str:
+  """'-2.9 [-5.5, -0.5]' for an accuracy difference and its interval given as fractions."""
+  return f"{100 * diff:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
 
 
 def fmt_pct_interval(rel: float, lo: float, hi: float, digits: int = 1) -> str:

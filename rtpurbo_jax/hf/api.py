@@ -50,6 +50,9 @@ def artifacts_dir() -> str:
 
 
 SMOLLM2_RTPURBO = "smollm2-135m-rtpurbo"
+# The same artifacts without their stage-2 backbone delta: the base weights + plan + stage-1
+# indexer, what stage 2 starts from.
+SMOLLM2_RTPURBO_STAGE1 = "smollm2-135m-rtpurbo-stage1"
 # An artifact folder holds what RTPurbo adds to a base model: the config.json keys
 # (headwise_config + sparse settings) and the indexer tensors.
 ARTIFACT_CONFIG = "rtpurbo_config.json"
@@ -69,7 +72,7 @@ def _digest(paths) -> str:
   return h.hexdigest()[:16]
 
 
-def overlay_folder(base: str, artifacts: str, target: str) -> str:
+def overlay_folder(base: str, artifacts: str, target: str, *, delta: bool = True) -> str:
   """An HF folder at `target` = the base model folder + RTPurbo artifacts.
 
   The base weight files are linked (not copied) and the indexer tensors added through a
@@ -78,7 +81,8 @@ def overlay_folder(base: str, artifacts: str, target: str) -> str:
   holding a weight it changes is written merged instead (`merged-<file>`; changed tensors in
   float32, so a small delta is not rounded away), which keeps `target` a plain HF folder that
   transformers loads too. Rebuilt when the artifact files change (their digest, the delta file
-  included, is recorded in the folder).
+  included, is recorded in the folder). `delta=False` leaves a recorded delta out: the base
+  weights with the plan and indexer.
   """
   import json
 
@@ -92,6 +96,8 @@ def overlay_folder(base: str, artifacts: str, target: str) -> str:
     extra = json.load(f)
   # Not a config.json key: the delta is merged into the weights of `target`.
   delta_info = extra.pop(ARTIFACT_DELTA_KEY, None)
+  if not delta:
+    delta_info = None
   digested = [cfg_path, idx_path]
   delta_path = None
   if delta_info is not None:
@@ -99,7 +105,7 @@ def overlay_folder(base: str, artifacts: str, target: str) -> str:
     if not os.path.isfile(delta_path):
       raise FileNotFoundError(f"{cfg_path} records a backbone delta but {delta_path} is missing")
     digested.append(delta_path)
-  digest = _digest(digested)
+  digest = _digest(digested) + ("" if delta else "-no-delta")
   stamp = os.path.join(target, "artifacts.sha256")
   if _is_overlay(target) and os.path.isfile(stamp):
     with open(stamp) as f:
@@ -114,10 +120,10 @@ def overlay_folder(base: str, artifacts: str, target: str) -> str:
     base_files = {n: os.path.basename(reader.file_of(n)) for n in reader.names()}
   with safe_open(idx_path, framework="numpy") as r:
     idx_names = list(r.keys())
-  delta = lowrank.load_delta(delta_path) if delta_path else {}
-  if delta:
-    lowrank.check_delta_names(delta, base_files)
-  changed = {f for n, f in base_files.items() if lowrank.hf_delta(delta, n) is not None}
+  tensors = lowrank.load_delta(delta_path) if delta_path else {}
+  if tensors:
+    lowrank.check_delta_names(tensors, base_files)
+  changed = {f for n, f in base_files.items() if lowrank.hf_delta(tensors, n) is not None}
   # Base files are linked under a prefix so that no name collides with the indexer file.
   prefix = {f: _MERGED_PREFIX if f in changed else _BASE_PREFIX for f in base_files.values()}
   weight_map = {**{n: prefix[f] + f for n, f in base_files.items()},
@@ -125,7 +131,7 @@ def overlay_folder(base: str, artifacts: str, target: str) -> str:
   with safetensors_io.staged_folder(target) as tmp:
     for f in sorted(set(base_files.values())):
       if f in changed:
-        _write_merged(os.path.join(base, f), os.path.join(tmp, _MERGED_PREFIX + f), delta)
+        _write_merged(os.path.join(base, f), os.path.join(tmp, _MERGED_PREFIX + f), tensors)
       else:
         os.symlink(os.path.abspath(os.path.join(base, f)), os.path.join(tmp, _BASE_PREFIX + f))
     shutil.copyfile(idx_path, os.path.join(tmp, ARTIFACT_INDEXER))
@@ -174,15 +180,23 @@ def _is_overlay(folder: str) -> bool:
 
 
 def smollm2_rtpurbo_folder() -> str:
-  """SmolLM2-135M-Instruct + its committed RTPurbo plan and trained indexer."""
+  """SmolLM2-135M-Instruct + its committed RTPurbo plan, trained indexer and stage-2 backbone
+  delta."""
   return overlay_folder(smollm2_folder(), os.path.join(artifacts_dir(), SMOLLM2_RTPURBO),
                         os.path.join(assets.cache_dir(), SMOLLM2_RTPURBO))
+
+
+def smollm2_rtpurbo_stage1_folder() -> str:
+  """SmolLM2-135M-Instruct + the committed plan and indexer, without the backbone delta."""
+  return overlay_folder(smollm2_folder(), os.path.join(artifacts_dir(), SMOLLM2_RTPURBO),
+                        os.path.join(assets.cache_dir(), SMOLLM2_RTPURBO_STAGE1), delta=False)
 
 
 # name -> function returning a local HF folder (built / cached on first call).
 REGISTERED: dict[str, Callable[[], str]] = {
     "smollm2-135m": smollm2_folder,
     SMOLLM2_RTPURBO: smollm2_rtpurbo_folder,
+    SMOLLM2_RTPURBO_STAGE1: smollm2_rtpurbo_stage1_folder,
 }
 
 
