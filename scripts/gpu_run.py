@@ -94,6 +94,10 @@ _TASKS = "--config.eval.modes=rtpurbo --config.eval.lengths=8K,4K,2K --config.ev
 #   stage2: full-backbone stage 2 (the paper's lr 3e-6) alone, the same batch and passes, 8
 #   minutes; held-out perplexity of the full result and of its rank-16 delta (what assets/
 #   could carry), and its tasks at 8K: the comparison the LoRA choice still lacks.
+#   levers: the committed model (stage 2 included) on the tasks at 2K / 4K, where it stays ~5
+#   points under dense, with the two selection levers: top_p 0.95, and the binding top-k
+#   (with rtpurbo again in the same run, which also re-measures stage2_lora_tasks' 2K / 4K).
+#   Compare with `eval.report --compare ... --reference stage2_lora_tasks`.
 #   One pass over 8 x 4K needs ~55 GiB and a pass of 4 ~34 GiB (two runs side by side ran an
 #   H100 out of memory both ways, 2026-12-06): passes of 2, one stage-2 run at a time.
 _STAGE2 = "--steps=100 --checkpoint_every=10 --micro_batch=2"
@@ -114,6 +118,16 @@ PRESETS = {
             f"s2fulld16@stage2_full:--config.eval.model={{big}}/stage2_full/hf {_PPL}",
             f"s2fulltasks@stage2_full:--config.eval.model={{big}}/stage2_full/hf_full "
             "--config.eval.modes=rtpurbo --config.eval.lengths=8K --config.eval.ppl_samples=0",
+        ]),
+    },
+    "levers": {
+        "steps": "",
+        "stage2": "",
+        "evals": ";".join([
+            "s2topp095:--config.sparse.top_p=0.95 --config.eval.modes=rtpurbo "
+            "--config.eval.lengths=4K,2K --config.eval.ppl_samples=0",
+            "s2topk:--config.eval.modes=rtpurbo,topk --config.eval.lengths=4K,2K "
+            "--config.eval.ppl_samples=0",
         ]),
     },
 }

@@ -69,6 +69,24 @@ def test_stage2_presets_plan_valid_steps(gpu_run, tmp_path, preset):
                                                                          "hf")}
 
 
+def test_levers_preset_evaluates_the_committed_model(gpu_run, tmp_path):
+  from rtpurbo_jax.config import run_config
+  args = gpu_run.build_parser().parse_args(["job", "--preset", "levers", "--out",
+                                            str(tmp_path / "out")])
+  steps, cmds, deps = gpu_run.plan_job(args, str(tmp_path / "out"), str(tmp_path / "big"))
+  assert steps == ["eval_s2topp095", "eval_s2topk"] and all(d == [] for d in deps.values())
+  cfg = run_config()
+  for step in steps:
+    flags = dict(f[len("--config."):].split("=", 1) for f in cmds[step]
+                 if f.startswith("--config."))
+    assert "eval.model" not in flags  # the committed smollm2-135m-rtpurbo, delta included
+    assert flags["eval.lengths"] == "4K,2K" and flags["eval.ppl_samples"] == "0"
+    for key in flags:
+      assert _config_key_exists(cfg, key), f"{step}: unknown config key {key}"
+  assert "sparse.top_p=0.95" in " ".join(cmds["eval_s2topp095"])
+  assert "eval.modes=rtpurbo,topk" in " ".join(cmds["eval_s2topk"])
+
+
 def test_plan_refuses_a_wait_for_a_missing_step(gpu_run, tmp_path):
   args = gpu_run.build_parser().parse_args(
       ["job", "--steps", "", "--evals", "x@stage2_nope:" + shlex.quote("--config.seed=1")])
