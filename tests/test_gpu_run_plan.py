@@ -87,6 +87,37 @@ def test_levers_preset_evaluates_the_committed_model(gpu_run, tmp_path):
   assert "eval.modes=rtpurbo,topk" in " ".join(cmds["eval_s2topk"])
 
 
+def test_every_subcommand_runs_a_defined_function(gpu_run):
+  """`main` dispatches each subcommand by name: all of them, and every helper they call, must
+  exist (the device calls are the only ones that run `prepare` / `setup` / `start` / `wait`)."""
+  import argparse
+  import ast
+  import builtins
+  ap = gpu_run.build_parser()
+  sub = next(a for a in ap._actions if isinstance(a, argparse._SubParsersAction))
+  for name in sub.choices:
+    assert callable(getattr(gpu_run, name, None)), f"subcommand {name} has no function"
+  tree = ast.parse(open(gpu_run.__file__).read())
+  defined = set(dir(builtins)) | set(vars(gpu_run))
+  missing = set()
+  for fn in tree.body:  # each top-level function with its nested ones, whose names it shares
+    if not isinstance(fn, ast.FunctionDef):
+      continue
+    local = {a.arg for a in ast.walk(fn) if isinstance(a, ast.arg)}
+    for node in ast.walk(fn):
+      if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
+        local.add(node.id)
+      elif isinstance(node, (ast.Import, ast.ImportFrom)):
+        local.update((a.asname or a.name).split(".")[0] for a in node.names)
+      elif isinstance(node, (ast.FunctionDef, ast.ExceptHandler)) and node.name:
+        local.add(node.name)
+    for node in ast.walk(fn):
+      if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+        if node.id not in local and node.id not in defined:
+          missing.add(node.id)
+  assert not missing, f"names used but defined nowhere: {sorted(missing)}"
+
+
 def test_plan_refuses_a_wait_for_a_missing_step(gpu_run, tmp_path):
   args = gpu_run.build_parser().parse_args(
       ["job", "--steps", "", "--evals", "x@stage2_nope:" + shlex.quote("--config.seed=1")])
