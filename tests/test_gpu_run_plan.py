@@ -87,6 +87,18 @@ def test_levers_preset_evaluates_the_committed_model(gpu_run, tmp_path):
   assert "eval.modes=rtpurbo,topk" in " ".join(cmds["eval_s2topk"])
 
 
+def test_stage2_levers_preset_runs_the_levers_beside_stage2(gpu_run, tmp_path):
+  args = gpu_run.build_parser().parse_args(["job", "--preset", "stage2_levers", "--out",
+                                            str(tmp_path / "out")])
+  steps, cmds, deps = gpu_run.plan_job(args, str(tmp_path / "out"), str(tmp_path / "big"))
+  assert [s for s in steps if s.startswith("stage2_")] == ["stage2_full"]
+  # the levers start with stage 2 (nothing to wait for), ahead of stage 2's own evaluations
+  assert steps[1:3] == ["eval_s2topp095", "eval_s2topk"]
+  assert deps["eval_s2topp095"] == deps["eval_s2topk"] == []
+  assert {s for s in steps if deps[s] == ["stage2_full"]} == {
+      "eval_s2full", "eval_s2fulld16", "eval_s2fulltasks"}
+
+
 def test_every_subcommand_runs_a_defined_function(gpu_run):
   """`main` dispatches each subcommand by name: all of them, and every helper they call, must
   exist (the device calls are the only ones that run `prepare` / `setup` / `start` / `wait`)."""
