@@ -100,6 +100,10 @@ class SparseConfig:
   sparse_prefill: bool = False
   # Decode selection: "exact" (the contract) or "histogram" (a superset, 256 bins).
   selector: str = "exact"
+  # A floor under top-p (beyond the paper, 0 = off): a selected head also reads the
+  # `min_blocks` heaviest blocks, so a head whose indexer mass piles on a few blocks (the
+  # sink block) still reads more than those. Decode-style selection only.
+  min_blocks: int = 0
   # Query rows per chunk in the reference attention (memory O(S x chunk)).
   chunk_size: int = 512
 
@@ -124,6 +128,12 @@ class SparseConfig:
       raise ConfigError(f"sparse.selector={self.selector!r}: expected 'exact' or 'histogram'")
     if self.chunk_size < 1:
       raise ConfigError(f"sparse.chunk_size={self.chunk_size} must be >= 1")
+    if self.min_blocks < 0:
+      raise ConfigError(f"sparse.min_blocks={self.min_blocks} must be >= 0 (0: no floor)")
+    if self.min_blocks and self.sparse_prefill:
+      raise ConfigError("sparse.min_blocks is a floor under the decode-style selection; "
+                        "sparse_prefill's per-query-block selection does not take it: set "
+                        "one of them")
 
   @property
   def ring_capacity(self) -> int:

@@ -133,11 +133,19 @@ PRESETS = {
         ]),
     },
 }
-# stage2 and levers in one job (`--parallel 2` on an H200: the levers' evaluations need no
-# training and run beside stage 2, one at a time).
+# stage2 and levers in one job (`--parallel 2`: the levers' evaluations need no training and
+# run beside stage 2, one at a time). Stage 2 stops at 30 steps, the committed LoRA run's
+# count, so that the two forms compare at equal steps. The levers here: a top-p floor of 8
+# blocks (`sparse.min_blocks`, results/topp_needle/), then top_p 0.95; the binding top-k
+# rerun is left to `levers`.
 PRESETS["stage2_levers"] = {
-    "steps": "", "stage2": PRESETS["stage2"]["stage2"],
-    "evals": PRESETS["levers"]["evals"] + ";" + PRESETS["stage2"]["evals"]}
+    "steps": "",
+    "stage2": "full:--lr=3e-6 --max_minutes=8 --save_full --steps=30 --checkpoint_every=10 "
+              "--micro_batch=2",
+    "evals": ";".join([
+        "s2floor8:--config.sparse.min_blocks=8 --config.eval.modes=rtpurbo "
+        "--config.eval.lengths=4K,2K --config.eval.ppl_samples=0",
+        PRESETS["levers"]["evals"].split(";")[0], PRESETS["stage2"]["evals"]])}
 
 
 def _run(cmd, **kw):

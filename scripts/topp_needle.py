@@ -12,6 +12,8 @@ selection rule to every retrieval head's indexer scores:
                blocks at 2K)
   top-p -sink  block 0 (the attention sinks) always kept and top-p taken over the other
                blocks' mass renormalised (a lever: the sink block's mass no longer counts)
+  top-p +floor top-p, and never fewer than the `--floor_blocks` heaviest blocks (a lever: the
+               union with a small top-k)
 
 Per (prompt, retrieval head) it records whether the blocks holding the needle sentence are
 selected, how many blocks are, and the exact attention mass (full head_dim, RoPE, causal
@@ -36,7 +38,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-RULES = ("top-p", "top-k", "top-p -sink")
+RULES = ("top-p", "top-k", "top-p -sink", "top-p +floor")
 
 
 def needle_token_span(codec, prompt: str, span: tuple[int, int]) -> tuple[int, int]:
@@ -45,7 +47,7 @@ def needle_token_span(codec, prompt: str, span: tuple[int, int]) -> tuple[int, i
   return len(codec.encode(prompt[:span[0]])), len(codec.encode(prompt[:span[1]]))
 
 
-def select_rules(lm, valid, own, top_p: float, k_blocks: int):
+def select_rules(lm, valid, own, top_p: float, k_blocks: int, floor_blocks: int):
   """{rule: bool [..., nb]} from indexer block log-masses lm [..., nb]."""
   import jax.numpy as jnp
   from pallas_kernels import reference as ref
@@ -54,10 +56,11 @@ def select_rules(lm, valid, own, top_p: float, k_blocks: int):
   rest = valid.at[..., 0].set(False)
   nosink = ref.topp_from_block_logmass(lm, rest, own, top_p)
   out["top-p -sink"] = nosink | (jnp.arange(lm.shape[-1]) == 0)
+  out["top-p +floor"] = out["top-p"] | ref.topk_from_block_logmass(lm, valid, own, floor_blocks)
   return out
 
 
-def make_probe(model, top_p: float, k_blocks: int, block_size: int):
+def make_probe(model, top_p: float, k_blocks: int, block_size: int, floor_blocks: int):
   """A jitted fn(ids [1, s], t, needle_blocks [nb] bool) -> per retrieval head and rule:
   needle kept, blocks selected; and per head the exact mass on the needle blocks and on block
   0, for the query at position t (ids after t are padding: one compilation for all prompts)."""
@@ -92,7 +95,7 @@ def make_probe(model, top_p: float, k_blocks: int, block_size: int):
         key_valid = jnp.arange(s_pad) <= t
         lm, valid = ref.block_logmass(scores, key_valid[None], block_size)
         own = jnp.broadcast_to(t // block_size, lm.shape[:-1]).astype(jnp.int32)
-        masks = select_rules(lm, valid, own, top_p, k_blocks)
+        masks = select_rules(lm, valid, own, top_p, k_blocks, floor_blocks)
         qq = q[0, t][jnp.asarray(sel.heads)].astype(jnp.float32)  # [h, d]
         kk = k[0][:, jnp.asarray(sel.kv)].astype(jnp.float32)  # [s, h, d]
         logits = jnp.einsum("hd,khd->hk", qq, kk) / math.sqrt(q.shape[-1])
@@ -128,6 +131,8 @@ def main(argv=None):
   ap.add_argument("--topk_blocks", type=int, default=0,
                   help="top-k budget in blocks (0: the binding budget that --scores records at "
                   "this length, rounded up to blocks)")
+  ap.add_argument("--floor_blocks", type=int, default=8,
+                  help="the `top-p +floor` rule's minimum, in blocks")
   ap.add_argument("--reading_mass", type=float, default=0.1)
   ap.add_argument("--scores", default="eval_results/smollm2_h200/all/results.json",
                   help="an evaluation's results.json: its per-prompt scores are joined in")
@@ -161,7 +166,7 @@ def main(argv=None):
     if budget is None:
       ap.error(f"--topk_blocks: {args.scores} records no top-k budget at {args.length}")
     args.topk_blocks = -(-budget["tokens"] // sp.block_size)
-  probe = make_probe(model, sp.top_p, args.topk_blocks, sp.block_size)
+  probe = make_probe(model, sp.top_p, args.topk_blocks, sp.block_size, args.floor_blocks)
   rows, t0 = [], time.time()
   for e in examples:
     ids = np.asarray(codec.encode(e.prompt), np.int32)
@@ -188,7 +193,8 @@ def main(argv=None):
   os.makedirs(args.out, exist_ok=True)
   meta = {"model": args.model, "task": args.task, "length": args.length, "seed": args.seed,
           "depths": depths, "top_p": sp.top_p, "block_size": sp.block_size,
-          "topk_blocks": args.topk_blocks, "reading_mass": args.reading_mass,
+          "topk_blocks": args.topk_blocks, "floor_blocks": args.floor_blocks,
+          "reading_mass": args.reading_mass,
           "scores_from": args.scores, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
   stem = os.path.join(args.out, f"{args.task}_{args.length}")
   with open(stem + ".json", "w") as f:

@@ -92,9 +92,14 @@ def test_stage2_levers_preset_runs_the_levers_beside_stage2(gpu_run, tmp_path):
                                             str(tmp_path / "out")])
   steps, cmds, deps = gpu_run.plan_job(args, str(tmp_path / "out"), str(tmp_path / "big"))
   assert [s for s in steps if s.startswith("stage2_")] == ["stage2_full"]
+  sub = gpu_run.build_parser().parse_args(cmds["stage2_full"][2:])
+  assert sub.steps == 30 and sub.save_full and sub.lora_rank == 0 and sub.micro_batch == 2
   # the levers start with stage 2 (nothing to wait for), ahead of stage 2's own evaluations
-  assert steps[1:3] == ["eval_s2topp095", "eval_s2topk"]
-  assert deps["eval_s2topp095"] == deps["eval_s2topk"] == []
+  assert steps[1:3] == ["eval_s2floor8", "eval_s2topp095"]
+  assert deps["eval_s2floor8"] == deps["eval_s2topp095"] == []
+  assert "sparse.min_blocks=8" in " ".join(cmds["eval_s2floor8"])
+  from rtpurbo_jax.config import run_config
+  assert _config_key_exists(run_config(), "sparse.min_blocks")
   assert {s for s in steps if deps[s] == ["stage2_full"]} == {
       "eval_s2full", "eval_s2fulld16", "eval_s2fulltasks"}
 

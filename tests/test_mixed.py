@@ -197,8 +197,9 @@ def test_cached_forward_names_its_phase():
 # One layer vs a numpy brute force with the docs/DESIGN.md §1 rules (mixed GQA groups).
 
 
-def _np_topp_blocks(scores, t, p, bs):
-  """Selected blocks of one query (float64), and whether float32 could differ."""
+def _np_topp_blocks(scores, t, p, bs, floor=0):
+  """Selected blocks of one query (float64): top-p, plus the `floor` heaviest blocks; and
+  whether float32 could differ."""
   s = np.asarray(scores[: t + 1], np.float64)
   w = np.exp(s - s.max())
   w /= w.sum()
@@ -216,6 +217,9 @@ def _np_topp_blocks(scores, t, p, bs):
   # Two nearly equal masses on both sides of the cut: float32 may rank them either way.
   if n < len(order):
     ambiguous |= 0 < abs(mass[order[n - 1]] - mass[order[n]]) < 1e-6
+  sel.update(order[:floor])
+  if 0 < floor < len(order):  # the floor ranks by log-mass: a relative near-tie
+    ambiguous |= abs(np.log(mass[order[floor - 1]] / mass[order[floor]])) < 1e-5
   return sel, ambiguous
 
 
@@ -235,7 +239,8 @@ def _np_layer(attn, x, positions, sparse_queries, sp, inv_freq):
       vis = j <= t
       if sparse_queries[bi, t]:
         r = heads.retrieval.index(hh)
-        sel, amb = _np_topp_blocks(ki[bi, :, r] @ qi[bi, t, r], t, sp.top_p, sp.block_size)
+        sel, amb = _np_topp_blocks(ki[bi, :, r] @ qi[bi, t, r], t, sp.top_p, sp.block_size,
+                                   sp.min_blocks)
         if amb:
           ambiguous.add((bi, t))
         vis &= np.isin(j // sp.block_size, list(sel))
@@ -248,10 +253,10 @@ def _np_layer(attn, x, positions, sparse_queries, sp, inv_freq):
   return y, ambiguous
 
 
-@pytest.mark.parametrize("layer", [0, 1])
-def test_layer_matches_bruteforce_rules(layer, rng):
+@pytest.mark.parametrize("layer,floor", [(0, 0), (1, 0), (1, 2)])
+def test_layer_matches_bruteforce_rules(layer, floor, rng):
   # Fresh inputs every run (the rng fixture); float32-ambiguous selections are skipped.
-  model = rtpurbo("rtpurbo").model
+  model = rtpurbo("rtpurbo", **({"min_blocks": floor} if floor else {})).model
   attn = model.layers[layer].attn
   # Layer 0: a ring-only KV head and a mixed group; layer 1: two mixed groups.
   assert len(attn.routing.full_kv) and (layer == 1 or len(attn.routing.ring_kv))
@@ -285,6 +290,32 @@ def test_layer_matches_bruteforce_rules(layer, rng):
     ys.append(y)
   got_dec = np.asarray(jnp.concatenate(ys, axis=1))
   np.testing.assert_allclose(got_dec[keep], want[keep], atol=ATOL, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------
+# The top-p floor (`min_blocks`).
+
+
+def test_min_blocks_floor_is_one_rule_for_decode_and_prefill():
+  ids = token_ids(2)
+  q = decode_queries(1, S, P)
+  floored = rtpurbo("rtpurbo", min_blocks=3)
+  want = floored(ids, sparse_queries=q)
+  assert max_diff(floored.cached(ids, P), want) < ATOL
+  # The control: on this model the floor adds blocks that top-p 0.5 leaves out.
+  assert max_diff(want, rtpurbo("rtpurbo")(ids, sparse_queries=q)) > 1e-3
+  # A floor of every block is top-p 1: with a window >= S, exactly dense.
+  every = rtpurbo("rtpurbo", min_blocks=-(-S // BS), window=S + 5)
+  assert max_diff(every(ids, sparse_queries=q), dense(ids)) < ATOL
+  assert max_diff(every.cached(ids, P), dense(ids)) < ATOL
+
+
+def test_min_blocks_is_checked():
+  from rtpurbo_jax.config import ConfigError, SparseConfig
+  with pytest.raises(ConfigError, match="min_blocks=-1"):
+    SparseConfig(min_blocks=-1)
+  with pytest.raises(ConfigError, match="sparse_prefill"):
+    SparseConfig(min_blocks=2, sparse_prefill=True)
 
 
 # ---------------------------------------------------------------------------

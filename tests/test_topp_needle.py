@@ -45,8 +45,9 @@ def test_rules_match_a_brute_force(tn, rng):
     valid = np.arange(nb) < n_valid
     own = n_valid - 1
     p, k = float(rng.uniform(0.5, 0.95)), int(rng.integers(1, nb))
+    floor = int(rng.integers(1, nb))
     out = tn.select_rules(jnp.asarray(lm), jnp.asarray(np.broadcast_to(valid, lm.shape)),
-                          jnp.full((4,), own, jnp.int32), p, k)
+                          jnp.full((4,), own, jnp.int32), p, k, floor)
     assert set(out) == set(tn.RULES)
     for h in range(4):
       mass = np.exp(lm[h].astype(np.float64))
@@ -61,6 +62,9 @@ def test_rules_match_a_brute_force(tn, rng):
       want_k = np.isin(np.arange(nb), order)
       want_k[own] = True
       np.testing.assert_array_equal(np.asarray(out["top-k"][h]), want_k)
+      heaviest = sorted(np.flatnonzero(valid), key=lambda i: (-lm[h, i], i))[:floor]
+      want_f = _brute_topp(mass, valid, own, p) | np.isin(np.arange(nb), heaviest)
+      np.testing.assert_array_equal(np.asarray(out["top-p +floor"][h]), want_f)
 
 
 def test_needle_span_and_summary(tn):

@@ -23,7 +23,7 @@ cumulative mass is >= p; always add the query's own block; p >= 1 keeps every ca
 local head (sinks + window).
 
 The model's entry points take a `SparseConfig` and pick the rule of its mode (top-k in
-`topk`, top-p otherwise): `decode_blocks` (one decode step over the compressed-key cache),
+`topk`, top-p otherwise, with `min_blocks` > 0 joined by the `min_blocks` heaviest blocks): `decode_blocks` (one decode step over the compressed-key cache),
 `chunk_blocks` (a `sparse_prefill` chunk), `prefill_topp` (a whole sequence with
 `sparse_prefill`) and `per_query_selection` (the decode rule at every query of a sequence:
 stage 2, decode-style scoring, the sparsity report).
@@ -206,6 +206,8 @@ def decode_blocks(qi, ckeys, lengths, active, sp: SparseConfig):
     mask = decode_topk(qi, ckeys, lengths, sp.topk_tokens, sp.block_size)
   else:
     mask = decode_topp(qi, ckeys, lengths, sp.top_p, sp.block_size, selector=sp.selector)
+    if sp.min_blocks:
+      mask |= decode_topk(qi, ckeys, lengths, sp.min_blocks * sp.block_size, sp.block_size)
   return mask | ~active[:, None, None]
 
 
@@ -245,7 +247,8 @@ def per_query_selection(qi, ki, positions, k_pos, sp: SparseConfig, s_pad: int):
   qi: [batch, seq, heads, r], ki: [batch, kv_len, heads, r] (kv_len may differ from seq: a
   subset of queries); positions [batch, seq] / k_pos [batch, kv_len] as in masked attention
   (k_pos -1: an empty key). The rule of `sp.mode` (top-k in `topk`, else `sp.selector`
-  top-p) over each query's causal keys, as a decode step at that position selects.
+  top-p with the `min_blocks` floor) over each query's causal keys, as a decode step at that
+  position selects.
   Returns bool [batch, heads, seq, s_pad // block_size].
   """
   b, s, h, r = qi.shape
@@ -268,7 +271,10 @@ def per_query_selection(qi, ki, positions, k_pos, sp: SparseConfig, s_pad: int):
     own = jnp.broadcast_to((pc // bs)[:, None, :], lm.shape[:-1])
     if sp.mode == "topk":
       return ref.topk_from_block_logmass(lm, ok, own, -(-sp.topk_tokens // bs))
-    return select(lm, ok, own, sp.top_p)
+    mask = select(lm, ok, own, sp.top_p)
+    if sp.min_blocks:
+      mask |= ref.topk_from_block_logmass(lm, ok, own, sp.min_blocks)
+    return mask
 
   m = jax.lax.map(one, jnp.arange(n_chunks))  # [n, b, h, c, nb]
   m = jnp.moveaxis(m, 0, 2).reshape(b, h, n_chunks * chunk, nb)

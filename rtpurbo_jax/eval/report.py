@@ -129,7 +129,8 @@ def markdown(results: dict) -> str:
       f"heads ({plan['retrieval_fraction']:.1%}); {plan['full_kv_heads']} of {plan['kv_heads']} "
       f"KV heads keep a full cache",
       f"- sparse: window {sp['window']}, sinks {sp['sinks']}, top_p {sp['top_p']}, block "
-      f"{sp['block_size']}, threshold {sp['seqlen_threshold']}, selector {sp['selector']}; topk "
+      f"{sp['block_size']}, threshold {sp['seqlen_threshold']}, selector {sp['selector']}"
+      f"{', min_blocks ' + str(sp['min_blocks']) if sp.get('min_blocks') else ''}; topk "
       f"budget {st.get('topk_budget', sp['topk_tokens'])}",
       f"- run: {_samples(st)} samples per task (depths {st['depths']}), seed "
       f"{st['seed']}, {st.get('ppl_samples', 1)} held-out windows per length; "
