@@ -15,8 +15,8 @@ then three device calls, each started within the machine's 30 s warm window of t
                                  python3 scripts/gpu_run.py wait --limit 560
   4. (no carry)                  python3 scripts/gpu_run.py wait --limit 560   (repeat)
 
-`start --preset stage2 --parallel 2` is the remaining stage-2 run (see PRESETS); other jobs
-name their steps with the flags below. `start` copies the repository to /tmp/gpu_run/repo
+`start --preset floor --parallel 2` is the next run (see PRESETS); other jobs name their
+steps with the flags below. `start` copies the repository to /tmp/gpu_run/repo
 (later calls re-send the work tree; the job must not see it change) and launches `job` in its
 own session, so it runs on between calls; `wait` polls it and keeps $OUT/gpu_run.tgz (the
 job's output folder) current, so a call cut by its time limit still brings back everything
@@ -133,6 +133,19 @@ PRESETS = {
         ]),
     },
 }
+# The top-p floor's remaining measurements (eval_results/smollm2_h200/README.md), on the
+# committed model: the tasks at 8K with the binding top-k beside it, perplexity at 4K / 8K,
+# and the binding top-k at the floor's budget at 4K / 2K (a topk-only run still measures
+# rtpurbo's reading, with the floor, to set the budget). ~7 minutes with --parallel 2.
+_FLOOR = "--config.sparse.min_blocks=8"
+PRESETS["floor"] = {
+    "steps": "", "stage2": "",
+    "evals": ";".join([
+        f"s2floor8_8K:{_FLOOR} --config.eval.modes=rtpurbo,topk --config.eval.lengths=8K "
+        "--config.eval.ppl_samples=0",
+        f"s2floor8ppl:{_FLOOR} {_PPL}",
+        f"s2floor8topk:{_FLOOR} --config.eval.modes=topk --config.eval.lengths=4K,2K "
+        "--config.eval.ppl_samples=0"])}
 # stage2 and levers in one job (`--parallel 2`: the levers' evaluations need no training and
 # run beside stage 2, one at a time). Stage 2 stops at 30 steps, the committed LoRA run's
 # count, so that the two forms compare at equal steps. The levers here: a top-p floor of 8

@@ -87,6 +87,23 @@ def test_levers_preset_evaluates_the_committed_model(gpu_run, tmp_path):
   assert "eval.modes=rtpurbo,topk" in " ".join(cmds["eval_s2topk"])
 
 
+def test_floor_preset_measures_the_floor_on_the_committed_model(gpu_run, tmp_path):
+  from rtpurbo_jax.config import run_config
+  args = gpu_run.build_parser().parse_args(["job", "--preset", "floor", "--out",
+                                            str(tmp_path / "out")])
+  steps, cmds, deps = gpu_run.plan_job(args, str(tmp_path / "out"), str(tmp_path / "big"))
+  assert all(d == [] for d in deps.values()) and len(steps) == 3
+  cfg = run_config()
+  for step in steps:
+    flags = dict(f[len("--config."):].split("=", 1) for f in cmds[step]
+                 if f.startswith("--config."))
+    assert flags["sparse.min_blocks"] == "8" and "eval.model" not in flags
+    assert all(_config_key_exists(cfg, k) for k in flags), step
+  lengths = {s: dict(f[len("--config."):].split("=", 1) for f in cmds[s]
+                     if f.startswith("--config."))["eval.lengths"] for s in steps}
+  assert sorted(lengths.values()) == ["4K,2K", "8K", "8K,4K"]
+
+
 def test_stage2_levers_preset_runs_the_levers_beside_stage2(gpu_run, tmp_path):
   args = gpu_run.build_parser().parse_args(["job", "--preset", "stage2_levers", "--out",
                                             str(tmp_path / "out")])
