@@ -36,3 +36,12 @@ def _forget_default_kernel_config():
   yield
   from pallas_kernels import config
   config.default.cache_clear()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _drop_compiled_programs():
+  """Each test module's compiled programs (and the traces that hold them) are dropped when it
+  ends: a single-process run of the whole suite otherwise keeps every module's programs."""
+  yield
+  import jax
+  jax.clear_caches()
