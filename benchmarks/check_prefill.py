@@ -4,7 +4,8 @@
    head_dim 128, bf16, a random plan with 25 % retrieval heads), window 1024 + 4 sinks,
    threshold 2048 (ring capacity 2048), a 6000-token prompt prefilled in 1000-token chunks
    (chunk boundaries cross the ring's wrap-around) through the accelerator kernels, against
-   the same run on the jnp references (RTPURBO_KERNELS=reference): first-token logits.
+   the same run on the jnp references (the model rebuilt with the reference backend):
+   first-token logits.
    The same with `sparse_prefill` (retrieval heads select key blocks per query block,
    `cache_prefill_select` + `cache_sparse_prefill`): in float32 with the indexer sharpened
    so that top-p keeps a fraction of the blocks (both sides in exact fp32, so the selections
@@ -47,6 +48,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from pallas_kernels import config as kernel_config  # noqa: E402
 from pallas_kernels import ops  # noqa: E402
 from pallas_kernels import reference as ref  # noqa: E402
 from pallas_kernels.gpu import cudnn_attention  # noqa: E402
@@ -69,9 +71,10 @@ KV_HEADS = (0, 0, 1, 2, 3)  # 5 retrieval query heads on 4 KV heads (a group of 
 
 def model_check(prompt_len: int, chunk: int, sparse: SparseConfig, backend: str,
                 dtype: str, indexer_scale: float = 1.0) -> dict:
-  """Chunked prefill, accelerator kernels (`backend`) vs jnp references: first-token
-  logits. float32 runs the Pallas kernels at fp32 (a tight check of their indexing);
-  bfloat16 the production path (cuDNN where it applies)."""
+  """Chunked prefill, accelerator kernels (`backend`, as RTPURBO_KERNELS names it; the other
+  RTPURBO_* settings from the environment) vs jnp references: first-token logits. float32
+  runs the Pallas kernels at fp32 (a tight check of their indexing); bfloat16 the production
+  path (cuDNN where it applies)."""
   plan = memory.synthetic_plan(CFG, 0.25, 1)
   model = Transformer(CFG, sparse=sparse, plan=plan, dtype=dtype, rngs=nnx.Rngs(1),
                       init_std=0.05)
@@ -79,19 +82,19 @@ def model_check(prompt_len: int, chunk: int, sparse: SparseConfig, backend: str,
   ids = np.random.default_rng(1).integers(0, CFG.vocab_size, (1, prompt_len), dtype=np.int32)
   logits, secs, fracs = {}, {}, {}
   for name in ("reference", backend):
-    os.environ["RTPURBO_KERNELS"] = name
-    jax.clear_caches()  # the engine's jitted steps would otherwise reuse the other trace
+    # The kernel config is part of the model's graph definition: the engine's jitted steps
+    # are traced afresh for each.
+    kernels = kernel_config.KernelConfig.from_env({**os.environ, "RTPURBO_KERNELS": name})
+    run_model = convert.rebuild(model, kernels=kernels)
     t = time.perf_counter()
     # XLA's fp32 matmuls on the GPU default to TF32; the Pallas kernels' fp32 dots are exact.
     # Exact fp32 on both sides keeps a sharp top-p selection from flipping blocks that sit at
     # the threshold by rounding alone.
     with jax.default_matmul_precision("highest"):
-      res = Engine(model, progress=False).generate(ids, 2, prefill_chunk=chunk)
+      res = Engine(run_model, progress=False).generate(ids, 2, prefill_chunk=chunk)
     secs[name] = time.perf_counter() - t
     logits[name] = np.asarray(res.first_logits, np.float32)
     fracs[name] = res.summary.get("prefill_selected_fraction")
-  os.environ.pop("RTPURBO_KERNELS")
-  jax.clear_caches()
   want, got = logits["reference"], logits[backend]
   rel = float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-6))
   tol = 1e-3 if dtype == "float32" else 3e-2
@@ -178,9 +181,10 @@ def cache_attention_check(chunk: int, ctx: int, s: int = 4096, t: int = 32768) -
                   "error": f"{type(e).__name__}: {e}"[:500]})
   best = min(times, key=times.get) if times else "pallas"
   row = {"check": "cache_causal_attention/choice", "impl": best}
-  if ops.backend() == "gpu":
+  kernels = kernel_config.default()
+  if kernels.backend == "gpu":
     from pallas_kernels.gpu import dispatch
-    row["dispatch"] = dispatch.cache_attn_impl(q.dtype)
+    row["dispatch"] = dispatch.impl_for("cache_causal_attention", q.dtype, kernels)
   out.append(row)
   return out
 

@@ -24,8 +24,10 @@ variants can run in separate processes:
 
 Kernel implementations are the GPU dispatch's defaults (`pallas_kernels/gpu/dispatch.py`:
 the faster measured one for the device; on Hopper cuDNN for the cache attention of prefill
-chunks); RTPURBO_CACHE_ATTN / RTPURBO_WINDOW_ATTN / RTPURBO_CAUSAL_ATTN override them. The
-choices are recorded per variant (`kernels`).
+chunks); RTPURBO_CACHE_ATTN / RTPURBO_WINDOW_ATTN / RTPURBO_CAUSAL_ATTN override them (read
+once, into the process's `KernelConfig`). Each variant's model carries its own kernel config
+(dense variants: `--dense_cache_attn` for the cache attention), so each variant's programs
+are traced with its own kernels. The choices are recorded per variant (`kernels`).
 
 Imports only jax / flax / numpy and this repo (no grain, ml_collections or gguf).
 """
@@ -53,7 +55,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from pallas_kernels import ops  # noqa: E402
+from pallas_kernels import config as kernel_config  # noqa: E402
+from pallas_kernels.config import KernelConfig  # noqa: E402
 from rtpurbo_jax import convert  # noqa: E402
 from rtpurbo_jax.config import (  # noqa: E402
     ModelConfig, RopeScaling, SparseConfig, parse_size)
@@ -112,7 +115,8 @@ def environment() -> dict:
       "device_count": jax.device_count(), "jax": jax.__version__,
       "jaxlib": getattr(jax.lib, "__version__", None) or jax.__version__,
       "flax": flax.__version__, "python": platform.python_version(),
-      "kernels": ops.backend(), "date": datetime.datetime.now(datetime.UTC).isoformat(),
+      "kernels": kernel_config.default().backend,
+      "date": datetime.datetime.now(datetime.UTC).isoformat(),
       "xla_mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"), "commit": commit,
   }
 
@@ -124,27 +128,27 @@ def plan_for(setup: Setup, plan, mode: str, ctx: int, device_memory: int):
                             n_devices=1)
 
 
-def build_model(setup: Setup, plan, seed: int):
-  """The random model, built eagerly on the default device.
+def build_model(setup: Setup, plan, seed: int, kernels: KernelConfig):
+  """The random model (with `kernels`), built eagerly on the default device.
 
   Each initialiser is a jitted `jax.random` call compiled once per distinct (shape, dtype), a
   dozen small programs for the 8B shape. One jitted constructor instead (the earlier way)
   is a single program with ~300 inlined RNG expansions: tens of seconds of compile alone.
   """
   model = Transformer(setup.cfg, sparse=setup.sparse, plan=plan, dtype=setup.dtype,
-                      rngs=nnx.Rngs(seed))
+                      rngs=nnx.Rngs(seed), kernels=kernels)
   jax.block_until_ready(nnx.state(model))
   return model
 
 
-def kernel_choices(dtype: str) -> dict:
-  """The kernel settings this process runs with (recorded per variant): the backend, on the
-  GPU the implementation the dispatch picks per switchable operation (its measured default or
-  an override), and every RTPURBO_* variable set."""
-  out = {"backend": ops.backend()}
-  if ops.backend() == "gpu":
+def kernel_choices(kernels: KernelConfig, dtype: str) -> dict:
+  """The kernel settings a variant runs with (recorded per variant): the backend, on the GPU
+  the implementation the dispatch picks per switchable operation (its measured default or an
+  override), the config's overrides and every RTPURBO_* variable set."""
+  out = {"backend": kernels.backend, "overrides": dict(kernels.impls)}
+  if kernels.backend == "gpu":
     from pallas_kernels.gpu import dispatch
-    picks = dispatch.current_impls(dtype)
+    picks = dispatch.current_impls(dtype, kernels)
     out.update(cache_attn=picks["cache_causal_attention"], window_impl=picks["window_attention"],
                causal_attn=picks["causal_attention"])
   out["environment"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("RTPURBO_")}
@@ -181,9 +185,9 @@ def main(argv=None):
                   help="bytes per device for the planner, e.g. 141G (default: detected)")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--dense_cache_attn", default="cudnn", choices=("cudnn", "pallas"),
-                  help="RTPURBO_CACHE_ATTN for dense variants: the baseline is cuDNN "
-                  "(rtpurbo variants use the dispatch's choice: its measured default, cudnn "
-                  "on Hopper, or RTPURBO_CACHE_ATTN if set)")
+                  help="cache attention implementation of dense variants: the baseline is "
+                  "cuDNN (rtpurbo variants use the dispatch's choice: its measured default, "
+                  "cudnn on Hopper, or RTPURBO_CACHE_ATTN if set)")
   ap.add_argument("--sparse_prefill", action="store_true",
                   help="rtpurbo variants select key blocks in prefill too (beyond the paper)")
   ap.add_argument("--indexer_scale", type=float, default=1.0,
@@ -258,8 +262,9 @@ def main(argv=None):
       if c != "auto" and (m, parse_size(c)) not in todo:
         todo.append((m, parse_size(c)))
 
+  kernels = kernel_config.default()
   t = time.perf_counter()
-  base = build_model(setup, plan, args.seed)
+  base = build_model(setup, plan, args.seed, kernels)
   build_s = time.perf_counter() - t
   print(f"random {setup.cfg.num_params() / 1e6:.1f}M-parameter model built in "
         f"{build_s:.1f}s; device memory {memory.fmt(dev_mem)}", flush=True)
@@ -285,13 +290,15 @@ def main(argv=None):
           base, sparse=dataclasses.replace(setup.sparse, sparse_prefill=True)),
           args.indexer_scale)
     else:
+      # Dense variants read the cache with `--dense_cache_attn` (the model's own config: its
+      # programs are traced with it, whatever ran before in this process).
       model = base if mode == setup.sparse.mode else convert.rebuild(
-          base, sparse=dataclasses.replace(setup.sparse, mode=mode))
-    saved_impl = os.environ.get("RTPURBO_CACHE_ATTN")
-    if mode == "dense":  # read at trace time, so it holds for this variant's engine only
-      os.environ["RTPURBO_CACHE_ATTN"] = args.dense_cache_attn
+          base, sparse=dataclasses.replace(setup.sparse, mode=mode),
+          kernels=kernels.with_impls(cache_causal_attention=args.dense_cache_attn)
+          if mode == "dense" else None)
     print(f"{key}: running ...", flush=True)
-    entry.update(build_s=build_s, prefill_chunk=setup.prefill_chunk, kernels=kernel_choices(setup.dtype))
+    entry.update(build_s=build_s, prefill_chunk=setup.prefill_chunk,
+                 kernels=kernel_choices(model.kernels, setup.dtype))
     variants[key] = entry
 
     def progress(done, total, seconds, entry=entry, key=key):
@@ -315,10 +322,6 @@ def main(argv=None):
       entry["traceback"] = traceback.format_exc()[-4000:]
       print(f"{key}: FAILED {entry['error'][:300]}", flush=True)
     variants[key] = entry
-    if saved_impl is None:
-      os.environ.pop("RTPURBO_CACHE_ATTN", None)
-    else:
-      os.environ["RTPURBO_CACHE_ATTN"] = saved_impl
     del model
     gc.collect()
     save()

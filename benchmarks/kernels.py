@@ -22,7 +22,8 @@ Import only pallas_kernels + jax/numpy (the GPU image has no other project deps)
   PYTHONPATH=. python benchmarks/kernels.py --out DIR --prefill=512K,1M --decode=  # a subset
 Every implementation of the window part is timed by name; the sparse-mode layer, the
 retrieval heads' dense attention (`ops.causal_attention`) and `meta.kernel_impls` follow the
-GPU dispatch's choice (its measured default, or RTPURBO_* / --window-impl overrides).
+GPU dispatch's choice under the run's `KernelConfig` (backend gpu unless RTPURBO_KERNELS says
+otherwise; its measured default, or RTPURBO_* / --window-impl overrides).
   PYTHONPATH=. RTPURBO_INTERPRET=1 python benchmarks/kernels.py --smoke   # plumbing, CPU
 """
 
@@ -40,12 +41,11 @@ import sys
 import time
 import traceback
 
-os.environ.setdefault("RTPURBO_KERNELS", "gpu")
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from pallas_kernels import config as kernel_config  # noqa: E402
 from pallas_kernels import ops  # noqa: E402
 from pallas_kernels import reference as ref  # noqa: E402
 from pallas_kernels.gpu import cudnn_attention  # noqa: E402
@@ -133,9 +133,10 @@ def rel_err(a, b):
 class Run:
   """Collects checks and timings; writes JSON after every context (partial runs count)."""
 
-  def __init__(self, out_dir, cfg, smoke):
+  def __init__(self, out_dir, cfg, smoke, kernels):
     self.out_dir = out_dir
     self.cfg = cfg
+    self.kernels = kernels  # the KernelConfig of every ops call
     self.checks = []
     self.timings = []
     self.errors = []
@@ -150,8 +151,9 @@ class Run:
         gpu=dev.device_kind, platform=dev.platform, jax=jax.__version__,
         jaxlib=jaxlib.__version__, triton=triton_version, python=platform.python_version(),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        window_impl=dispatch.impl_for("window_attention", cfg.dtype),
-        kernel_impls=dispatch.current_impls(cfg.dtype), smoke=smoke, config=dataclasses.asdict(cfg),
+        window_impl=dispatch.impl_for("window_attention", cfg.dtype, kernels),
+        kernel_impls=dispatch.current_impls(cfg.dtype, kernels), smoke=smoke,
+        kernel_overrides=dict(kernels.impls), config=dataclasses.asdict(cfg),
         ceilings=dict(bf16_flops=BF16_FLOPS, fp32_flops=FP32_FLOPS, hbm_bytes=HBM_BYTES))
 
   def check(self, name, ctx, **vals):
@@ -237,8 +239,8 @@ def window_fn(impl):
   return functools.partial(cudnn_attention.window_attention, chunked=impl == "cudnn_chunked")
 
 
-def prefill_layer_paper(cfg, window_impl):
-  """Paper mode: local heads sink + window, retrieval heads dense causal."""
+def prefill_layer_paper(cfg, window_impl, kernels):
+  """Paper mode: local heads sink + window, retrieval heads dense causal (`kernels`)."""
   local, ret, kv_of = cfg.local, cfg.retrieval, cfg.kv_of
   inv = np.argsort(np.asarray(local + ret))
 
@@ -246,13 +248,13 @@ def prefill_layer_paper(cfg, window_impl):
     ql, qr = q[:, :, jnp.asarray(local)], q[:, :, jnp.asarray(ret)]
     kvl = tuple(kv_of[h] for h in local)
     ol, _ = window_fn(window_impl)(ql, k, v, kvl, sinks=cfg.sinks, window=cfg.window)
-    orr, _ = ops.causal_attention(qr, k, v, tuple(kv_of[h] for h in ret))
+    orr, _ = ops.causal_attention(qr, k, v, tuple(kv_of[h] for h in ret), kernels=kernels)
     return jnp.concatenate([ol, orr], axis=2)[:, :, jnp.asarray(inv)]
 
   return layer
 
 
-def prefill_layer_sparse(cfg, window_impl):
+def prefill_layer_sparse(cfg, window_impl, kernels):
   """Sparse prefill mode; the retrieval mask is given (fixed density) but the selection
   still runs and is returned, so its cost is inside the timing."""
   local, ret, kv_of = cfg.local, cfg.retrieval, cfg.kv_of
@@ -262,9 +264,9 @@ def prefill_layer_sparse(cfg, window_impl):
     ql, qr = q[:, :, jnp.asarray(local)], q[:, :, jnp.asarray(ret)]
     kvl = tuple(kv_of[h] for h in local)
     ol, _ = window_fn(window_impl)(ql, k, v, kvl, sinks=cfg.sinks, window=cfg.window)
-    sel = ops.prefill_select(qi, ki, top_p=cfg.top_p, block_size=cfg.bs)
+    sel = ops.prefill_select(qi, ki, top_p=cfg.top_p, block_size=cfg.bs, kernels=kernels)
     orr, _ = ops.sparse_prefill(qr, k, v, tuple(kv_of[h] for h in ret), mask,
-                                block_size=cfg.bs)
+                                block_size=cfg.bs, kernels=kernels)
     return jnp.concatenate([ol, orr], axis=2)[:, :, jnp.asarray(inv)], sel
 
   return layer
@@ -286,6 +288,7 @@ def window_pairs(s, sinks, window):
 
 def run_prefill(run, cfg, s, reps, smoke, densities, variants, skip=()):
   log(f"prefill S={s}")
+  kernels = run.kernels
   dt = jnp.dtype(cfg.dtype)
   keys = jax.random.split(jax.random.PRNGKey(s), 8)
   b, nb = 1, s // cfg.bs
@@ -334,7 +337,7 @@ def run_prefill(run, cfg, s, reps, smoke, densities, variants, skip=()):
       log(f"  FAIL check window_{name}: {e!r}"[:600])
   ro, rl = ref_rows(qr, kvr)
   try:
-    o, l = ops.causal_attention(qr, k, v, kvr)
+    o, l = ops.causal_attention(qr, k, v, kvr, kernels=kernels)
     run.check("causal_attention_dispatch", s, out_rel=rel_err(o[:, rows_j], ro),
               lse_max_abs=float(jnp.max(jnp.abs(l[:, rows_j] - rl))))
   except Exception as e:  # noqa: BLE001
@@ -382,7 +385,7 @@ def run_prefill(run, cfg, s, reps, smoke, densities, variants, skip=()):
     if impl in skip:
       continue
     if "paper" in variants:
-      run.time(f"layer_paper_window_{impl}", s, prefill_layer_paper(cfg, impl), (q, k, v),
+      run.time(f"layer_paper_window_{impl}", s, prefill_layer_paper(cfg, impl, kernels), (q, k, v),
                reps=reps, flops=wflops + rflops, bytes_=io, layer=True, **ph)
     run.time(f"window_{impl}_27h", s,
              lambda q, k, v, fn=window_fn(impl): fn(q, k, v, kvl, **win_rule),
@@ -393,8 +396,9 @@ def run_prefill(run, cfg, s, reps, smoke, densities, variants, skip=()):
                lambda q, k, v, kw=kw: flash_k.window_attention(q, k, v, kvl, **win_rule, **kw),
                (ql, k, v), reps=reps, flops=wflops, **ph)
   if not smoke:
-    run.time("retrieval_dense_cudnn_5h", s, lambda q, k, v: ops.causal_attention(q, k, v, kvr),
-             (qr, k, v), reps=reps, flops=rflops, **ph)
+    run.time("retrieval_dense_cudnn_5h", s,
+             lambda q, k, v: ops.causal_attention(q, k, v, kvr, kernels=kernels), (qr, k, v),
+             reps=reps, flops=rflops, **ph)
   if "retrieval_pallas" not in skip:
     run.time("retrieval_dense_pallas_5h", s,
              lambda q, k, v: flash_k.causal_attention(q, k, v, kvr), (qr, k, v), reps=reps,
@@ -405,7 +409,7 @@ def run_prefill(run, cfg, s, reps, smoke, densities, variants, skip=()):
       flops=nr * sel_pairs * cfg.bs * cfg.r * 2.0, flop_rate=FP32_FLOPS,
       bytes_=nr * sel_pairs * 4.0 * 2, **ph)
   # The window implementation the dispatch picks here (measured default or override).
-  best = dispatch.impl_for("window_attention", cfg.dtype) if not smoke else "pallas"
+  best = dispatch.impl_for("window_attention", cfg.dtype, kernels) if not smoke else "pallas"
   for dens in densities:
     mask = masks[dens]
     n_sel = float(jnp.sum(mask))
@@ -416,7 +420,7 @@ def run_prefill(run, cfg, s, reps, smoke, densities, variants, skip=()):
              (qr, k, v, mask), reps=reps, flops=sflops, density=dens, **ph)
     if "sparse" in variants:
       run.time(f"layer_sparse_d{int(dens * 100)}_window_{best}", s,
-               prefill_layer_sparse(cfg, best), (q, k, v, qi, ki, mask), reps=reps,
+               prefill_layer_sparse(cfg, best, kernels), (q, k, v, qi, ki, mask), reps=reps,
                flops=wflops + sflops, density=dens, layer=True, **ph)
   run.save()
 
@@ -429,6 +433,7 @@ N_COPIES = 2
 
 def run_decode(run, cfg, t, inner, reps, smoke, densities, profile=False):
   log(f"decode T={t}")
+  kernels = run.kernels
   dt = jnp.dtype(cfg.dtype)
   nb = t // cfg.bs
   b = 1
@@ -462,12 +467,13 @@ def run_decode(run, cfg, t, inner, reps, smoke, densities, profile=False):
   def layer(q, qi, c, mask):
     full_pos = jnp.where(jnp.arange(t)[None] < lengths[:, None], jnp.arange(t)[None], -1)
     o1, _ = ops.ring_decode(q[:, jnp.asarray(ring_local)], c["ring_k"], c["ring_v"], ring_pos,
-                            ring_kvh, q_pos, sparse_active=active, **rule)
+                            ring_kvh, q_pos, sparse_active=active, **rule, kernels=kernels)
     o2, _ = ops.ring_decode(q[:, jnp.asarray(full_local)], c["full_k"], c["full_v"], full_pos,
-                            full_local_kvh, q_pos, sparse_active=active, **rule)
-    sel = ops.topp_select(qi, c["ckeys"], lengths, top_p=cfg.top_p, block_size=cfg.bs)
+                            full_local_kvh, q_pos, sparse_active=active, **rule, kernels=kernels)
+    sel = ops.topp_select(qi, c["ckeys"], lengths, top_p=cfg.top_p, block_size=cfg.bs,
+                          kernels=kernels)
     o3, _ = ops.sparse_decode(q[:, jnp.asarray(cfg.retrieval)], c["full_k"], c["full_v"],
-                              ret_kvh, mask, lengths, block_size=cfg.bs)
+                              ret_kvh, mask, lengths, block_size=cfg.bs, kernels=kernels)
     return jnp.concatenate([o1, o2, o3], axis=1)[:, inv], sel
 
   if profile:  # one layer step between cuProfilerStart/Stop, for `ncu --profile-from-start off`
@@ -577,8 +583,8 @@ def run_decode(run, cfg, t, inner, reps, smoke, densities, profile=False):
       q, qi, acc = carry
       c = unpack(arrays, ci)
       o, _ = ops.sparse_decode(q[:, jnp.asarray(cfg.retrieval)], c["full_k"], c["full_v"],
-                               ret_kvh, dmasks[ci], lengths,
-                               block_size=cfg.bs)
+                               ret_kvh, dmasks[ci], lengths, block_size=cfg.bs,
+                               kernels=kernels)
       return q.at[:, jnp.asarray(cfg.retrieval)].add(1e-3 * o), qi, acc
 
     run.time(f"sparse_decode_5h_d{int(dens * 100)}", t, looped(sparse_step), (q0, qi0, *flat),
@@ -587,7 +593,7 @@ def run_decode(run, cfg, t, inner, reps, smoke, densities, profile=False):
   def select_step(carry, ci, arrays):
     q, qi, acc = carry
     sel = ops.topp_select(qi, unpack(arrays, ci)["ckeys"], lengths, top_p=cfg.top_p,
-                          block_size=cfg.bs)
+                          block_size=cfg.bs, kernels=kernels)
     return q, qi + 1e-3, acc + jnp.sum(sel)
 
   run.time("topp_select_5h", t, looped(select_step), (q0, qi0, *flat), reps=reps, inner=inner,
@@ -598,9 +604,10 @@ def run_decode(run, cfg, t, inner, reps, smoke, densities, profile=False):
     c = unpack(arrays, ci)
     full_pos = jnp.where(jnp.arange(t)[None] < lengths[:, None], jnp.arange(t)[None], -1)
     o1, _ = ops.ring_decode(q[:, jnp.asarray(ring_local)], c["ring_k"], c["ring_v"], ring_pos,
-                            ring_kvh, q_pos, sparse_active=active, **rule)
+                            ring_kvh, q_pos, sparse_active=active, **rule, kernels=kernels)
     o2, _ = ops.ring_decode(q[:, jnp.asarray(full_local)], c["full_k"], c["full_v"], full_pos,
-                            full_local_kvh, q_pos, sparse_active=active, **rule)
+                            full_local_kvh, q_pos, sparse_active=active, **rule,
+                            kernels=kernels)
     return q + 1e-3 * jnp.concatenate([o1, o2], 1).mean(), qi, acc
 
   run.time("ring_decode_27h", t, looped(ring_step), (q0, qi0, *flat), reps=reps, inner=inner,
@@ -654,17 +661,21 @@ def main(argv=None):
   p.add_argument("--skip", default="", help="comma list: pallas, cudnn, cudnn_chunked, tiles, "
                  "retrieval_pallas")
   p.add_argument("--window-impl", default=None,
-                 help="override the dispatch's window implementation (dispatch.WINDOW_IMPL)")
+                 help="override the dispatch's window implementation (the run's KernelConfig)")
   p.add_argument("--out", default=os.environ.get("OUT"))
   p.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode, CPU")
   p.add_argument("--budget-s", type=float, default=1e9,
                  help="skip contexts that start after this many seconds (results are kept)")
   a = p.parse_args(argv)
   cfg = SMOKE if a.smoke else Cfg()
+  # The GPU kernels unless RTPURBO_KERNELS names another backend; RTPURBO_INTERPRET and the
+  # RTPURBO_*_ATTN overrides as everywhere, then --window-impl.
+  kernels = kernel_config.KernelConfig.from_env({"RTPURBO_KERNELS": "gpu", **os.environ})
   if a.window_impl:
-    dispatch.WINDOW_IMPL = a.window_impl
+    kernels = kernels.with_impls(window_attention=kernel_config.check_impl(
+        "window_attention", a.window_impl, source="--window-impl"))
   dens = [float(x) for x in a.densities.split(",")]
-  run = Run(a.out, cfg, a.smoke)
+  run = Run(a.out, cfg, a.smoke, kernels)
   log(f"devices: {jax.devices()}  meta: {run.meta}")
   t_start = time.time()
   if a.profile_decode:

@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 
 from e2e import LLAMA8B, LLAMA8B_SPARSE, TINY, TINY_SPARSE, build_model, environment  # noqa: E402
+from pallas_kernels import config as kernel_config  # noqa: E402
 from rtpurbo_jax.config import parse_size  # noqa: E402
 from rtpurbo_jax.infer import memory  # noqa: E402
 from rtpurbo_jax.serve import build  # noqa: E402
@@ -216,7 +217,8 @@ def main(argv=None):
       device_memory=dev_mem, prefill_chunk=setup.prefill_chunk, n_devices=1))
   print(mem.describe(), flush=True)
   t = time.perf_counter()
-  model = build_model(setup, plan, args.seed)  # reads setup.cfg / .sparse / .dtype
+  # reads setup.cfg / .sparse / .dtype; the kernels of this process (RTPURBO_* read once)
+  model = build_model(setup, plan, args.seed, kernel_config.default())
   server = build.build_server(model, Codec.bytes(setup.cfg.vocab_size), NAME,
                               slots=setup.slots, max_len=setup.ctx,
                               prefill_chunk=setup.prefill_chunk, max_queue=1024)

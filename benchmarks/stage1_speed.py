@@ -48,6 +48,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import stage1_baseline as before  # noqa: E402
+from pallas_kernels.config import KernelConfig  # noqa: E402
 from rtpurbo_jax import convert  # noqa: E402
 from rtpurbo_jax.attention.plan import HeadPlan, load_headwise_config  # noqa: E402
 from rtpurbo_jax.config import ModelConfig, SparseConfig  # noqa: E402
@@ -139,8 +140,11 @@ def run_stage1(model, args, rows: dict, kernels: tuple[str, ...]):
   ids = jax.random.randint(jax.random.key(1), (1, seq), 0, model.cfg.vocab_size)
   loss_of = {}
   for kern in kernels:
-    os.environ["RTPURBO_KERNELS"] = kern  # read at trace time: fresh jits per setting
-    state, fns = stage1_fns(model, seq, args.chunk, args.stats_stride)
+    # The model rebuilt with that backend (RTPURBO_KERNELS=kern, the other RTPURBO_* settings
+    # from the environment): its graph definition differs, so the jits trace afresh.
+    kmodel = convert.rebuild(model, kernels=KernelConfig.from_env(
+        {**os.environ, "RTPURBO_KERNELS": kern}))
+    state, fns = stage1_fns(kmodel, seq, args.chunk, args.stats_stride)
     for impl, (step, teacher, loss, idx_fn) in fns.items():
       name = f"stage1/{impl}/{kern}"
       try:
@@ -159,7 +163,6 @@ def run_stage1(model, args, rows: dict, kernels: tuple[str, ...]):
         rows[name] = {"error": f"{type(e).__name__}: {e}"[:500]}
         traceback.print_exc()
       print(name, rows[name], flush=True)
-  os.environ.pop("RTPURBO_KERNELS", None)
   for kern in kernels:
     if ("before", kern) in loss_of and ("after", kern) in loss_of:
       a, b = loss_of[("before", kern)], loss_of[("after", kern)]

@@ -1,22 +1,28 @@
-"""Kernel dispatch: one entry point per operation, routed by backend.
+"""Kernel dispatch: one entry point per operation, routed by a `KernelConfig`.
 
-Backends: "gpu" (Pallas, Triton lowering), "tpu" (Pallas, Mosaic), "reference" (plain jnp,
-runs anywhere). The backend is chosen by `RTPURBO_KERNELS` (gpu | tpu | reference | auto,
-default auto = the platform of the default JAX device). An accelerator module exports,
-for each operation it accelerates, a function with the reference's signature that
-returns `NotImplemented` for shapes it does not handle; the reference then runs.
+Every entry point takes the reference's arguments plus `kernels=` (a
+`pallas_kernels.config.KernelConfig`; None: the process default, `config.default()`, read
+from the environment once). Backends: "gpu" (Pallas, Triton lowering, + cuDNN), "tpu"
+(Pallas, Mosaic), "reference" (plain jnp, runs anywhere).
 
-`RTPURBO_INTERPRET=1` runs the accelerator kernels in the Pallas interpreter (CPU tests).
+An accelerator module `pallas_kernels.<backend>.dispatch` exports, for each operation it
+accelerates, a function with the reference's signature plus `kernels` that returns the kernel
+call for those arguments (a zero-argument callable), or None where no kernel of that backend
+takes them: a shape, dtype or head layout it does not tile, a q_offset that must be static but
+is traced, or an implementation choice that is the reference itself. It decides from shapes,
+dtypes, static arguments and the config, before any kernel is traced; the reference then
+runs. A kernel that raises is a bug and the error reaches the caller.
+
+`supports(op, *args, kernels=..., **kwargs)` asks that question without running anything.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
-import os
+from collections.abc import Callable
 
-import jax
-
+from pallas_kernels import config
 from pallas_kernels import reference
 
 OPERATIONS = ("causal_attention", "cache_causal_attention", "window_attention", "topp_select",
@@ -24,49 +30,39 @@ OPERATIONS = ("causal_attention", "cache_causal_attention", "window_attention", 
               "cache_prefill_select", "cache_sparse_prefill")
 
 
-def backend_choice() -> tuple[str, str]:
-  """(backend, why): the kernel backend of this process and the reason, in words."""
-  choice = os.environ.get("RTPURBO_KERNELS", "auto").lower()
-  if choice not in ("auto", "gpu", "tpu", "reference"):
-    raise ValueError(f"RTPURBO_KERNELS={choice!r}: expected auto, gpu, tpu or reference")
-  if choice != "auto":
-    return choice, f"RTPURBO_KERNELS={choice}"
-  platform = jax.default_backend()
-  name = {"gpu": "gpu", "cuda": "gpu", "tpu": "tpu"}.get(platform, "reference")
-  return name, f"RTPURBO_KERNELS=auto and the default JAX backend is {platform}"
-
-
-def backend() -> str:
-  return backend_choice()[0]
-
-
-def interpret() -> bool:
-  return os.environ.get("RTPURBO_INTERPRET", "0") not in ("", "0", "false", "False")
-
-
 @functools.cache
-def _accelerated(name: str):
-  """The accelerator module for backend `name`, or None if it has none."""
-  if name == "reference":
+def accelerator(backend: str):
+  """The accelerator module of `backend` (`pallas_kernels.<backend>.dispatch`), None for the
+  reference backend."""
+  if backend == "reference":
     return None
-  try:
-    return importlib.import_module(f"pallas_kernels.{name}.dispatch")
-  except ModuleNotFoundError:
-    return None
+  if backend not in config.BACKENDS:
+    raise ValueError(f"unknown kernel backend {backend!r}; expected one of {config.BACKENDS}")
+  return importlib.import_module(f"pallas_kernels.{backend}.dispatch")
+
+
+def kernel_for(op: str, *args, kernels: config.KernelConfig | None = None,
+               **kwargs) -> Callable[[], tuple] | None:
+  """The accelerator kernel call that `ops.<op>(*args, **kwargs)` runs under `kernels` (a
+  zero-argument callable), or None where the jnp reference runs."""
+  cfg = config.resolve(kernels)
+  choose = getattr(accelerator(cfg.backend), op, None)
+  return None if choose is None else choose(*args, kernels=cfg, **kwargs)
+
+
+def supports(op: str, *args, kernels: config.KernelConfig | None = None, **kwargs) -> bool:
+  """Whether an accelerator kernel (not the reference) runs `ops.<op>(*args, **kwargs)`
+  under `kernels`."""
+  return kernel_for(op, *args, kernels=kernels, **kwargs) is not None
 
 
 def _route(op: str):
   ref = getattr(reference, op)
 
   @functools.wraps(ref)
-  def call(*args, **kwargs):
-    mod = _accelerated(backend())
-    fn = getattr(mod, op, None) if mod is not None else None
-    if fn is not None:
-      out = fn(*args, **kwargs)
-      if out is not NotImplemented:
-        return out
-    return ref(*args, **kwargs)
+  def call(*args, kernels: config.KernelConfig | None = None, **kwargs):
+    run = kernel_for(op, *args, kernels=kernels, **kwargs)
+    return ref(*args, **kwargs) if run is None else run()
 
   return call
 

@@ -1,4 +1,5 @@
-"""`to_rtpurbo`: rebuild a model with a head plan, an indexer and a sparse mode.
+"""`to_rtpurbo`: rebuild a model with a head plan, an indexer and a sparse mode;
+`rebuild`: the same backbone with another plan, sparse config or kernel config.
 
 The backbone weights are shared by value with the source model (no copy of the arrays);
 indexer weights come from `indexer`, from the source model when its plan matches, or from
@@ -12,6 +13,7 @@ import dataclasses
 import jax.numpy as jnp
 from flax import nnx
 
+from pallas_kernels.config import KernelConfig
 from rtpurbo_jax.attention.indexer import IndexerParam, rotary_init
 from rtpurbo_jax.attention.plan import HeadPlan
 from rtpurbo_jax.config import ConfigError, SparseConfig
@@ -64,17 +66,23 @@ def scale_indexer_queries(model: Transformer, scale: float) -> Transformer:
 
 
 def rebuild(model: Transformer, *, plan: HeadPlan | None = None,
-            sparse: SparseConfig | None = None) -> Transformer:
-  """A new Transformer with another plan / sparse config and the same backbone weights.
+            sparse: SparseConfig | None = None,
+            kernels: KernelConfig | None = None) -> Transformer:
+  """A new Transformer with another plan / sparse config / kernel config (None: the source
+  model's) and the same backbone weights.
 
   Built abstractly (no second copy of the backbone is allocated); the indexer is the
   source model's when the plan and width match, otherwise the rotary initialisation.
+  Another kernel config alone gives the same model with another graph definition: its jitted
+  programs are traced (and compiled) afresh with those kernels.
   """
   plan = plan or model.plan
   sparse = sparse or model.sparse
+  kernels = kernels or model.kernels
   plan.check(model.cfg)
   new = nnx.eval_shape(lambda: Transformer(model.cfg, sparse=sparse, plan=plan,
-                                           dtype=model.dtype, rngs=nnx.Rngs(0)))
+                                           dtype=model.dtype, rngs=nnx.Rngs(0),
+                                           kernels=kernels))
   nnx.update(new, backbone_state(model))
   same = plan == model.plan and sparse.indexer_dim == model.sparse.indexer_dim
   ws = indexer_weights(model) if same else {}
@@ -94,7 +102,8 @@ def to_rtpurbo(model: Transformer, plan: HeadPlan, indexer: IndexerWeights | Non
                window: int | None = None, sinks: int = 4, top_p: float = 0.9,
                block_size: int = 64, seqlen_threshold: int = 16384, mode: str = "rtpurbo",
                **sparse_overrides) -> Transformer:
-  """Return the RTPurbo version of `model` (same `__call__`; works with `generate`).
+  """Return the RTPurbo version of `model` (same `__call__`; works with `generate`), with
+  the source model's kernel config.
 
   Args:
     plan: retrieval/local heads (e.g. from `calibrate`).

@@ -2,9 +2,10 @@
 
 Prints the hardware (`rtpurbo_jax.hardware.probe`, found without JAX), JAX's backend and
 devices (kind, count, memory where `Device.memory_stats()` reports it), the jax / jaxlib /
-plugin versions, the kernel backend that `pallas_kernels.ops` uses and why
-(`ops.backend_choice`), and, for a GPU, the implementation that
-`pallas_kernels.gpu.dispatch.select_impl` picks per operation (bf16 and fp32).
+plugin versions, the kernel config that a process started with this environment runs
+(`pallas_kernels.config.KernelConfig.from_env`: backend and why, interpreter, overrides), and,
+for a GPU, the implementation that `pallas_kernels.gpu.dispatch.select_impl` picks per
+operation (bf16 and fp32).
 
 Exit status 1, with one message per problem on stderr, when the install does not match the
 hardware: an NVIDIA GPU or a TPU that JAX does not use (e.g. CPU-only jaxlib on a GPU VM), a
@@ -116,36 +117,41 @@ def jax_state() -> dict:
 
 
 def kernels(hw: hardware.Hardware, state: dict) -> dict:
-  """The kernel backend of `pallas_kernels.ops` and why; for a GPU, the implementation per
-  operation and dtype: the dispatch's own choice when the backend is gpu, else (GPU hardware,
-  JAX elsewhere) what `select_impl` would pick for the GPU nvidia-smi lists."""
+  """The kernel config a process started with this environment runs (`KernelConfig.from_env`,
+  what `pallas_kernels.config.default()` reads once) and why; for a GPU, the implementation
+  per operation and dtype: the dispatch's own choice under that config when the backend is
+  gpu, else (GPU hardware, JAX elsewhere) what `select_impl` would pick for the GPU nvidia-smi
+  lists, with the RTPURBO_*_ATTN overrides."""
   if "error" in state:
     return {"error": "JAX did not start"}
-  from pallas_kernels import ops
+  from pallas_kernels import config
   try:
-    name, why = ops.backend_choice()
+    cfg = config.KernelConfig.from_env()
+    _, why = config.backend_choice()
   except ValueError as e:
     return {"error": str(e)}
-  out = {"backend": name, "why": why, "interpret": ops.interpret(),
-         "accelerator_module": ops._accelerated(name) is not None}
-  if name != "gpu" and not hw.gpus:
+  out = {"backend": cfg.backend, "why": why, "interpret": cfg.interpret,
+         "overrides": dict(cfg.impls)}
+  if cfg.backend != "gpu" and not hw.gpus:
     return out
   import jax.numpy as jnp
   from pallas_kernels.gpu import dispatch
   try:
-    if name == "gpu":
+    if cfg.backend == "gpu":
       kind, cc = dispatch.device_info()
       out["gpu_impls_for"] = f"{kind} (this process)"
-      pick = dispatch.impl_for
+
+      def pick(op, dtype):
+        return dispatch.impl_for(op, dtype, cfg)
     else:
       gpu = hw.gpus[0]
       out["gpu_impls_for"] = f"{gpu.name} (nvidia-smi; once JAX runs on it, with cuDNN)"
+      overrides = config.impl_overrides()
 
       def pick(op, dtype):
-        override, source = dispatch.override_for(op)
         return dispatch.select_impl(op, dtype=dtype, cudnn_available=True,
                                     compute_capability=gpu.compute_capability,
-                                    device_kind=gpu.name, override=override, source=source)
+                                    device_kind=gpu.name, override=overrides.get(op))
     out["gpu_impls"] = {dt: {op: pick(op, jnp.dtype(dt)) for op in dispatch.IMPLS}
                         for dt in DTYPES}
   except ValueError as e:  # an invalid RTPURBO_*_ATTN override
@@ -241,8 +247,8 @@ def format_text(report: dict) -> str:
   if "backend" in k:
     lines.append(f"kernels:   {k['backend']} ({k['why']}"
                  + ("; Pallas interpreter" if k["interpret"] else "")
-                 + ("" if k["accelerator_module"] or k["backend"] == "reference"
-                    else "; no accelerator module: the jnp references run") + ")")
+                 + "".join(f"; {op}={impl}" for op, impl in k.get("overrides", {}).items())
+                 + ")")
   if "gpu_impls" in k:
     lines.append(f"gpu ops:   for {k['gpu_impls_for']}")
     for dt, impls in k["gpu_impls"].items():

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 
 def build_model(cfg, path: str, *, sparse=None, plan=None, model_cfg=None,
-                init_std: float = 0.02):
+                init_std: float = 0.02, kernels=None):
   """The model of a run config, as stored: `path` (an HF folder or a registered name) loaded
   in `cfg.dtype`, or, for path "", random weights of `model_cfg` (default: `cfg.model`) with
-  `sparse` / `plan` (defaults: the model's own), seeded by `cfg.seed`."""
+  `sparse` / `plan` (defaults: the model's own), seeded by `cfg.seed`. kernels: its
+  `KernelConfig` (None: the process default, from the environment)."""
   if path:
     import rtpurbo_jax
-    return rtpurbo_jax.from_pretrained(path, dtype=cfg.dtype)
+    return rtpurbo_jax.from_pretrained(path, dtype=cfg.dtype, kernels=kernels)
   from flax import nnx
 
   from rtpurbo_jax.config import model_config_from
@@ -26,7 +27,8 @@ def build_model(cfg, path: str, *, sparse=None, plan=None, model_cfg=None,
   model_cfg = model_cfg or model_config_from(cfg.model)
   # One compiled initialiser instead of one dispatch (and compile) per parameter.
   return nnx.jit(lambda: Transformer(model_cfg, sparse=sparse, plan=plan, dtype=cfg.dtype,
-                                     rngs=nnx.Rngs(cfg.seed), init_std=init_std))()
+                                     rngs=nnx.Rngs(cfg.seed), init_std=init_std,
+                                     kernels=kernels))()
 
 
 def head_plan(cfg, model_cfg, own_plan=None):

@@ -3,6 +3,9 @@
 - 8 host CPU devices (docs/DESIGN.md §4: sharded == single-device checks), set before jax loads.
 - `seed`: fresh per test unless RTPURBO_TEST_SEED is set; printed, so a failure can be
   reproduced with RTPURBO_TEST_SEED=<seed>.
+- The process's default kernel config (`pallas_kernels.config.default()`, the environment read
+  once) is forgotten after each test, so that a test which sets RTPURBO_* variables leaves no
+  reading of them behind.
 """
 
 import os
@@ -26,3 +29,19 @@ def seed() -> int:
 @pytest.fixture
 def rng(seed) -> np.random.Generator:
   return np.random.default_rng(seed)
+
+
+@pytest.fixture(autouse=True)
+def _forget_default_kernel_config():
+  yield
+  from pallas_kernels import config
+  config.default.cache_clear()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _drop_compiled_programs():
+  """Each test module's compiled programs (and the traces that hold them) are dropped when it
+  ends: a single-process run of the whole suite otherwise keeps every module's programs."""
+  yield
+  import jax
+  jax.clear_caches()

@@ -12,6 +12,8 @@ import pytest
 from flax import nnx
 
 from pallas_kernels import reference as ref
+from pallas_kernels.config import KernelConfig
+from rtpurbo_jax import convert
 from rtpurbo_jax.attention.plan import HeadPlan
 from rtpurbo_jax.config import ModelConfig, SparseConfig
 from rtpurbo_jax.models.transformer import Transformer
@@ -138,9 +140,9 @@ def _stage2_batch(seed, b=2, k=5):
 
 
 def _stage2_grad(model, batch):
-  """Gradient of the stage-2 loss (mean top-k KL) wrt the backbone ({name: array}), traced
-  afresh (the kernel backend is read from the environment at trace time). The model is
-  merged inside the jitted function as the Trainer does it."""
+  """Gradient of the stage-2 loss (mean top-k KL) wrt the backbone ({name: array}), with the
+  model's kernel config. The model is merged inside the jitted function as the Trainer does
+  it."""
   o = types.SimpleNamespace(position_chunk=16, seq_len=S)
   split = ParamSplit(model, stages.BACKBONE)
   task = stages.stage2_task(split, o, remat=True)
@@ -153,13 +155,10 @@ def _stage2_grad(model, batch):
   return jax.jit(jax.grad(loss))(trainable, frozen)
 
 
-def test_stage2_grad_on_gpu_backend_equals_reference(seed, monkeypatch):
+def test_stage2_grad_on_gpu_backend_equals_reference(seed):
   model, batch = _student(seed), _stage2_batch(seed)
-  monkeypatch.setenv("RTPURBO_KERNELS", "gpu")
-  monkeypatch.setenv("RTPURBO_INTERPRET", "1")
-  got = _stage2_grad(model, batch)
-  monkeypatch.setenv("RTPURBO_KERNELS", "reference")
-  monkeypatch.delenv("RTPURBO_INTERPRET")
+  got = _stage2_grad(convert.rebuild(model, kernels=KernelConfig("gpu", interpret=True)), batch)
+  model = convert.rebuild(model, kernels=KernelConfig("reference"))
   want = _stage2_grad(model, batch)
   # An independent oracle: an explicit all-True `valid` takes the position-masked path
   # (`masked_attention` over every key with the sink / window rule).

@@ -90,21 +90,20 @@ def test_cudnn_path_logic(monkeypatch):
 
 
 def test_dispatch_routes_to_flash_in_interpreter(monkeypatch):
-  monkeypatch.setenv("RTPURBO_KERNELS", "gpu")
-  monkeypatch.setenv("RTPURBO_INTERPRET", "1")
+  from pallas_kernels.config import KernelConfig
   from pallas_kernels.gpu import dispatch
+  kernels = KernelConfig("gpu", interpret=True)
   calls = []
   real = dispatch.flash_k.causal_attention
   monkeypatch.setattr(dispatch.flash_k, "causal_attention",
                       lambda *a, **kw: calls.append(kw.get("kv_major")) or real(*a, **kw))
   q, k, v = _inputs()
-  out, _ = jax.jit(lambda off: ops.cache_causal_attention(q, k, v, KV_MIXED, q_offset=off))(
-      jnp.int32(37))
+  out, _ = jax.jit(lambda off: ops.cache_causal_attention(q, k, v, KV_MIXED, q_offset=off,
+                                                          kernels=kernels))(jnp.int32(37))
   assert calls == [True]
   _close(out, ref.cache_causal_attention(q, k, v, KV_MIXED, q_offset=37)[0], 2e-5)
-  monkeypatch.setenv("RTPURBO_CACHE_ATTN", "bogus")
-  with pytest.raises(ValueError, match="RTPURBO_CACHE_ATTN"):
-    dispatch.cache_attn_impl()
+  with pytest.raises(ValueError, match="RTPURBO_CACHE_ATTN='bogus'"):
+    KernelConfig.from_env({"RTPURBO_KERNELS": "gpu", "RTPURBO_CACHE_ATTN": "bogus"})
 
 
 def test_kv_major_compiles_for_sm90():

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import jaxlib
 import pytest
 
-from pallas_kernels import ops
+from pallas_kernels import config
 from pallas_kernels.gpu import dispatch
 from rtpurbo_jax import doctor, hardware
 
@@ -156,7 +156,9 @@ def test_cpu_machine_with_cpu_jax_is_ok(capsys):
   assert r["jax"]["devices"][0]["memory_bytes"] is None  # the CPU reports none
   assert r["versions"]["jax"] == jax.__version__
   assert r["versions"]["jaxlib"] == jaxlib.__version__
-  assert (r["kernels"]["backend"], r["kernels"]["why"]) == ops.backend_choice()
+  assert (r["kernels"]["backend"], r["kernels"]["why"]) == config.backend_choice()
+  assert config.KernelConfig(r["kernels"]["backend"], r["kernels"]["interpret"],
+                             impls=r["kernels"]["overrides"]) == config.KernelConfig.from_env()
   assert r["kernels"]["backend"] == "reference" and "default JAX backend is cpu" in \
       r["kernels"]["why"]
   assert "gpu_impls" not in r["kernels"]
@@ -220,10 +222,17 @@ def test_kernel_backend_reason_follows_rtpurbo_kernels(capsys, monkeypatch):
   # gpu kernels in the Pallas interpreter: the dispatch's own choice, all Pallas (no cuDNN).
   monkeypatch.setenv("RTPURBO_KERNELS", "gpu")
   monkeypatch.setenv("RTPURBO_INTERPRET", "1")
+  monkeypatch.setenv("RTPURBO_WINDOW_ATTN", "cudnn_chunked")
   k = doctor.collect(cpu_machine())["kernels"]
-  assert k["backend"] == "gpu" and k["interpret"] and k["accelerator_module"]
-  assert k["gpu_impls"]["bfloat16"] == dispatch.current_impls(jnp.bfloat16)
-  assert set(k["gpu_impls"]["bfloat16"].values()) == {"pallas"}
+  assert k["backend"] == "gpu" and k["interpret"]
+  assert k["overrides"] == {"window_attention": "cudnn_chunked"}
+  used = config.KernelConfig("gpu", interpret=True, impls=k["overrides"])
+  assert used == config.KernelConfig.from_env()
+  assert k["gpu_impls"]["bfloat16"] == dispatch.current_impls(jnp.bfloat16, used)
+  assert set(k["gpu_impls"]["bfloat16"].values()) == {"pallas"}  # the interpreter: no cuDNN
+  rc, out, _ = run_main(capsys, cpu_machine())
+  assert "kernels:   gpu (RTPURBO_KERNELS=gpu; Pallas interpreter; " \
+      "window_attention=cudnn_chunked)" in out
   monkeypatch.setenv("RTPURBO_KERNELS", "cuda")
   rc, _, err = run_main(capsys, cpu_machine())
   assert rc == 1 and "RTPURBO_KERNELS='cuda'" in err
@@ -285,7 +294,7 @@ def test_text_report_shows_device_memory():
                            "compute_capability": "9.0"}]},
       "versions": {"jax": "0.11.2", "jaxlib": "0.11.2", "jax-cuda13-plugin": "0.11.2"},
       "kernels": {"backend": "gpu", "why": "RTPURBO_KERNELS=auto and the default JAX backend "
-                  "is gpu", "interpret": False, "accelerator_module": True,
+                  "is gpu", "interpret": False, "overrides": {},
                   "gpu_impls_for": "NVIDIA H200 (this process)",
                   "gpu_impls": {"bfloat16": {"causal_attention": "cudnn", "topp_select":
                                              "pallas"}}}}

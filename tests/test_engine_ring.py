@@ -7,7 +7,8 @@ one-sequence reference forward), with a poisoned initial cache (large finite val
 slot: a key read before it is written dominates the softmax), ragged rows, chunk boundaries
 that cross the ring's wrap-around, chunks shorter and longer than the ring, and GQA groups
 that mix retrieval and local heads. Each case runs on the jnp references and, in the Pallas
-interpreter, on the GPU kernels (`RTPURBO_KERNELS=gpu RTPURBO_INTERPRET=1`).
+interpreter, on the GPU kernels (`KernelConfig("gpu", interpret=True)`, the model's own
+config).
 """
 
 import dataclasses
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from pallas_kernels.config import KernelConfig
 from rtpurbo_jax.attention.mixed import PrefillSelectionStats, SelectionStats
 from rtpurbo_jax.attention.plan import HeadPlan
 from rtpurbo_jax.config import ModelConfig, SparseConfig
@@ -39,11 +41,16 @@ CASES = [
 ]
 
 
-def _model(seed, window, sinks, threshold, **sparse):
+KERNELS = {"reference": KernelConfig("reference"),
+           "gpu-interpret": KernelConfig("gpu", interpret=True)}
+
+
+def _model(seed, window, sinks, threshold, kernels="reference", **sparse):
   kw = dict(mode="rtpurbo", window=window, sinks=sinks, seqlen_threshold=threshold,
             block_size=8, indexer_dim=8, top_p=1.0, chunk_size=8)
   sp = SparseConfig(**(kw | sparse))
-  return Transformer(CFG, sparse=sp, plan=PLAN, rngs=nnx.Rngs(seed), init_std=0.3)
+  return Transformer(CFG, sparse=sp, plan=PLAN, rngs=nnx.Rngs(seed), init_std=0.3,
+                     kernels=KERNELS[kernels])
 
 
 def _poisoned_cache(model, batch, max_len, rng):
@@ -96,14 +103,6 @@ def _chunked_logits(model, ids, lengths, chunk, rng):
   return np.concatenate(outs, axis=1)[:, :s], np.stack(dec, axis=1)
 
 
-def _use_kernels(kernels, monkeypatch):
-  if kernels == "gpu-interpret":
-    monkeypatch.setenv("RTPURBO_KERNELS", "gpu")
-    monkeypatch.setenv("RTPURBO_INTERPRET", "1")
-  else:
-    monkeypatch.setenv("RTPURBO_KERNELS", "reference")
-
-
 def _check_rows(model, s, chunk, rng, decode=True):
   """Chunked prefill of two ragged rows (then 3 decode steps) == each row alone, no cache.
 
@@ -128,23 +127,22 @@ def _check_rows(model, s, chunk, rng, decode=True):
 @pytest.mark.parametrize("kernels", ["reference", "gpu-interpret"])
 @pytest.mark.parametrize("window,sinks,threshold,chunk", CASES)
 def test_chunked_prefill_and_decode_equal_one_sequence(window, sinks, threshold, chunk,
-                                                       kernels, seed, monkeypatch):
-  _use_kernels(kernels, monkeypatch)
-  _check_rows(_model(seed, window, sinks, threshold), 37, chunk, np.random.default_rng(seed))
+                                                       kernels, seed):
+  _check_rows(_model(seed, window, sinks, threshold, kernels), 37, chunk,
+              np.random.default_rng(seed))
 
 
 @pytest.mark.parametrize("kernels", ["reference", "gpu-interpret"])
 @pytest.mark.parametrize("chunk", [8, 16, 24])
-def test_sparse_prefill_chunked_equals_one_sequence(chunk, kernels, seed, monkeypatch):
+def test_sparse_prefill_chunked_equals_one_sequence(chunk, kernels, seed):
   """`sparse_prefill`: retrieval heads select key blocks per query block, chunk by chunk
   (selection over the compressed-key cache at the chunk's offset), as the one-sequence
   forward selects them; ragged rows end inside a block. top_p 0.5 makes the selection
   matter: the same prompt prefilled with dense retrieval heads gives other logits."""
-  _use_kernels(kernels, monkeypatch)
-  model = _model(seed, 8, 2, 0, top_p=0.5, sparse_prefill=True)
+  model = _model(seed, 8, 2, 0, kernels, top_p=0.5, sparse_prefill=True)
   s = 45
   ids, want = _check_rows(model, s, chunk, np.random.default_rng(seed), decode=False)
-  dense_ret = np.asarray(_model(seed, 8, 2, 0, top_p=0.5)(ids[:1, :s]))[0]
+  dense_ret = np.asarray(_model(seed, 8, 2, 0, kernels, top_p=0.5)(ids[:1, :s]))[0]
   assert np.max(np.abs(dense_ret - want)) > 1e-2
 
 
@@ -152,13 +150,12 @@ def test_sparse_prefill_chunked_equals_one_sequence(chunk, kernels, seed, monkey
 def test_dense_mode_chunked_prefill_and_decode_equal_one_sequence(kernels, seed, monkeypatch):
   """Dense mode: prefill chunks over the cache in place, decode through the split-KV decode
   kernel over every written block; ragged rows."""
-  _use_kernels(kernels, monkeypatch)
   calls = []
   if kernels == "gpu-interpret":
     from pallas_kernels.gpu import decode as decode_k
     kernel = decode_k.sparse_decode
     monkeypatch.setattr(decode_k, "sparse_decode",
                         lambda *a, **k: calls.append(1) or kernel(*a, **k))
-  model = _model(seed, 8, 2, 0, mode="dense", block_size=16)  # the decode kernel's minimum
+  model = _model(seed, 8, 2, 0, kernels, mode="dense", block_size=16)  # the kernel's minimum
   _check_rows(model, 37, 16, np.random.default_rng(seed))
   assert bool(calls) == (kernels == "gpu-interpret")  # traced once per layer

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import pytest
 
 from pallas_kernels import reference as ref
+from pallas_kernels.config import KernelConfig
 from pallas_kernels.gpu import dispatch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,14 +30,7 @@ ALL_PALLAS = {op: "pallas" for op in HOPPER_DEFAULTS}
 UNMEASURED_DEFAULTS = dict(ALL_PALLAS, causal_attention="cudnn", window_attention="cudnn")
 KV = (0, 0, 1, 1)
 CALLS: list[str] = []  # implementations the recorders below were called as
-
-
-@pytest.fixture
-def no_overrides(monkeypatch):
-  """No override from the environment or the module attribute."""
-  for name in dispatch.OVERRIDE_ENV.values():
-    monkeypatch.delenv(name, raising=False)
-  monkeypatch.setattr(dispatch, "WINDOW_IMPL", None)
+GPU = KernelConfig("gpu")
 
 
 @pytest.mark.parametrize("cc,kind", [("9.0", None), ((9, 0), None), (None, "NVIDIA H200"),
@@ -114,34 +108,33 @@ def test_invalid_override_is_one_clear_error(op, override, env):
 
 def _hopper(monkeypatch, cudnn=True):
   monkeypatch.setattr(dispatch, "device_info", lambda: ("NVIDIA H200", "9.0"))
-  monkeypatch.setattr(dispatch, "_cudnn_ok", lambda: cudnn)
+  monkeypatch.setattr(dispatch, "_cudnn_ok", lambda kernels: cudnn)
 
 
-def test_process_choice_reads_device_and_overrides(monkeypatch, no_overrides):
+def test_process_choice_reads_device_and_config(monkeypatch):
+  """impl_for: this process's device and the config's overrides (the environment is read
+  only by KernelConfig.from_env, with the same choices and errors)."""
+  cudnn_ok = dispatch._cudnn_ok
   _hopper(monkeypatch)
-  assert dispatch.current_impls(jnp.bfloat16) == HOPPER_DEFAULTS
-  assert dispatch.cache_attn_impl() == "cudnn"
-  monkeypatch.setenv("RTPURBO_CACHE_ATTN", "pallas")
-  monkeypatch.setenv("RTPURBO_WINDOW_ATTN", "cudnn_chunked")
-  assert dispatch.current_impls(jnp.bfloat16) == dict(
+  assert dispatch.current_impls(jnp.bfloat16, GPU) == HOPPER_DEFAULTS
+  over = GPU.with_impls(cache_causal_attention="pallas", window_attention="cudnn_chunked")
+  assert dispatch.current_impls(jnp.bfloat16, over) == dict(
       HOPPER_DEFAULTS, cache_causal_attention="pallas", window_attention="cudnn_chunked")
-  monkeypatch.setattr(dispatch, "WINDOW_IMPL", "pallas")  # in-process override wins
-  assert dispatch.impl_for("window_attention", jnp.bfloat16) == "pallas"
-  monkeypatch.setattr(dispatch, "WINDOW_IMPL", "sliding")
-  with pytest.raises(ValueError, match=r"^dispatch\.WINDOW_IMPL='sliding'"):
-    dispatch.impl_for("window_attention", jnp.bfloat16)
-  monkeypatch.setenv("RTPURBO_CAUSAL_ATTN", "bogus")
+  env = {"RTPURBO_KERNELS": "gpu", "RTPURBO_CACHE_ATTN": "pallas",
+         "RTPURBO_WINDOW_ATTN": "cudnn_chunked"}
+  assert KernelConfig.from_env(env) == over
+  assert dispatch.impl_for("window_attention", jnp.bfloat16,
+                           over.with_impls(window_attention="pallas")) == "pallas"
+  with pytest.raises(ValueError, match=r"^KernelConfig impls\['window_attention'\]='sliding'"):
+    GPU.with_impls(window_attention="sliding")
   with pytest.raises(ValueError, match=r"^RTPURBO_CAUSAL_ATTN='bogus'"):
-    dispatch.impl_for("causal_attention", jnp.bfloat16)
-  monkeypatch.delenv("RTPURBO_CAUSAL_ATTN")
-  monkeypatch.delenv("RTPURBO_CACHE_ATTN")
-  monkeypatch.delenv("RTPURBO_WINDOW_ATTN")
-  monkeypatch.setattr(dispatch, "WINDOW_IMPL", None)
+    KernelConfig.from_env(dict(env, RTPURBO_CAUSAL_ATTN="bogus"))
   monkeypatch.setattr(dispatch, "device_info", lambda: ("NVIDIA A100-SXM4-80GB", "8.0"))
-  assert dispatch.current_impls(jnp.bfloat16) == UNMEASURED_DEFAULTS
-  monkeypatch.setattr(dispatch, "_cudnn_ok", lambda: False)  # e.g. interpret mode on a CPU
-  monkeypatch.setattr(dispatch, "device_info", lambda: ("cpu", None))
-  assert dispatch.current_impls(jnp.bfloat16) == ALL_PALLAS
+  assert dispatch.current_impls(jnp.bfloat16, GPU) == UNMEASURED_DEFAULTS
+  # Interpret mode on a Hopper (the real `_cudnn_ok`): never cuDNN.
+  monkeypatch.setattr(dispatch, "_cudnn_ok", cudnn_ok)
+  monkeypatch.setattr(dispatch, "device_info", lambda: ("NVIDIA H200", "9.0"))
+  assert dispatch.current_impls(jnp.bfloat16, KernelConfig("gpu", interpret=True)) == ALL_PALLAS
 
 
 def _record(monkeypatch, calls):
@@ -157,7 +150,8 @@ def _record(monkeypatch, calls):
                       lambda q, k, v, kv, *, q_offset: calls.append("cudnn")
                       or ref.cache_causal_attention(q, k, v, kv, q_offset=q_offset))
 
-  def flash(q, k, v, kv, *, q_offset=0, kv_major=False, sinks=None, window=None):
+  def flash(q, k, v, kv, *, q_offset=0, kv_major=False, sinks=None, window=None, interpret):
+    assert not interpret
     calls.append("pallas")
     if kv_major:
       return ref.cache_causal_attention(q, k, v, kv, q_offset=q_offset)
@@ -167,55 +161,52 @@ def _record(monkeypatch, calls):
 
   monkeypatch.setattr(dispatch.flash_k, "causal_attention", flash)
   monkeypatch.setattr(dispatch.flash_k, "window_attention", flash)
-  monkeypatch.setattr(dispatch, "_pallas_ok", lambda: True)
+  monkeypatch.setattr(dispatch, "_pallas_ok", lambda kernels: True)
 
 
-def _calls_per_op(dtype, q_offset=0):
-  """The implementation each switchable dispatch entry point called."""
+def _calls_per_op(dtype, q_offset=0, kernels=GPU):
+  """The implementation each switchable dispatch entry point called (through `ops`, so the
+  call that `ops` runs is the one the dispatch returned)."""
+  from pallas_kernels import ops
   q = jnp.ones((1, 64, 4, 32), dtype)
   k = v = jnp.ones((1, 64, 2, 32), dtype)
   kc = vc = jnp.ones((1, 2, 128, 32), dtype)
   out = {}
   for op, call in (
-      ("causal_attention", lambda: dispatch.causal_attention(q, k, v, KV, q_offset=q_offset)),
-      ("window_attention", lambda: dispatch.window_attention(q, k, v, KV, sinks=4, window=16,
-                                                             q_offset=q_offset)),
-      ("cache_causal_attention", lambda: dispatch.cache_causal_attention(
-          q, kc, vc, KV, q_offset=q_offset + 32))):
+      ("causal_attention", lambda: ops.causal_attention(q, k, v, KV, q_offset=q_offset,
+                                                        kernels=kernels)),
+      ("window_attention", lambda: ops.window_attention(q, k, v, KV, sinks=4, window=16,
+                                                        q_offset=q_offset, kernels=kernels)),
+      ("cache_causal_attention", lambda: ops.cache_causal_attention(
+          q, kc, vc, KV, q_offset=q_offset + 32, kernels=kernels))):
     CALLS.clear()
     call()
     out[op] = list(CALLS)
   return out
 
 
-def test_dispatch_entry_points_follow_the_selection(monkeypatch, no_overrides):
+def test_dispatch_entry_points_follow_the_selection(monkeypatch):
   """The dispatch functions run what select_impl picks: cuDNN on Hopper for bf16, XLA for fp32
-  causal attention and Pallas for the other fp32 ops, without cuDNN, for the cache attention off Hopper, or with an override; cuDNN's
-  offset rules still apply."""
+  causal attention and Pallas for the other fp32 ops, without cuDNN, for the cache attention
+  off Hopper, or with an override in the config; cuDNN's offset rules still apply."""
   _record(monkeypatch, CALLS)
   _hopper(monkeypatch)
   assert _calls_per_op(jnp.bfloat16) == {"causal_attention": ["cudnn"],
                                          "window_attention": ["cudnn"],
                                          "cache_causal_attention": ["cudnn"]}
-  # float32 causal attention: neither kernel (NotImplemented: the XLA reference runs).
+  # float32 causal attention: neither kernel (None: the XLA reference runs).
   assert _calls_per_op(jnp.float32) == {**{op: ["pallas"] for op in dispatch.OVERRIDE_ENV},
                                         "causal_attention": []}
   assert dispatch.causal_attention(jnp.ones((1, 8, 4, 32)), jnp.ones((1, 8, 2, 32)),
-                                   jnp.ones((1, 8, 2, 32)), KV) is NotImplemented
+                                   jnp.ones((1, 8, 2, 32)), KV, kernels=GPU) is None
   # A nonzero offset: causal / window cuDNN take none; the cache split takes it.
   assert _calls_per_op(jnp.bfloat16, q_offset=8) == {"causal_attention": ["pallas"],
                                                      "window_attention": ["pallas"],
                                                      "cache_causal_attention": ["cudnn"]}
-  monkeypatch.setenv("RTPURBO_CACHE_ATTN", "pallas")
-  monkeypatch.setenv("RTPURBO_WINDOW_ATTN", "cudnn_chunked")
-  assert _calls_per_op(jnp.bfloat16) == {"causal_attention": ["cudnn"],
-                                         "window_attention": ["cudnn_chunked"],
-                                         "cache_causal_attention": ["pallas"]}
-  monkeypatch.setenv("RTPURBO_CACHE_ATTN", "bogus")
-  with pytest.raises(ValueError, match="RTPURBO_CACHE_ATTN"):
-    _calls_per_op(jnp.bfloat16)
-  monkeypatch.delenv("RTPURBO_CACHE_ATTN")
-  monkeypatch.delenv("RTPURBO_WINDOW_ATTN")
+  over = GPU.with_impls(cache_causal_attention="pallas", window_attention="cudnn_chunked")
+  assert _calls_per_op(jnp.bfloat16, kernels=over) == {
+      "causal_attention": ["cudnn"], "window_attention": ["cudnn_chunked"],
+      "cache_causal_attention": ["pallas"]}
   monkeypatch.setattr(dispatch, "device_info", lambda: ("NVIDIA A100-SXM4-80GB", "8.0"))
   assert _calls_per_op(jnp.bfloat16) == {"causal_attention": ["cudnn"],
                                          "window_attention": ["cudnn"],

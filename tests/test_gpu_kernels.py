@@ -16,6 +16,7 @@ import pytest
 from jax.experimental import pallas as pl
 
 from pallas_kernels import reference as ref
+from pallas_kernels.config import KernelConfig
 from pallas_kernels.gpu import compact
 from pallas_kernels.gpu import cudnn_attention
 from pallas_kernels.gpu import decode
@@ -26,6 +27,7 @@ from pallas_kernels.gpu import topp_select as topp_select_k
 from pallas_kernels.gpu import window_attention as flash
 
 KV_MIXED = (1, 0, 1, 1)  # 4 query heads on 2 KV heads, groups of unequal size
+GPU = KernelConfig("gpu", interpret=True)  # the GPU backend in the Pallas interpreter
 RNG = np.random.default_rng(0)  # reseeded per test from the `seed` fixture
 
 
@@ -133,10 +135,8 @@ def test_dispatch_traced_offset_takes_pallas(monkeypatch):
   from pallas_kernels import ops
   from pallas_kernels.gpu import dispatch
 
-  monkeypatch.setenv("RTPURBO_KERNELS", "gpu")
-  monkeypatch.setenv("RTPURBO_INTERPRET", "1")
-  monkeypatch.setattr(dispatch, "_cudnn_ok", lambda: True)
-  monkeypatch.setattr(dispatch, "WINDOW_IMPL", "cudnn")
+  kernels = GPU.with_impls(window_attention="cudnn")
+  monkeypatch.setattr(dispatch, "_cudnn_ok", lambda kernels: True)
   cudnn_calls = []
   monkeypatch.setattr(dispatch.cudnn, "causal_attention",
                       lambda *a, **k: cudnn_calls.append("causal") or ref.causal_attention(*a))
@@ -145,26 +145,30 @@ def test_dispatch_traced_offset_takes_pallas(monkeypatch):
                           *a, sinks=k["sinks"], window=k["window"]))
   q = _normal((1, 40, 4, 32), jnp.bfloat16)
   k, v = _normal((1, 40, 2, 32), jnp.bfloat16), _normal((1, 40, 2, 32), jnp.bfloat16)
-  causal = jax.jit(lambda off: ops.causal_attention(q, k, v, KV_MIXED, q_offset=off))
+  causal = jax.jit(lambda off: ops.causal_attention(q, k, v, KV_MIXED, q_offset=off,
+                                                    kernels=kernels))
   window = jax.jit(lambda off: ops.window_attention(q, k, v, KV_MIXED, sinks=2, window=9,
-                                                    q_offset=off))
+                                                    q_offset=off, kernels=kernels))
   for off in (0, 7):
     _close(causal(jnp.int32(off))[1],
            ref.causal_attention(q, k, v, KV_MIXED, q_offset=off)[1], 1e-4)
     _close(window(jnp.int32(off))[1],
            ref.window_attention(q, k, v, KV_MIXED, sinks=2, window=9, q_offset=off)[1], 1e-4)
   assert not cudnn_calls
-  ops.causal_attention(q, k, v, KV_MIXED, q_offset=0)
-  ops.window_attention(q, k, v, KV_MIXED, sinks=2, window=9, q_offset=0)
+  ops.causal_attention(q, k, v, KV_MIXED, q_offset=0, kernels=kernels)
+  ops.window_attention(q, k, v, KV_MIXED, sinks=2, window=9, q_offset=0, kernels=kernels)
   assert cudnn_calls == ["causal", "window"]
 
 
 def test_engine_chunked_prefill_on_gpu_kernels(monkeypatch):
   """The engine's jitted chunked prefill (p0 traced) through the Pallas prefill kernels in
-  the interpreter == the same run on the reference backend. rtpurbo mode: retrieval heads
-  run dense causal in prefill, local heads sharing their KV head the window kernel."""
+  the interpreter == the same model rebuilt on the reference backend, in one process without
+  clearing jit caches (the kernel config is part of the model's graph definition). rtpurbo
+  mode: retrieval heads run dense causal in prefill, local heads sharing their KV head the
+  window kernel."""
   from flax import nnx
   from pallas_kernels.gpu import dispatch
+  from rtpurbo_jax import convert
   from rtpurbo_jax.attention.plan import HeadPlan
   from rtpurbo_jax.config import ModelConfig, SparseConfig
   from rtpurbo_jax.infer.engine import Engine
@@ -175,16 +179,15 @@ def test_engine_chunked_prefill_on_gpu_kernels(monkeypatch):
   plan = HeadPlan.from_mask([[1, 0, 0, 0], [0, 0, 0, 1]], 2)
   seed = int(RNG.integers(0, 2**31 - 1))
 
-  def generate(backend):
-    monkeypatch.setenv("RTPURBO_KERNELS", backend)
-    monkeypatch.setenv("RTPURBO_INTERPRET", "1")
-    jax.clear_caches()  # the engine's jitted step would otherwise reuse the other trace
-    model = Transformer(cfg, sparse=SparseConfig(
-        mode="rtpurbo", window=8, sinks=2, seqlen_threshold=0, block_size=8, indexer_dim=8,
-        top_p=0.6, chunk_size=16), plan=plan, rngs=nnx.Rngs(seed), init_std=0.3)
+  model = Transformer(cfg, sparse=SparseConfig(
+      mode="rtpurbo", window=8, sinks=2, seqlen_threshold=0, block_size=8, indexer_dim=8,
+      top_p=0.6, chunk_size=16), plan=plan, rngs=nnx.Rngs(seed), init_std=0.3,
+      kernels=KernelConfig("reference"))
+
+  def generate(kernels):
     ids = np.random.default_rng(seed).integers(0, cfg.vocab_size, (2, 30)).astype(np.int32)
-    return Engine(model).generate(ids, 2, prompt_lengths=np.asarray([30, 17]),
-                                  prefill_chunk=11)
+    return Engine(convert.rebuild(model, kernels=kernels)).generate(
+        ids, 2, prompt_lengths=np.asarray([30, 17]), prefill_chunk=11)
 
   calls = []
   for op in ("causal_attention", "window_attention"):
@@ -196,12 +199,9 @@ def test_engine_chunked_prefill_on_gpu_kernels(monkeypatch):
       return out
 
     monkeypatch.setattr(dispatch.flash_k, op, counted)
-  try:
-    want = generate("reference")
-    assert not calls
-    got = generate("gpu")
-  finally:
-    jax.clear_caches()
+  want = generate(KernelConfig("reference"))
+  assert not calls
+  got = generate(GPU)
   assert {"causal_attention", "window_attention"} <= set(calls)
   np.testing.assert_allclose(got.first_logits, want.first_logits, atol=2e-5, rtol=1e-5)
   np.testing.assert_array_equal(got.tokens, want.tokens)
@@ -465,22 +465,26 @@ def test_ops_routes_to_gpu_kernels(monkeypatch):
   from pallas_kernels import ops
   from pallas_kernels.gpu import dispatch
 
-  monkeypatch.setenv("RTPURBO_KERNELS", "gpu")
-  monkeypatch.setenv("RTPURBO_INTERPRET", "1")
   calls = []
   real = flash.window_attention
   monkeypatch.setattr(dispatch.flash_k, "window_attention",
                       lambda *a, **k: calls.append(1) or real(*a, **k))
   q = _normal((1, 96, 4, 32))
   k, v = _normal((1, 96, 2, 32)), _normal((1, 96, 2, 32))
-  got = ops.window_attention(q, k, v, KV_MIXED, sinks=4, window=40)
+  assert ops.supports("window_attention", q, k, v, KV_MIXED, sinks=4, window=40, kernels=GPU)
+  got = ops.window_attention(q, k, v, KV_MIXED, sinks=4, window=40, kernels=GPU)
   assert calls, "ops.window_attention did not reach the GPU kernel"
   _close(got[0], ref.window_attention(q, k, v, KV_MIXED, sinks=4, window=40)[0], 2e-5)
-  # A head_dim the kernels do not take (not a power of two) falls back to the reference.
+  # A head_dim the kernels do not take (not a power of two): the reference runs.
   q3, k3, v3 = _normal((1, 64, 4, 24)), _normal((1, 64, 2, 24)), _normal((1, 64, 2, 24))
-  assert dispatch.window_attention(q3, k3, v3, KV_MIXED, sinks=4, window=40) is NotImplemented
-  _close(ops.window_attention(q3, k3, v3, KV_MIXED, sinks=4, window=40)[0],
+  assert dispatch.window_attention(q3, k3, v3, KV_MIXED, sinks=4, window=40,
+                                   kernels=GPU) is None
+  assert not ops.supports("window_attention", q3, k3, v3, KV_MIXED, sinks=4, window=40,
+                          kernels=GPU)
+  calls.clear()
+  _close(ops.window_attention(q3, k3, v3, KV_MIXED, sinks=4, window=40, kernels=GPU)[0],
          ref.window_attention(q3, k3, v3, KV_MIXED, sinks=4, window=40)[0], 1e-6)
+  assert not calls
 
 
 # ---------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from jax._src.pallas.mosaic.interpret import interpret_pallas_call as tpu_interp
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import reference as ref
+from pallas_kernels.config import KernelConfig
 from pallas_kernels.tpu import Unsupported
 from pallas_kernels.tpu import ring_decode as ring_k
 from pallas_kernels.tpu import sparse_decode as decode_k
@@ -318,23 +319,131 @@ def test_ring_decode():
 # Dispatch through pallas_kernels.ops.
 
 
-def test_ops_route_to_tpu_kernels(monkeypatch):
+def test_ops_route_to_tpu_kernels():
   from pallas_kernels import ops
   from pallas_kernels.tpu import dispatch
 
-  monkeypatch.setenv("RTPURBO_KERNELS", "tpu")
-  monkeypatch.setenv("RTPURBO_INTERPRET", "races")
-  assert dispatch.interpret_params() == RACES  # same jit cache entries as the tests above
+  kernels = KernelConfig.from_env({"RTPURBO_KERNELS": "tpu", "RTPURBO_INTERPRET": "races"})
+  assert kernels == KernelConfig("tpu", interpret=True, detect_races=True)
+  assert dispatch.interpret_params(kernels) == RACES  # same jit cache entries as above
   kq, kc = fresh_keys(2)
   qi, ck, lengths = _selection_inputs(kq, kc, jnp.float32)
-  got = jax.block_until_ready(ops.topp_select(qi, ck, lengths, top_p=0.9))
+  got = jax.block_until_ready(ops.topp_select(qi, ck, lengths, top_p=0.9, kernels=kernels))
   assert not tpu_interpret.races.races_found
   np.testing.assert_array_equal(got, ref.topp_select(qi, ck, lengths, top_p=0.9))
-  # head_dim 64 does not tile on TPU: NotImplemented, and ops runs the reference instead.
+  # head_dim 64 does not tile on TPU: no kernel, and ops runs the reference instead.
   q = jax.random.normal(kq, (1, 64, 2, 64), jnp.float32)
-  assert dispatch.causal_attention(q, q, q, (0, 1)) is NotImplemented
-  out, _ = ops.causal_attention(q, q, q, (0, 1))
+  assert dispatch.causal_attention(q, q, q, (0, 1), kernels=kernels) is None
+  out, _ = ops.causal_attention(q, q, q, (0, 1), kernels=kernels)
   np.testing.assert_array_equal(out, ref.causal_attention(q, q, q, (0, 1))[0])
+
+
+def _sds(*shape, dtype=jnp.float32):
+  return jax.ShapeDtypeStruct(shape, dtype)
+
+
+# (op, kernel, arguments, keyword arguments, tiles): shapes on both sides of every tiling rule.
+I32 = jnp.int32
+SUPPORT_CASES = [
+    ("causal_attention", window_k.causal_attention,
+     (_sds(1, 256, 2, 128), _sds(1, 256, 1, 128), _sds(1, 256, 1, 128), (0, 0)), {}, True),
+    ("causal_attention", window_k.causal_attention,  # head_dim 64: not one lane block
+     (_sds(1, 256, 2, 64), _sds(1, 256, 1, 64), _sds(1, 256, 1, 64), (0, 0)), {}, False),
+    ("window_attention", window_k.window_attention,
+     (_sds(1, 256, 2, 256), _sds(1, 384, 1, 256), _sds(1, 384, 1, 256), (0, 0)),
+     dict(sinks=4, window=64, q_offset=128), True),
+    ("window_attention", window_k.window_attention,
+     (_sds(1, 256, 2, 96), _sds(1, 256, 1, 96), _sds(1, 256, 1, 96), (0, 0)),
+     dict(sinks=4, window=64), False),
+    ("ring_decode", ring_k.ring_decode,
+     (_sds(2, 3, 64), _sds(2, 2, 256, 64), _sds(2, 2, 256, 64), _sds(2, 256, dtype=I32),
+      (0, 1, 1), _sds(2, dtype=I32)), dict(sinks=4, window=40), True),
+    ("ring_decode", ring_k.ring_decode,  # no chunk size divides 200 slots
+     (_sds(2, 3, 64), _sds(2, 2, 200, 64), _sds(2, 2, 200, 64), _sds(2, 200, dtype=I32),
+      (0, 1, 1), _sds(2, dtype=I32)), dict(sinks=4, window=40), False),
+    ("ring_decode", ring_k.ring_decode,  # head_dim 192: output rows not whole vregs
+     (_sds(2, 3, 192), _sds(2, 2, 256, 192), _sds(2, 2, 256, 192), _sds(2, 256, dtype=I32),
+      (0, 1, 1), _sds(2, dtype=I32)), dict(sinks=4, window=40), False),
+    ("sparse_decode", decode_k.sparse_decode,
+     (_sds(1, 2, 128), _sds(1, 2, 512, 128), _sds(1, 2, 512, 128), (0, 1),
+      _sds(1, 2, 8, dtype=bool), _sds(1, dtype=I32)), dict(block_size=64), True),
+    ("sparse_decode", decode_k.sparse_decode,  # block 8: below the minimum of 16
+     (_sds(1, 2, 128), _sds(1, 2, 512, 128), _sds(1, 2, 512, 128), (0, 1),
+      _sds(1, 2, 64, dtype=bool), _sds(1, dtype=I32)), dict(block_size=8), False),
+    ("sparse_decode", decode_k.sparse_decode,  # head_dim 160: output rows not whole vregs
+     (_sds(1, 2, 160), _sds(1, 2, 512, 160), _sds(1, 2, 512, 160), (0, 1),
+      _sds(1, 2, 8, dtype=bool), _sds(1, dtype=I32)), dict(block_size=64), False),
+    ("sparse_prefill", prefill_k.sparse_prefill,
+     (_sds(1, 256, 2, 128), _sds(1, 256, 1, 128), _sds(1, 256, 1, 128), (0, 0),
+      _sds(1, 2, 4, 4, dtype=bool)), dict(block_size=64), True),
+    ("sparse_prefill", prefill_k.sparse_prefill,
+     (_sds(1, 256, 2, 64), _sds(1, 256, 1, 64), _sds(1, 256, 1, 64), (0, 0),
+      _sds(1, 2, 4, 4, dtype=bool)), dict(block_size=64), False),
+    ("topp_select", topp_k.topp_select,
+     (_sds(1, 2, 16), _sds(1, 2, 512, 16), _sds(1, dtype=I32)), dict(top_p=0.9), True),
+    ("topp_select", topp_k.topp_select,  # r 24 does not divide 128 lanes
+     (_sds(1, 2, 24), _sds(1, 2, 512, 24), _sds(1, dtype=I32)), dict(top_p=0.9), False),
+    ("prefill_select", topp_k.prefill_select,
+     (_sds(1, 256, 2, 16), _sds(1, 256, 2, 16)), dict(top_p=0.9), True),
+    ("prefill_select", topp_k.prefill_select,  # block 16 < 128 / r = 32 keys per lane row
+     (_sds(1, 256, 2, 4), _sds(1, 256, 2, 4)), dict(top_p=0.9, block_size=16), False),
+]
+
+
+@pytest.mark.parametrize("case", SUPPORT_CASES, ids=lambda c: f"{c[0]}-{c[4]}")
+def test_supports_agrees_with_the_kernels(case):
+  """`ops.supports` on the tpu backend == the kernel traces without `Unsupported` (abstract
+  inputs: tracing is where a kernel refuses a shape, in its checks or its body)."""
+  from pallas_kernels import ops
+
+  op, kernel, args, kwargs, tiles = case
+  kernels = KernelConfig("tpu", interpret=True)
+  arrays = [a for a in args if isinstance(a, jax.ShapeDtypeStruct)]
+
+  def with_arrays(fn):
+    def call(*xs):
+      it = iter(xs)
+      return fn(*[next(it) if isinstance(a, jax.ShapeDtypeStruct) else a for a in args],
+                **kwargs)
+    return call
+
+  said = []
+  jax.eval_shape(with_arrays(lambda *a, **k: said.append(
+      ops.supports(op, *a, kernels=kernels, **k))), *arrays)
+  try:
+    jax.eval_shape(with_arrays(functools.partial(kernel, interpret=RACES)), *arrays)
+    accepted = True
+  except Unsupported:
+    accepted = False
+  assert said == [accepted] == [tiles]
+
+
+def test_traced_offset_takes_the_reference_on_tpu():
+  """The window kernel compiles q_offset in: a traced one is not supported, so ops runs the
+  reference (which takes it), while a static one runs the kernel."""
+  from pallas_kernels import ops
+
+  kernels = KernelConfig("tpu", interpret=True, detect_races=True)
+  kq, kk, kv = fresh_keys(3)
+  q = jax.random.normal(kq, (1, 128, 2, 128), jnp.float32)
+  k = jax.random.normal(kk, (1, 256, 1, 128), jnp.float32)
+  v = jax.random.normal(kv, (1, 256, 1, 128), jnp.float32)
+  rule = dict(sinks=4, window=40)
+  seen = []
+
+  def traced(off):
+    seen.append(ops.supports("window_attention", q, k, v, (0, 0), q_offset=off, **rule,
+                             kernels=kernels))
+    return ops.window_attention(q, k, v, (0, 0), q_offset=off, **rule, kernels=kernels)
+
+  out, lse = jax.jit(traced)(jnp.int32(100))
+  assert seen == [False]
+  assert ops.supports("window_attention", q, k, v, (0, 0), q_offset=100, **rule,
+                      kernels=kernels)
+  want = ref.window_attention(q, k, v, (0, 0), q_offset=100, **rule)
+  assert_attention(out, lse, *want, 1e-5)
+  assert_attention(*ops.window_attention(q, k, v, (0, 0), q_offset=100, **rule,
+                                         kernels=kernels), *want, 2e-5)
 
 
 def test_bad_input_is_one_clear_error():

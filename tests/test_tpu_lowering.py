@@ -100,15 +100,15 @@ def test_lowers_at_production_shapes(name, chip):
   assert "tpu_custom_call" in text and f'kernel_name = "{kernel}"' in text
 
 
-def test_ops_dispatch_lowers_to_mosaic(monkeypatch):
-  """Through pallas_kernels.ops with RTPURBO_KERNELS=tpu: the Mosaic kernel, not the jnp
-  reference, ends up in the program."""
+def test_ops_dispatch_lowers_to_mosaic():
+  """Through pallas_kernels.ops with the tpu backend (compiled, not interpreted): the Mosaic
+  kernel, not the jnp reference, ends up in the program."""
   from pallas_kernels import ops
+  from pallas_kernels.config import KernelConfig
 
-  monkeypatch.setenv("RTPURBO_KERNELS", "tpu")
-  monkeypatch.delenv("RTPURBO_INTERPRET", raising=False)
   kvh = tuple(FULL_KV.index(KV_OF[h]) for h in RETRIEVAL)
-  fn = functools.partial(ops.sparse_decode, kv_heads=kvh, block_size=64)
+  fn = functools.partial(ops.sparse_decode, kv_heads=kvh, block_size=64,
+                         kernels=KernelConfig("tpu"))
   text = lower_for_tpu(lambda q, k, v, m, n: fn(q, k, v, block_mask=m, lengths=n),
                        *KERNELS["sparse_decode"][2])
   assert 'kernel_name = "rtpurbo_sparse_decode"' in text

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels import ops
+from pallas_kernels import config
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -38,8 +38,10 @@ def cdiv(a: int, b: int) -> int:
 
 
 def interpret_flag(interpret: bool | None) -> bool:
-  """Explicit flag, else `RTPURBO_INTERPRET` (see `pallas_kernels.ops.interpret`)."""
-  return ops.interpret() if interpret is None else bool(interpret)
+  """Explicit flag (what the dispatch passes, from its `KernelConfig`), else the process
+  default's (`config.default().interpret`, i.e. RTPURBO_INTERPRET read once) for a kernel
+  called directly."""
+  return config.default().interpret if interpret is None else bool(interpret)
 
 
 def params(num_warps: int, num_stages: int) -> plgpu.CompilerParams:

@@ -1,26 +1,30 @@
 """GPU entry points for `pallas_kernels.ops` (backend "gpu").
 
-Each function has the reference's signature and returns `NotImplemented` for inputs it
-does not handle (the jnp reference then runs).
+Each operation's function takes the reference's arguments plus `kernels` (the
+`KernelConfig`) and returns the kernel call for them (a zero-argument callable), or None where
+no GPU implementation takes them (the jnp reference then runs). It decides from shapes,
+dtypes, whether q_offset is a static 0 and the config, before any kernel is traced.
 
 Which implementation runs is decided by `select_impl`, a pure function of the operation, the
 GPU architecture (compute capability or device kind), the dtype, whether cuDNN is usable and
-an optional override; `impl_for` feeds it this process's device and overrides. The default is
-the implementation measured faster on that architecture (`MEASURED`, from
-benchmarks/results/*.json, see benchmarks/NOTES.md); an architecture without measurements
-keeps the choices made before any measurement (`UNMEASURED`: cuDNN for whole-sequence causal
-and window attention, Pallas for the cache attention of prefill chunks and everything else).
-An override names an implementation for one operation:
-  RTPURBO_CAUSAL_ATTN    causal_attention        pallas | cudnn
-  RTPURBO_WINDOW_ATTN    window_attention        pallas | cudnn | cudnn_chunked
-                         (or, inside a process, the module attribute WINDOW_IMPL)
-  RTPURBO_CACHE_ATTN     cache_causal_attention  pallas | cudnn
-An invalid value is a ValueError naming the variable and the choices. Where the chosen cuDNN
+an optional override; `impl_for` feeds it this process's device and the config's override
+(`KernelConfig.impls`; from the environment, `RTPURBO_CAUSAL_ATTN`, `RTPURBO_WINDOW_ATTN`,
+`RTPURBO_CACHE_ATTN`: see `pallas_kernels/config.py`). The default is the implementation
+measured faster on that architecture (`MEASURED`, from benchmarks/results/*.json, see
+benchmarks/NOTES.md); an architecture without measurements keeps the choices made before any
+measurement (`UNMEASURED`: cuDNN for whole-sequence causal and window attention, Pallas for
+the cache attention of prefill chunks and everything else). The implementations per
+operation (`IMPLS`):
+  causal_attention        pallas | cudnn | xla
+  window_attention        pallas | cudnn | cudnn_chunked
+  cache_causal_attention  pallas | cudnn
+An invalid override is a ValueError naming its source and the choices. Where the chosen cuDNN
 path cannot run (no cuDNN, interpret mode, fp32, a shape cuDNN does not take, or a q_offset
 that is not a static 0 for causal / window attention), the Pallas kernel runs.
 
 Implementations:
-  causal_attention   cuDNN flash attention, or the Pallas flash kernel (runtime q_offset).
+  causal_attention   cuDNN flash attention, or the Pallas flash kernel (runtime q_offset);
+                     "xla": none (the reference runs as XLA fusions).
   window_attention   "cudnn" (cuDNN's sliding-window mask), "cudnn_chunked" (two causal cuDNN
                      calls over window-sized chunks + LSE-merged sinks) or "pallas" (one flash
                      kernel with the sink + window rule, runtime q_offset).
@@ -35,18 +39,19 @@ Implementations:
   sparse_prefill     mask -> block lists, block-sparse flash kernel; the cache_ variant
                      reads the KV cache in place at a runtime chunk offset.
 The last five (and their cache_ variants) have one implementation, Pallas.
-Interpret mode (`RTPURBO_INTERPRET=1`) runs every Pallas kernel on the CPU; cuDNN is skipped.
+`KernelConfig.interpret` runs every Pallas kernel in the interpreter (CPU); cuDNN is skipped.
 """
 
 from __future__ import annotations
 
-import os
+import functools
 import re
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.gpu import common
+from pallas_kernels import config
+from pallas_kernels.config import IMPLS, OVERRIDE_ENV, KernelConfig
 from pallas_kernels.gpu import cudnn_attention as cudnn
 from pallas_kernels.gpu import decode as decode_k
 from pallas_kernels.gpu import prefill_select as prefill_select_k
@@ -57,26 +62,9 @@ from pallas_kernels.gpu import window_attention as flash_k
 # ---------------------------------------------------------------------------
 # Implementation choice.
 
-# The implementations of each operation; "pallas" runs wherever the Pallas kernels do.
-IMPLS: dict[str, tuple[str, ...]] = {
-    "causal_attention": ("pallas", "cudnn", "xla"),
-    "window_attention": ("pallas", "cudnn", "cudnn_chunked"),
-    "cache_causal_attention": ("pallas", "cudnn"),
-    "topp_select": ("pallas",),
-    "sparse_decode": ("pallas",),
-    "ring_decode": ("pallas",),
-    "prefill_select": ("pallas",),
-    "sparse_prefill": ("pallas",),
-    "cache_prefill_select": ("pallas",),
-    "cache_sparse_prefill": ("pallas",),
-}
-
-# The environment variable that overrides the choice, per operation with a choice.
-OVERRIDE_ENV: dict[str, str] = {
-    "causal_attention": "RTPURBO_CAUSAL_ATTN",
-    "window_attention": "RTPURBO_WINDOW_ATTN",
-    "cache_causal_attention": "RTPURBO_CACHE_ATTN",
-}
+# `IMPLS` (the implementations of each operation) and `OVERRIDE_ENV` (the environment variable
+# that overrides each switchable one) live in `pallas_kernels.config`, which validates
+# overrides; they are re-exported here.
 
 # The faster implementation measured per architecture (H200, jax 0.11.2, Llama-3.1-8B attention
 # shapes, bf16; benchmarks/NOTES.md). Operations not listed get "pallas"; architectures not
@@ -115,10 +103,6 @@ UNMEASURED: dict[str, str] = {"causal_attention": "cudnn", "window_attention": "
 # cuDNN's flash attention takes half-precision inputs only.
 CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
-# In-process override of RTPURBO_WINDOW_ATTN (e.g. `benchmarks/kernels.py --window-impl`);
-# None: the environment variable, else the measured default.
-WINDOW_IMPL: str | None = None
-
 
 def gpu_arch(compute_capability=None, device_kind: str | None = None) -> str | None:
   """The architecture family that `MEASURED` is keyed by: "hopper" for compute capability 9.x
@@ -156,13 +140,8 @@ def select_impl(op: str, *, dtype, cudnn_available: bool, compute_capability=Non
   """
   if op not in IMPLS:
     raise ValueError(f"unknown GPU operation {op!r}; expected one of {sorted(IMPLS)}")
-  choices = IMPLS[op]
   if override is not None and str(override).strip():
-    want = str(override).strip().lower()
-    if want not in choices:
-      name = source or OVERRIDE_ENV.get(op, f"the {op} override")
-      raise ValueError(f"{name}={override!r} is not an implementation of {op}: expected one "
-                       f"of {', '.join(choices)}")
+    want = config.check_impl(op, override, source)
   else:
     arch = gpu_arch(compute_capability, device_kind)
     table = MEASURED.get(arch, UNMEASURED)
@@ -188,150 +167,154 @@ def device_info() -> tuple[str, str | None]:
   return str(getattr(dev, "device_kind", "")), getattr(dev, "compute_capability", None)
 
 
-def override_for(op: str) -> tuple[str | None, str | None]:
-  """(override, where it came from) for `op` in this process: WINDOW_IMPL for window
-  attention, else the op's environment variable; (None, None) without one."""
-  if op == "window_attention" and WINDOW_IMPL:
-    return WINDOW_IMPL, "dispatch.WINDOW_IMPL"
-  name = OVERRIDE_ENV.get(op)
-  value = os.environ.get(name) if name else None
-  return (value, name) if value else (None, None)
-
-
-def impl_for(op: str, dtype) -> str:
-  """The implementation of `op` at `dtype` in this process: `select_impl` on the default
-  device, cuDNN's availability here and the override (read at each call, i.e. at trace
-  time)."""
+def impl_for(op: str, dtype, kernels: KernelConfig) -> str:
+  """The implementation of `op` at `dtype` under `kernels`: `select_impl` on this process's
+  default device, whether cuDNN can run here and the config's override."""
   kind, cc = device_info()
-  override, source = override_for(op)
-  return select_impl(op, dtype=dtype, cudnn_available=_cudnn_ok(), compute_capability=cc,
-                     device_kind=kind, override=override, source=source)
+  return select_impl(op, dtype=dtype, cudnn_available=_cudnn_ok(kernels), compute_capability=cc,
+                     device_kind=kind, override=kernels.impl(op))
 
 
-def current_impls(dtype) -> dict[str, str]:
-  """`impl_for` of every operation (what a benchmark records as its kernel choices)."""
-  return {op: impl_for(op, dtype) for op in IMPLS}
+def current_impls(dtype, kernels: KernelConfig | None = None) -> dict[str, str]:
+  """`impl_for` of every operation (what a benchmark records as its kernel choices);
+  kernels None: the process default."""
+  kernels = config.resolve(kernels)
+  return {op: impl_for(op, dtype, kernels) for op in IMPLS}
 
 
-def cache_attn_impl(dtype=jnp.bfloat16) -> str:
-  """`cache_causal_attention` implementation in this process (see `impl_for`): cudnn on
-  Hopper by default, RTPURBO_CACHE_ATTN=pallas|cudnn overrides."""
-  return impl_for("cache_causal_attention", dtype)
-
-
-def _pallas_ok() -> bool:
+def _pallas_ok(kernels: KernelConfig) -> bool:
   """Pallas Triton kernels can run: on a CUDA device, or in the interpreter."""
-  return common.interpret_flag(None) or jax.default_backend() in ("gpu", "cuda")
+  return kernels.interpret or jax.default_backend() in ("gpu", "cuda")
 
 
-def _cudnn_ok() -> bool:
-  return not common.interpret_flag(None) and jax.default_backend() in ("gpu", "cuda")
+def _cudnn_ok(kernels: KernelConfig) -> bool:
+  return not kernels.interpret and jax.default_backend() in ("gpu", "cuda")
 
 
 def _static_zero(q_offset) -> bool:
   """q_offset is a concrete 0 (a traced scalar is never: its value is unknown here)."""
-  try:
-    return int(q_offset) == 0
-  except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
-    return False
+  return not isinstance(q_offset, jax.core.Tracer) and int(q_offset) == 0
 
 
-def causal_attention(q, k, v, kv_heads, *, q_offset=0, chunk: int = 512):
-  kv_heads = tuple(int(x) for x in kv_heads)
-  impl = impl_for("causal_attention", q.dtype)
+def _heads(kv_heads) -> tuple[int, ...]:
+  return tuple(int(x) for x in kv_heads)
+
+
+# ---------------------------------------------------------------------------
+# One function per operation: the reference's arguments plus `kernels`; returns the kernel
+# call, or None (the reference runs).
+
+
+def causal_attention(q, k, v, kv_heads, *, q_offset=0, chunk: int = 512,
+                     kernels: KernelConfig):
+  kv_heads = _heads(kv_heads)
+  impl = impl_for("causal_attention", q.dtype, kernels)
   if impl == "xla":
-    return NotImplemented
+    return None
   if impl == "cudnn" and _static_zero(q_offset) and cudnn.supported(q, k, v, kv_heads):
-    return cudnn.causal_attention(q, k, v, kv_heads)
-  if _pallas_ok() and flash_k.supported(q, k, v, kv_heads):
-    return flash_k.causal_attention(q, k, v, kv_heads, q_offset=q_offset)
-  return NotImplemented
+    return functools.partial(cudnn.causal_attention, q, k, v, kv_heads)
+  if _pallas_ok(kernels) and flash_k.supported(q, k, v, kv_heads):
+    return functools.partial(flash_k.causal_attention, q, k, v, kv_heads, q_offset=q_offset,
+                             interpret=kernels.interpret)
+  return None
 
 
-def cache_causal_attention(q, k_cache, v_cache, kv_heads, *, q_offset=0, chunk: int = 512):
-  kv_heads = tuple(int(x) for x in kv_heads)
+def cache_causal_attention(q, k_cache, v_cache, kv_heads, *, q_offset=0, chunk: int = 512,
+                           kernels: KernelConfig):
+  kv_heads = _heads(kv_heads)
   d = q.shape[-1]
-  if (cache_attn_impl(q.dtype) == "cudnn" and d % 8 == 0 and d <= 256
-      and q.dtype == k_cache.dtype == v_cache.dtype
+  if (impl_for("cache_causal_attention", q.dtype, kernels) == "cudnn" and d % 8 == 0
+      and d <= 256 and q.dtype == k_cache.dtype == v_cache.dtype
       and k_cache.shape == v_cache.shape and k_cache.shape[-1] == d):
-    return cudnn.cache_causal_attention(q, k_cache, v_cache, kv_heads, q_offset=q_offset)
-  if _pallas_ok() and flash_k.supported(q, k_cache, v_cache, kv_heads, kv_major=True):
-    return flash_k.causal_attention(q, k_cache, v_cache, kv_heads, q_offset=q_offset,
-                                    kv_major=True)
-  return NotImplemented
+    return functools.partial(cudnn.cache_causal_attention, q, k_cache, v_cache, kv_heads,
+                             q_offset=q_offset)
+  if _pallas_ok(kernels) and flash_k.supported(q, k_cache, v_cache, kv_heads, kv_major=True):
+    return functools.partial(flash_k.causal_attention, q, k_cache, v_cache, kv_heads,
+                             q_offset=q_offset, kv_major=True, interpret=kernels.interpret)
+  return None
 
 
 def window_attention(q, k, v, kv_heads, *, sinks: int, window: int, q_offset=0,
-                     chunk: int = 512):
-  kv_heads = tuple(int(x) for x in kv_heads)
-  impl = impl_for("window_attention", q.dtype)
+                     chunk: int = 512, kernels: KernelConfig):
+  kv_heads = _heads(kv_heads)
+  impl = impl_for("window_attention", q.dtype, kernels)
   if impl.startswith("cudnn") and _static_zero(q_offset) and cudnn.supported(q, k, v, kv_heads):
-    return cudnn.window_attention(q, k, v, kv_heads, sinks=sinks, window=window,
-                                  chunked=impl == "cudnn_chunked")
-  if _pallas_ok() and flash_k.supported(q, k, v, kv_heads):
-    return flash_k.window_attention(q, k, v, kv_heads, sinks=sinks, window=window,
-                                    q_offset=q_offset)
-  return NotImplemented
+    return functools.partial(cudnn.window_attention, q, k, v, kv_heads, sinks=sinks,
+                             window=window, chunked=impl == "cudnn_chunked")
+  if _pallas_ok(kernels) and flash_k.supported(q, k, v, kv_heads):
+    return functools.partial(flash_k.window_attention, q, k, v, kv_heads, sinks=sinks,
+                             window=window, q_offset=q_offset, interpret=kernels.interpret)
+  return None
 
 
 def topp_select(qi, ckeys, lengths, *, top_p: float, block_size: int = 64,
-                selector: str = "exact"):
-  if not (_pallas_ok() and topp_select_k.supported(qi, ckeys, lengths, block_size=block_size)):
-    return NotImplemented
-  return topp_select_k.topp_select(qi, ckeys, lengths, top_p=top_p, block_size=block_size,
-                                   selector=selector)
+                selector: str = "exact", kernels: KernelConfig):
+  if not (_pallas_ok(kernels)
+          and topp_select_k.supported(qi, ckeys, lengths, block_size=block_size)):
+    return None
+  return functools.partial(topp_select_k.topp_select, qi, ckeys, lengths, top_p=top_p,
+                           block_size=block_size, selector=selector,
+                           interpret=kernels.interpret)
 
 
-def sparse_decode(q, k_cache, v_cache, kv_heads, block_mask, lengths, *, block_size: int = 64):
-  kv_heads = tuple(int(x) for x in kv_heads)
-  if not (_pallas_ok() and decode_k.supported(q, k_cache, v_cache, kv_heads,
-                                              block_size=block_size)
+def sparse_decode(q, k_cache, v_cache, kv_heads, block_mask, lengths, *, block_size: int = 64,
+                  kernels: KernelConfig):
+  kv_heads = _heads(kv_heads)
+  if not (_pallas_ok(kernels)
+          and decode_k.supported(q, k_cache, v_cache, kv_heads, block_size=block_size)
           and block_mask.shape == (q.shape[0], q.shape[1], k_cache.shape[2] // block_size)
           and k_cache.shape[2] % block_size == 0):
-    return NotImplemented
-  return decode_k.sparse_decode(q, k_cache, v_cache, kv_heads, block_mask, lengths,
-                                block_size=block_size)
+    return None
+  return functools.partial(decode_k.sparse_decode, q, k_cache, v_cache, kv_heads, block_mask,
+                           lengths, block_size=block_size, interpret=kernels.interpret)
 
 
 def ring_decode(q, ring_k, ring_v, ring_pos, kv_heads, q_pos, *, sinks: int, window: int,
-                sparse_active=None):
-  kv_heads = tuple(int(x) for x in kv_heads)
-  if not (_pallas_ok() and decode_k.supported(q, ring_k, ring_v, kv_heads, block_size=64)
+                sparse_active=None, kernels: KernelConfig):
+  kv_heads = _heads(kv_heads)
+  if not (_pallas_ok(kernels)
+          and decode_k.supported(q, ring_k, ring_v, kv_heads, block_size=64)
           and ring_pos.shape == (q.shape[0], ring_k.shape[2])):
-    return NotImplemented
-  return decode_k.ring_decode(q, ring_k, ring_v, ring_pos, kv_heads, q_pos, sinks=sinks,
-                              window=window, sparse_active=sparse_active)
+    return None
+  return functools.partial(decode_k.ring_decode, q, ring_k, ring_v, ring_pos, kv_heads, q_pos,
+                           sinks=sinks, window=window, sparse_active=sparse_active,
+                           interpret=kernels.interpret)
 
 
-def prefill_select(qi, ki, *, top_p: float, block_size: int = 64):
-  if not (_pallas_ok() and prefill_select_k.supported(qi, ki, block_size=block_size)):
-    return NotImplemented
-  return prefill_select_k.prefill_select(qi, ki, top_p=top_p, block_size=block_size)
+def prefill_select(qi, ki, *, top_p: float, block_size: int = 64, kernels: KernelConfig):
+  if not (_pallas_ok(kernels) and prefill_select_k.supported(qi, ki, block_size=block_size)):
+    return None
+  return functools.partial(prefill_select_k.prefill_select, qi, ki, top_p=top_p,
+                           block_size=block_size, interpret=kernels.interpret)
 
 
-def sparse_prefill(q, k, v, kv_heads, block_mask, *, block_size: int = 64, chunk: int = 512):
-  kv_heads = tuple(int(x) for x in kv_heads)
-  if not (_pallas_ok() and sparse_prefill_k.supported(q, k, v, kv_heads, block_mask,
-                                                      block_size=block_size)):
-    return NotImplemented
-  return sparse_prefill_k.sparse_prefill(q, k, v, kv_heads, block_mask, block_size=block_size)
+def sparse_prefill(q, k, v, kv_heads, block_mask, *, block_size: int = 64, chunk: int = 512,
+                   kernels: KernelConfig):
+  kv_heads = _heads(kv_heads)
+  if not (_pallas_ok(kernels) and sparse_prefill_k.supported(q, k, v, kv_heads, block_mask,
+                                                             block_size=block_size)):
+    return None
+  return functools.partial(sparse_prefill_k.sparse_prefill, q, k, v, kv_heads, block_mask,
+                           block_size=block_size, interpret=kernels.interpret)
 
 
 def cache_prefill_select(qi, ckeys, lengths, *, q_offset=0, top_p: float,
-                         block_size: int = 64, chunk: int = 64):
-  if not (_pallas_ok() and prefill_select_k.supported(qi, ckeys, block_size=block_size,
-                                                      kv_major=True)):
-    return NotImplemented
-  return prefill_select_k.cache_prefill_select(qi, ckeys, lengths, q_offset=q_offset,
-                                               top_p=top_p, block_size=block_size)
+                         block_size: int = 64, chunk: int = 64, kernels: KernelConfig):
+  if not (_pallas_ok(kernels) and prefill_select_k.supported(qi, ckeys, block_size=block_size,
+                                                             kv_major=True)):
+    return None
+  return functools.partial(prefill_select_k.cache_prefill_select, qi, ckeys, lengths,
+                           q_offset=q_offset, top_p=top_p, block_size=block_size,
+                           interpret=kernels.interpret)
 
 
 def cache_sparse_prefill(q, k_cache, v_cache, kv_heads, block_mask, *, q_offset=0,
-                         block_size: int = 64, chunk: int = 512):
-  kv_heads = tuple(int(x) for x in kv_heads)
-  if not (_pallas_ok() and sparse_prefill_k.supported(q, k_cache, v_cache, kv_heads,
-                                                      block_mask, block_size=block_size,
-                                                      kv_major=True)):
-    return NotImplemented
-  return sparse_prefill_k.cache_sparse_prefill(q, k_cache, v_cache, kv_heads, block_mask,
-                                               q_offset=q_offset, block_size=block_size)
+                         block_size: int = 64, chunk: int = 512, kernels: KernelConfig):
+  kv_heads = _heads(kv_heads)
+  if not (_pallas_ok(kernels) and sparse_prefill_k.supported(q, k_cache, v_cache, kv_heads,
+                                                             block_mask, block_size=block_size,
+                                                             kv_major=True)):
+    return None
+  return functools.partial(sparse_prefill_k.cache_sparse_prefill, q, k_cache, v_cache,
+                           kv_heads, block_mask, q_offset=q_offset, block_size=block_size,
+                           interpret=kernels.interpret)

@@ -19,7 +19,8 @@ LANES = 128
 
 
 class Unsupported(ValueError):
-  """A shape the TPU kernel does not tile; dispatch falls back to the reference."""
+  """A shape the TPU kernel does not tile, raised by a kernel called on one. The dispatch asks
+  each kernel module's `unsupported` (the same check) first and runs the reference there."""
 
 
 def widen(x, n: int):

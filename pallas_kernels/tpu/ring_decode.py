@@ -36,6 +36,18 @@ def chunk_slots(capacity: int, preferred: int = 1024) -> int | None:
   return None
 
 
+def unsupported(q, ring_k, chunk: int | None = None) -> str | None:
+  """Why the kernel does not tile q [batch, q_heads, head_dim] over ring_k [batch, kv_heads,
+  C, head_dim] (chunk: as `ring_decode` takes it), or None."""
+  cap, d = ring_k.shape[2], q.shape[-1]
+  chunk = chunk or chunk_slots(cap)
+  if chunk is None or cap % chunk or not lane_width_ok(chunk) or (chunk % 16 and chunk != cap):
+    return f"ring_decode: capacity {cap} has no chunk size (a multiple of 128)"
+  if not lane_width_ok(d):  # the output rows: < 128 lanes or whole vregs
+    return f"ring_decode: head_dim={d} is neither < {LANES} nor a multiple of {LANES}"
+  return None
+
+
 def _kernel(kvmap_ref, qpos_ref, active_ref, q_ref, k_ref, v_ref, pos_ref, o_ref, lse_ref,
             m_sc, l_sc, acc_sc, *, sinks: int, window: int, scale: float, chunks: int):
   del kvmap_ref  # used by the index maps only
@@ -76,9 +88,9 @@ def ring_decode(q, ring_k, ring_v, ring_pos, kv_heads, q_pos, *, sinks: int, win
                      f"{q_pos.shape} do not match")
   if len(kv_heads) != hq or not all(0 <= h < hkv for h in kv_heads):
     raise ValueError(f"kv_heads={kv_heads} does not map {hq} query heads onto {hkv} KV heads")
+  if why := unsupported(q, ring_k, chunk):
+    raise Unsupported(why)
   chunk = chunk or chunk_slots(cap)
-  if chunk is None or cap % chunk or not lane_width_ok(chunk) or (chunk % 16 and chunk != cap):
-    raise Unsupported(f"ring_decode: capacity {cap} has no chunk size (a multiple of 128)")
   groups: dict[int, list[int]] = {}
   for h, kv in enumerate(kv_heads):
     groups.setdefault(kv, []).append(h)

@@ -152,6 +152,19 @@ def group_lists(block_mask, lengths, groups, *, block_size: int, slots: int):
   return entries, count
 
 
+def unsupported(q, k_cache, block_size: int = 64) -> str | None:
+  """Why the kernel does not tile q [batch, q_heads, head_dim] over k_cache [batch, kv_heads,
+  T, head_dim] in blocks of block_size, or None."""
+  nb, d = k_cache.shape[2] // block_size, q.shape[-1]
+  if block_size % 16 or block_size & (block_size - 1):
+    return f"sparse_decode: block_size={block_size} is not a power of two >= 16"
+  if nb > BLOCK_MASK:
+    return f"sparse_decode: {nb} blocks exceed the list encoding ({BLOCK_MASK})"
+  if not lane_width_ok(d):  # the output rows: < 128 lanes or whole vregs
+    return f"sparse_decode: head_dim={d} is neither < {LANES} nor a multiple of {LANES}"
+  return None
+
+
 @functools.partial(jax.jit, static_argnames=("kv_heads", "block_size", "blocks_per_step",
                                              "impl", "interpret"))
 def sparse_decode(q, k_cache, v_cache, kv_heads, block_mask, lengths, *, block_size: int = 64,
@@ -175,10 +188,8 @@ def sparse_decode(q, k_cache, v_cache, kv_heads, block_mask, lengths, *, block_s
                      f"(block_size={block_size})")
   if len(kv_heads) != hq or not all(0 <= h < hkv for h in kv_heads):
     raise ValueError(f"kv_heads={kv_heads} does not map {hq} query heads onto {hkv} KV heads")
-  if block_size % 16 or block_size & (block_size - 1):
-    raise Unsupported(f"sparse_decode: block_size={block_size} is not a power of two >= 16")
-  if nb > BLOCK_MASK:
-    raise Unsupported(f"sparse_decode: {nb} blocks exceed the list encoding ({BLOCK_MASK})")
+  if why := unsupported(q, k_cache, block_size):
+    raise Unsupported(why)
   if impl not in ("pipeline", "loop"):
     raise ValueError(f"impl={impl!r}: expected 'pipeline' or 'loop'")
   groups = gqa_groups(tuple(kv_heads))

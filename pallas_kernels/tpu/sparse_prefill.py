@@ -194,6 +194,17 @@ def tile_lists(block_mask, *, rows: int, slots: int):
   return jnp.concatenate([count[..., None], entries], axis=-1)
 
 
+def unsupported(q, block_size: int = 64) -> str | None:
+  """Why the kernel does not tile q [batch, S, q_heads, head_dim] in blocks of block_size,
+  or None."""
+  d = q.shape[-1]
+  if block_size % 16 or block_size & (block_size - 1):
+    return f"sparse_prefill: block_size={block_size} is not a power of two >= 16"
+  if d % LANES:
+    return f"head_dim={d}: the TPU kernel needs a multiple of {LANES}"
+  return None
+
+
 @functools.partial(jax.jit, static_argnames=("kv_heads", "block_size", "q_tile",
                                              "blocks_per_iter", "interpret"))
 def sparse_prefill(q, k, v, kv_heads, block_mask, *, block_size: int = 64, q_tile: int = 256,
@@ -213,10 +224,8 @@ def sparse_prefill(q, k, v, kv_heads, block_mask, *, block_size: int = 64, q_til
   if s % block_size or k.shape[:2] != (b, s) or block_mask.shape != (b, hq, nb, nb):
     raise ValueError(f"sparse_prefill: q {q.shape}, k {k.shape}, block_mask "
                      f"{block_mask.shape} do not match (block_size={block_size})")
-  if block_size % 16 or block_size & (block_size - 1):
-    raise Unsupported(f"sparse_prefill: block_size={block_size} is not a power of two >= 16")
-  if d % LANES:
-    raise Unsupported(f"head_dim={d}: the TPU kernel needs a multiple of {LANES}")
+  if why := unsupported(q, block_size):
+    raise Unsupported(why)
   if len(kv_heads) != hq or not all(0 <= x < hkv for x in kv_heads):
     raise ValueError(f"kv_heads={kv_heads} does not map {hq} query heads onto {hkv} KV heads")
   rows = max(1, min(q_tile // block_size, MAX_ROWS, nb))

@@ -203,15 +203,23 @@ def _block_diagonal_query(qi, kpr: int):
   return jnp.einsum("mn,bhr->bhmnr", eye, qi.astype(jnp.float32)).reshape(b, h, kpr, kpr * r)
 
 
+def unsupported(t: int, r: int, block_size: int) -> str | None:
+  """Why the selection kernel does not tile T = t keys of r dims in blocks of block_size
+  (`topp_select`: the cache length; `prefill_select`: S), or None."""
+  if LANES % r or t % block_size or block_size % (LANES // r) or block_size & (block_size - 1):
+    return f"topp_select: r={r}, T={t}, block_size={block_size} do not tile"
+  if _chunk_keys(t, block_size) is None:
+    return f"topp_select: T={t} has no chunk size that is a multiple of {LANES}"
+  return None
+
+
 def _plan(t: int, r: int, block_size: int, selector: str) -> _Plan:
   if selector not in ("exact", "histogram"):
     raise ValueError(f"selector={selector!r}: expected 'exact' or 'histogram'")
-  if LANES % r or t % block_size or block_size % (LANES // r) or block_size & (block_size - 1):
-    raise Unsupported(f"topp_select: r={r}, T={t}, block_size={block_size} do not tile")
-  tc = _chunk_keys(t, block_size)
-  if tc is None:
-    raise Unsupported(f"topp_select: T={t} has no chunk size that is a multiple of {LANES}")
-  return _Plan(t=t, tc=tc, kpr=LANES // r, bs=block_size, selector=selector)
+  if why := unsupported(t, r, block_size):
+    raise Unsupported(why)
+  return _Plan(t=t, tc=_chunk_keys(t, block_size), kpr=LANES // r, bs=block_size,
+               selector=selector)
 
 
 def _select(plan: _Plan, qi, x, lengths, top_p, *, key_rows: int, interpret):

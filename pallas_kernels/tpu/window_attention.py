@@ -112,6 +112,13 @@ def _kernel(kvmap_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, 
     lse_ref[...] = jnp.transpose(lse)[:1]  # one lane-dense row [1, bq]
 
 
+def unsupported(q) -> str | None:
+  """Why the kernel does not tile q [batch, q_len, q_heads, head_dim], or None: a head is one
+  lane block, so head_dim must be a multiple of 128."""
+  d = q.shape[-1]
+  return None if d % LANES == 0 else f"head_dim={d}: the TPU kernel needs a multiple of {LANES}"
+
+
 def _pick_block(n: int, preferred: int) -> tuple[int, int]:
   """(block, padded length): a multiple of 128 (lane-dense LSE rows, aligned transposes)."""
   if preferred % LANES:
@@ -136,8 +143,8 @@ def flash_attention(q, k, v, kv_heads, *, sinks: int = 0, window: int | None = N
   """
   b, sq, hq, d = q.shape
   skv, hkv = k.shape[1], k.shape[2]
-  if d % LANES:
-    raise Unsupported(f"head_dim={d}: the TPU kernel needs a multiple of {LANES}")
+  if why := unsupported(q):
+    raise Unsupported(why)
   if len(kv_heads) != hq or not all(0 <= h < hkv for h in kv_heads):
     raise ValueError(f"kv_heads={kv_heads} does not map {hq} query heads onto {hkv} KV heads")
   if window is not None and window < 1:

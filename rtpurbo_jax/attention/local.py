@@ -13,6 +13,7 @@ Shapes: q [batch, seq, heads, head_dim] (decode: [batch, heads, head_dim]); chun
 [batch, seq, kv_heads, head_dim]; caches as in cache.py. `kv_slots` index the cache array
 the function reads (ring_k or full_k), `kv_heads` the model's KV heads. Every function
 returns [batch, seq, heads, head_dim] ([batch, heads, head_dim] for a decode step) in q.dtype.
+`kernels` is the layer's `KernelConfig`, passed to every `pallas_kernels.ops` call.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import ops
+from pallas_kernels.config import KernelConfig
 from rtpurbo_jax.attention import cache as cache_lib
-from rtpurbo_jax.attention import traced_offset
 from rtpurbo_jax.config import SparseConfig
 
 
@@ -34,8 +35,8 @@ def _rule(sp: SparseConfig, active) -> dict:
 # A whole sequence (training, scoring, calibration).
 
 
-def over_sequence(q, k, v, kv_heads, positions, k_pos, active, sp: SparseConfig, *,
-                  contiguous: bool, differentiable: bool):
+def over_sequence(q, k, v, kv_heads, positions, k_pos, active, sp: SparseConfig,
+                  kernels: KernelConfig, *, contiguous: bool, differentiable: bool):
   """Local heads of one sequence over itself.
 
   k, v: [batch, seq, kv_heads, head_dim]; positions: [batch, seq]; k_pos: [batch, seq], -1
@@ -54,9 +55,10 @@ def over_sequence(q, k, v, kv_heads, positions, k_pos, active, sp: SparseConfig,
     o, _ = reference.banded_window_attention(q, k, v, kv_heads, sinks=sp.sinks,
                                              window=sp.window if static_sparse else s)
   elif contiguous and static_sparse:
-    o, _ = ops.window_attention(q, k, v, kv_heads, sinks=sp.sinks, window=sp.window)
+    o, _ = ops.window_attention(q, k, v, kv_heads, sinks=sp.sinks, window=sp.window,
+                                kernels=kernels)
   elif contiguous:
-    o, _ = ops.causal_attention(q, k, v, kv_heads)
+    o, _ = ops.causal_attention(q, k, v, kv_heads, kernels=kernels)
   else:
     o, _ = ops.masked_attention(q, k, v, positions, k_pos, kv_heads, chunk=sp.chunk_size,
                                 **_rule(sp, active))
@@ -67,19 +69,22 @@ def over_sequence(q, k, v, kv_heads, positions, k_pos, active, sp: SparseConfig,
 # Decode steps: the new token is already written.
 
 
-def ring_step(q, cache: cache_lib.LayerCache, kv_slots, q_pos, active, sp: SparseConfig):
+def ring_step(q, cache: cache_lib.LayerCache, kv_slots, q_pos, active, sp: SparseConfig,
+              kernels: KernelConfig):
   """Heads on ring KV heads. Eviction only ever drops positions outside the window, so the
   ring holds every visible key. q: [batch, heads, head_dim]; q_pos: [batch]."""
   o, _ = ops.ring_decode(q, cache.ring_k, cache.ring_v, cache.ring_pos, kv_slots, q_pos,
-                         **_rule(sp, active))
+                         **_rule(sp, active), kernels=kernels)
   return o
 
 
-def full_step(q, cache: cache_lib.LayerCache, kv_slots, q_pos, active, sp: SparseConfig):
+def full_step(q, cache: cache_lib.LayerCache, kv_slots, q_pos, active, sp: SparseConfig,
+              kernels: KernelConfig):
   """Heads on full-cache KV heads. Only the sinks and the newest ring_capacity slots can be
   visible: read those (`recent_slots`), not all T."""
   rk, rv, rpos = recent_slots(cache.full_k, cache.full_v, cache.length, sp)
-  o, _ = ops.ring_decode(q, rk, rv, rpos, kv_slots, q_pos, **_rule(sp, active))
+  o, _ = ops.ring_decode(q, rk, rv, rpos, kv_slots, q_pos, **_rule(sp, active),
+                         kernels=kernels)
   return o
 
 
@@ -110,7 +115,7 @@ def recent_slots(k_cache, v_cache, length, sp: SparseConfig):
 
 
 def ring_chunk(q, ring_before, k, v, new: cache_lib.LayerCache, kv_slots, positions, valid,
-               active, sp: SparseConfig, *, contiguous: bool):
+               active, sp: SparseConfig, kernels: KernelConfig, *, contiguous: bool):
   """Heads on ring KV heads for a prefill chunk.
 
   ring_before: (ring_k, ring_v, ring_pos) before this chunk was written; k, v: the chunk's
@@ -120,7 +125,7 @@ def ring_chunk(q, ring_before, k, v, new: cache_lib.LayerCache, kv_slots, positi
   """
   if contiguous:
     return _ring_chunk_window(q, ring_before[:2], (k, v), new, kv_slots, positions[0, 0],
-                              active, sp)
+                              active, sp, kernels)
   rk, rv, rpos = ring_before
   keys = jnp.concatenate([jnp.swapaxes(rk, 1, 2), k.astype(rk.dtype)], axis=1)
   vals = jnp.concatenate([jnp.swapaxes(rv, 1, 2), v.astype(rv.dtype)], axis=1)
@@ -130,18 +135,20 @@ def ring_chunk(q, ring_before, k, v, new: cache_lib.LayerCache, kv_slots, positi
   return o
 
 
-def full_chunk(q, new: cache_lib.LayerCache, kv_slots, positions, active, sp: SparseConfig, *,
-               contiguous: bool):
+def full_chunk(q, new: cache_lib.LayerCache, kv_slots, positions, active, sp: SparseConfig,
+               kernels: KernelConfig, *, contiguous: bool):
   """Heads on full-cache KV heads for a prefill chunk; new: the cache after its write."""
   if contiguous:
-    return _full_chunk_window(q, new.full_k, new.full_v, kv_slots, positions[0, 0], active, sp)
+    return _full_chunk_window(q, new.full_k, new.full_v, kv_slots, positions[0, 0], active, sp,
+                              kernels)
   full_k, full_v, full_pos = cache_lib.full_view(new)
   o, _ = ops.masked_attention(q, full_k, full_v, positions, full_pos, kv_slots,
                               chunk=sp.chunk_size, **_rule(sp, active))
   return o
 
 
-def _ring_chunk_window(q, ring_before, chunk_kv, new, kv_slots, p0, active, sp: SparseConfig):
+def _ring_chunk_window(q, ring_before, chunk_kv, new, kv_slots, p0, active, sp: SparseConfig,
+                       kernels: KernelConfig):
   """`ring_chunk` of a contiguous chunk, through the window kernel.
 
   q at positions p0..p0+s-1 (p0 traced); ring_before: ring_k, ring_v [batch, n_ring_kv,
@@ -173,8 +180,8 @@ def _ring_chunk_window(q, ring_before, chunk_kv, new, kv_slots, p0, active, sp: 
     return jnp.take(both, idx, axis=1)  # [b, span + s, n_ring_kv, d]
 
   kw, vw = keys(ring_before[0], chunk_kv[0]), keys(ring_before[1], chunk_kv[1])
-  window = traced_offset.call("window_attention", q, kw, vw, kv_slots, sinks=0,
-                              window=sp.window, q_offset=p0 - start, chunk=sp.chunk_size)
+  window = ops.window_attention(q, kw, vw, kv_slots, sinks=0, window=sp.window,
+                                q_offset=p0 - start, chunk=sp.chunk_size, kernels=kernels)
   q_shift = jnp.broadcast_to(p0 + jnp.arange(s, dtype=jnp.int32)[None] - sp.window, (b, s))
 
   def prefix(n):
@@ -190,7 +197,8 @@ def _ring_chunk_window(q, ring_before, chunk_kv, new, kv_slots, p0, active, sp: 
   return _merge_with_prefix(window, prefix, cap, sp, active)
 
 
-def _full_chunk_window(q, k_cache, v_cache, kv_slots, p0, active, sp: SparseConfig):
+def _full_chunk_window(q, k_cache, v_cache, kv_slots, p0, active, sp: SparseConfig,
+                       kernels: KernelConfig):
   """`full_chunk` of a contiguous chunk, in bounded memory.
 
   q at positions p0..p0+s-1 (p0 traced); k_cache, v_cache: [batch, n_full_kv, max_len,
@@ -208,8 +216,8 @@ def _full_chunk_window(q, k_cache, v_cache, kv_slots, p0, active, sp: SparseConf
   start = jnp.clip(p0 - sp.window + 1, 0, t - span)
   kw = jnp.swapaxes(jax.lax.dynamic_slice_in_dim(k_cache, start, span, axis=2), 1, 2)
   vw = jnp.swapaxes(jax.lax.dynamic_slice_in_dim(v_cache, start, span, axis=2), 1, 2)
-  window = traced_offset.call("window_attention", q, kw, vw, kv_slots, sinks=0,
-                              window=sp.window, q_offset=p0 - start, chunk=sp.chunk_size)
+  window = ops.window_attention(q, kw, vw, kv_slots, sinks=0, window=sp.window,
+                                q_offset=p0 - start, chunk=sp.chunk_size, kernels=kernels)
   q_shift = p0 + jnp.arange(s, dtype=jnp.int32)[None] - sp.window  # j <= t - window
 
   def prefix(n):

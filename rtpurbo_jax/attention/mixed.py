@@ -15,7 +15,8 @@ step (`decode_step`). With a cache the caller names the phase (`PREFILL` / `DECO
 Local heads go through `local.py`, block selection through `select.py`.
 
 Shapes: x [batch, seq, embed]; q/k/v [batch, seq, heads, head_dim]; caches as in cache.py.
-Attention math goes through `pallas_kernels.ops` (accelerator kernels or jnp references).
+Attention math goes through `pallas_kernels.ops` (accelerator kernels or jnp references),
+always with the module's `kernels` (a static `KernelConfig`, part of the graph definition).
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
+from pallas_kernels import config as kernel_config
 from pallas_kernels import ops
+from pallas_kernels.config import KernelConfig
 from rtpurbo_jax.attention import cache as cache_lib
 from rtpurbo_jax.attention import indexer as indexer_lib
 from rtpurbo_jax.attention import local
 from rtpurbo_jax.attention import routing as routing_lib
 from rtpurbo_jax.attention import select
-from rtpurbo_jax.attention import traced_offset
 from rtpurbo_jax.attention.plan import LayerHeads
 from rtpurbo_jax.config import ModelConfig, SparseConfig
 from rtpurbo_jax.models.layers import RMSNorm, apply_rope, param
@@ -58,10 +60,13 @@ class PrefillSelectionStats(nnx.Intermediate):
 class MixedHeadAttention(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, sparse: SparseConfig, heads: LayerHeads, *, dtype,
-               rngs: nnx.Rngs, init_std: float = 0.02):
+               rngs: nnx.Rngs, init_std: float = 0.02, kernels: KernelConfig | None = None):
     self.cfg = cfg
     self.sparse = sparse
     self.heads = heads
+    # Static (graph definition, jit key): the kernels every op below runs; None: the process
+    # default, resolved here so that the module holds the config it traces with.
+    self.kernels = kernel_config.resolve(kernels)
     self.routing = routing_lib.head_routing(heads, sparse.mode, cfg.num_heads, cfg.num_kv_heads)
     e, h, k, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     init = nnx.initializers.normal(init_std)
@@ -162,13 +167,14 @@ class MixedHeadAttention(nnx.Module):
     sparse_selected = sparse_queries is not None or sp.sparse_prefill
     if r.local:
       o = local.over_sequence(q[:, :, _index(r.local)], k, v, r.local.kv, positions, k_pos,
-                              active, sp, contiguous=contiguous,
+                              active, sp, self.kernels, contiguous=contiguous,
                               differentiable=sparse_queries is not None)
       out = _put(out, r.local, o)
     full = r.dense + (r.selected if not sparse_selected else routing_lib.HeadGroup())
     if full:
       if contiguous:
-        o, _ = ops.causal_attention(q[:, :, _index(full)], k, v, full.kv)
+        o, _ = ops.causal_attention(q[:, :, _index(full)], k, v, full.kv,
+                                    kernels=self.kernels)
       else:
         o, _ = ops.masked_attention(q[:, :, _index(full)], k, v, positions, k_pos, full.kv,
                                     chunk=sp.chunk_size)
@@ -192,9 +198,9 @@ class MixedHeadAttention(nnx.Module):
     pad = ((0, 0), (0, s_pad - s), (0, 0), (0, 0))
     q_sel = q[:, :, _index(sel)]
     if sparse_queries is None and use_kernel:
-      mask = select.prefill_topp(qi, ki, sp.top_p, bs)
+      mask = select.prefill_topp(qi, ki, sp.top_p, bs, kernels=self.kernels)
       o, _ = ops.sparse_prefill(jnp.pad(q_sel, pad), jnp.pad(k, pad), jnp.pad(v, pad), sel.kv,
-                                mask, block_size=bs)
+                                mask, block_size=bs, kernels=self.kernels)
       return o[:, :s]
     if sparse_queries is None:
       sparse_queries = valid
@@ -230,11 +236,11 @@ class MixedHeadAttention(nnx.Module):
     out = jnp.zeros(q.shape, q.dtype)
     if r.ring_local:
       o = local.ring_step(q0[:, _index(r.ring_local)], new, r.ring_local.slots, q_pos, active,
-                          sp)
+                          sp, self.kernels)
       out = _put(out, r.ring_local, o)
     if r.full_local:
       o = local.full_step(q0[:, _index(r.full_local)], new, r.full_local.slots, q_pos, active,
-                          sp)
+                          sp, self.kernels)
       out = _put(out, r.full_local, o)
     if r.dense:
       # Every written block: the split-KV decode kernel reads the cache in place.
@@ -243,15 +249,16 @@ class MixedHeadAttention(nnx.Module):
       every = jnp.broadcast_to(blocks * bs < new.length[:, None, None],
                                (b, len(r.dense), t // bs))
       o, _ = ops.sparse_decode(q0[:, _index(r.dense)], new.full_k, new.full_v, r.dense.slots,
-                               every, new.length, block_size=bs)
+                               every, new.length, block_size=bs, kernels=self.kernels)
       out = _put(out, r.dense, o)
     if r.selected:
-      mask = select.decode_blocks(qi[:, 0], new.ckeys, new.length, active, sp)
+      mask = select.decode_blocks(qi[:, 0], new.ckeys, new.length, active, sp, self.kernels)
       rows = select.selected_fraction(mask, (new.length - 1)[:, None], sp.block_size)
       self.sow(SelectionStats, "selected_fraction", jnp.mean(rows, axis=0))
       self.sow(RowSelectionStats, "selected_fraction_rows", rows)
       o, _ = ops.sparse_decode(q0[:, _index(r.selected)], new.full_k, new.full_v,
-                               r.selected.slots, mask, new.length, block_size=sp.block_size)
+                               r.selected.slots, mask, new.length, block_size=sp.block_size,
+                               kernels=self.kernels)
       out = _put(out, r.selected, o)
     return out, new
 
@@ -289,11 +296,11 @@ class MixedHeadAttention(nnx.Module):
       ring = jnp.asarray(r.ring_kv)
       o = local.ring_chunk(q[:, :, _index(r.ring_local)], ring_before, k[:, :, ring],
                            v[:, :, ring], new, r.ring_local.slots, positions, valid, active,
-                           sp, contiguous=contiguous)
+                           sp, self.kernels, contiguous=contiguous)
       out = _put(out, r.ring_local, o)
     if r.full_local:
       o = local.full_chunk(q[:, :, _index(r.full_local)], new, r.full_local.slots, positions,
-                           active, sp, contiguous=contiguous)
+                           active, sp, self.kernels, contiguous=contiguous)
       out = _put(out, r.full_local, o)
     # Selected heads are dense in prefill (paper mode) unless `sparse_prefill` makes them
     # indexer-sparse.
@@ -303,17 +310,20 @@ class MixedHeadAttention(nnx.Module):
         raise ValueError("sparse_prefill with a KV cache needs contiguous prefill chunks "
                          "(positions p0..p0+s-1 in every row, as the inference Engine runs "
                          "them); run the forward without a cache for one-pass scoring")
-      mask, pairs = select.chunk_blocks(qi, new.ckeys, new.length, p0, active, sp)
+      mask, pairs = select.chunk_blocks(qi, new.ckeys, new.length, p0, active, sp,
+                                        self.kernels)
       self.sow(PrefillSelectionStats, "prefill_blocks", pairs)
       o, _ = ops.cache_sparse_prefill(q[:, :, _index(r.selected)], new.full_k, new.full_v,
                                       r.selected.slots, mask, q_offset=p0,
-                                      block_size=sp.block_size, chunk=sp.chunk_size)
+                                      block_size=sp.block_size, chunk=sp.chunk_size,
+                                      kernels=self.kernels)
       out = _put(out, r.selected, o)
     full = r.dense + (routing_lib.HeadGroup() if sparse_chunk else r.selected)
     if full and contiguous:
       # The cache is read in its own [batch, kv, T, head_dim] layout (no transposed copy).
-      o, _ = traced_offset.call("cache_causal_attention", q[:, :, _index(full)], new.full_k,
-                                new.full_v, full.slots, q_offset=p0, chunk=sp.chunk_size)
+      o, _ = ops.cache_causal_attention(q[:, :, _index(full)], new.full_k, new.full_v,
+                                        full.slots, q_offset=p0, chunk=sp.chunk_size,
+                                        kernels=self.kernels)
       out = _put(out, full, o)
     elif full:
       full_k, full_v, full_pos = cache_lib.full_view(new)

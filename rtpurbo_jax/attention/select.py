@@ -36,6 +36,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import ops
 from pallas_kernels import reference as ref
+from pallas_kernels.config import KernelConfig
 from rtpurbo_jax.attention import indexer as indexer_lib
 from rtpurbo_jax.config import SparseConfig
 
@@ -133,8 +134,9 @@ def block_mask_to_tokens(block_mask, num_keys: int, block_size: int = 64):
 
 
 def decode_topp(qi, ckeys, lengths, p: float, block_size: int = 64, *,
-                selector: str = "exact"):
-  """Decode selection from the compressed key cache (kernel-dispatched).
+                selector: str = "exact", kernels: KernelConfig | None = None):
+  """Decode selection from the compressed key cache (kernel-dispatched by `kernels`; None:
+  the process default).
 
   qi: [batch, heads, r] indexer query of the newest token; ckeys: [batch, heads, T, r]
   with T % block_size == 0; lengths: [batch] tokens written, the newest included.
@@ -147,7 +149,7 @@ def decode_topp(qi, ckeys, lengths, p: float, block_size: int = 64, *,
   if selector not in ref.SELECTORS:
     raise ValueError(f"selector={selector!r}: expected one of {sorted(ref.SELECTORS)}")
   return ops.topp_select(qi, ckeys, lengths, top_p=float(p), block_size=block_size,
-                         selector=selector)
+                         selector=selector, kernels=kernels)
 
 
 def decode_topk(qi, ckeys, lengths, k_tokens: int, block_size: int = 64):
@@ -159,7 +161,8 @@ def decode_topk(qi, ckeys, lengths, k_tokens: int, block_size: int = 64):
   return ops.topk_select(qi, ckeys, lengths, k_tokens=int(k_tokens), block_size=block_size)
 
 
-def prefill_topp(qi, ki, p: float, block_size: int = 64):
+def prefill_topp(qi, ki, p: float, block_size: int = 64, *,
+                 kernels: KernelConfig | None = None):
   """Sparse-prefill selection per query block of one sequence (opt-in mode, beyond the paper).
 
   Query block i is represented by its mean indexer query and selects key blocks by exact
@@ -167,6 +170,7 @@ def prefill_topp(qi, ki, p: float, block_size: int = 64):
   qi, ki: [batch, S, heads, r], positions 0..S-1. S need not be a multiple of the block size:
   the last block's query is the mean of its real queries and the padding is never scored,
   as in a chunked prefill (`ops.cache_prefill_select`).
+  kernels: the `KernelConfig` of the selection ops (None: the process default).
   Returns bool [batch, heads, nq, nq] with nq = ceil(S / block_size) (query block, key block).
   """
   _check(p, block_size)
@@ -176,11 +180,11 @@ def prefill_topp(qi, ki, p: float, block_size: int = 64):
   b, s = qi.shape[:2]
   s_pad = -(-s // block_size) * block_size
   if s == s_pad:
-    return ops.prefill_select(qi, ki, top_p=float(p), block_size=block_size)
+    return ops.prefill_select(qi, ki, top_p=float(p), block_size=block_size, kernels=kernels)
   pad = ((0, 0), (0, s_pad - s), (0, 0), (0, 0))
   return ops.cache_prefill_select(jnp.pad(qi, pad), jnp.swapaxes(jnp.pad(ki, pad), 1, 2),
                                   jnp.full((b,), s, jnp.int32), top_p=float(p),
-                                  block_size=block_size)
+                                  block_size=block_size, kernels=kernels)
 
 
 def selected_fraction(block_mask, query_positions, block_size: int = 64):
@@ -194,8 +198,9 @@ def selected_fraction(block_mask, query_positions, block_size: int = 64):
 # The model's selection for its selected heads, by the rule of the configured mode.
 
 
-def decode_blocks(qi, ckeys, lengths, active, sp: SparseConfig):
-  """Key blocks each selected head reads in one decode step.
+def decode_blocks(qi, ckeys, lengths, active, sp: SparseConfig,
+                  kernels: KernelConfig | None = None):
+  """Key blocks each selected head reads in one decode step (top-p through `kernels`).
 
   qi: [batch, heads, r] indexer query of the new token; ckeys: [batch, heads, T, r], the new
   token already written; lengths: [batch] tokens written; active: [batch] bool, False below
@@ -205,13 +210,15 @@ def decode_blocks(qi, ckeys, lengths, active, sp: SparseConfig):
   if sp.mode == "topk":
     mask = decode_topk(qi, ckeys, lengths, sp.topk_tokens, sp.block_size)
   else:
-    mask = decode_topp(qi, ckeys, lengths, sp.top_p, sp.block_size, selector=sp.selector)
+    mask = decode_topp(qi, ckeys, lengths, sp.top_p, sp.block_size, selector=sp.selector,
+                       kernels=kernels)
     if sp.min_blocks:
       mask |= decode_topk(qi, ckeys, lengths, sp.min_blocks * sp.block_size, sp.block_size)
   return mask | ~active[:, None, None]
 
 
-def chunk_blocks(qi, ckeys, lengths, p0, active, sp: SparseConfig):
+def chunk_blocks(qi, ckeys, lengths, p0, active, sp: SparseConfig,
+                 kernels: KernelConfig | None = None):
   """Key blocks each query block of a contiguous `sparse_prefill` chunk reads.
 
   qi: [batch, s, heads, r] at positions p0..p0+s-1 (p0 traced; s and p0 multiples of
@@ -231,7 +238,7 @@ def chunk_blocks(qi, ckeys, lengths, p0, active, sp: SparseConfig):
     raise ValueError(f"sparse_prefill: a prefill chunk of {s} tokens is not a whole number "
                      f"of {bs}-token blocks (the Engine rounds its prefill_chunk up)")
   mask = ops.cache_prefill_select(qi, ckeys, lengths, q_offset=p0, top_p=sp.top_p,
-                                  block_size=bs)
+                                  block_size=bs, kernels=kernels)
   nq, nk = mask.shape[2:]
   g = p0 // bs + jnp.arange(nq, dtype=jnp.int32)  # global block of each query block
   causal = jnp.arange(nk, dtype=jnp.int32)[None, :] <= g[:, None]  # [nq, nk]

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pallas_kernels.config import KernelConfig
 from rtpurbo_jax import assets, lowrank
 from rtpurbo_jax.attention.indexer import rotary_init
 from rtpurbo_jax.config import ConfigError, SparseConfig
@@ -242,8 +243,8 @@ def _load_tensor(reader, entry: mapping.Entry, want_ours: tuple[int, ...]) -> np
   return entry.to_ours(reader.get(entry.hf), want_ours)
 
 
-def from_pretrained(path_or_name, dtype="float32", *, sparse: SparseConfig | None = None
-                    ) -> Transformer:
+def from_pretrained(path_or_name, dtype="float32", *, sparse: SparseConfig | None = None,
+                    kernels: KernelConfig | None = None) -> Transformer:
   """Load a Transformer from an HF folder or a registered name.
 
   dtype: parameter dtype ("float32" | "bfloat16"); indexer weights stay float32.
@@ -251,6 +252,8 @@ def from_pretrained(path_or_name, dtype="float32", *, sparse: SparseConfig | Non
     that plan and SparseConfig(mode="rtpurbo", **headwise settings) (or `sparse`); without one
     it is the dense model (plan all-local; `sparse`, if given, applies to it as is).
   Indexer tensors absent from the weights: the rotary initialisation is kept.
+  kernels: the model's `KernelConfig` (None: the process default, from the environment); not
+    stored in the folder.
   """
   folder = resolve(path_or_name)
   d = config_io.read_config_json(folder)
@@ -262,7 +265,7 @@ def from_pretrained(path_or_name, dtype="float32", *, sparse: SparseConfig | Non
   dt = as_dtype(dtype)
   # Abstract build: no random initialisation, every parameter is assigned below.
   model = nnx.eval_shape(lambda: Transformer(cfg, sparse=sp, plan=plan, dtype=dt,
-                                             rngs=nnx.Rngs(0)))
+                                             rngs=nnx.Rngs(0), kernels=kernels))
   with safetensors_io.WeightReader(folder) as reader:
     expected = set()
     for e in mapping.entries(cfg):

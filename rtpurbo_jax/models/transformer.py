@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pallas_kernels import config as kernel_config
+from pallas_kernels.config import KernelConfig
 from rtpurbo_jax.attention import cache as cache_lib
 from rtpurbo_jax.attention.mixed import MixedHeadAttention
 from rtpurbo_jax.attention.plan import HeadPlan
@@ -28,10 +30,10 @@ def as_dtype(dtype):
 class DecoderLayer(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, sparse: SparseConfig, plan: HeadPlan, layer: int, *,
-               dtype, rngs: nnx.Rngs, init_std: float):
+               dtype, rngs: nnx.Rngs, init_std: float, kernels: KernelConfig):
     self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
     self.attn = MixedHeadAttention(cfg, sparse, plan.layer(layer), dtype=dtype, rngs=rngs,
-                                   init_std=init_std)
+                                   init_std=init_std, kernels=kernels)
     self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
     self.mlp = MLP(cfg, dtype, rngs, init_std)
 
@@ -49,14 +51,21 @@ class DecoderLayer(nnx.Module):
 
 
 class Transformer(nnx.Module):
-  """Decoder-only LM. `plan` and `sparse` are static: rebuild (to_rtpurbo) to change them."""
+  """Decoder-only LM. `plan`, `sparse` and `kernels` are static (part of the graph definition,
+  so of every jit key): rebuild (`convert.rebuild` / `to_rtpurbo`) to change them.
+
+  kernels: the `KernelConfig` every attention op runs with (None: the process default,
+    `pallas_kernels.config.default()`, from the environment). Not a weight: checkpoints and
+    HF folders do not store it.
+  """
 
   def __init__(self, cfg: ModelConfig, *, sparse: SparseConfig | None = None,
                plan: HeadPlan | None = None, dtype="float32", rngs: nnx.Rngs | None = None,
-               init_std: float = 0.02):
+               init_std: float = 0.02, kernels: KernelConfig | None = None):
     rngs = rngs or nnx.Rngs(0)
     self.cfg = cfg
     self.sparse = sparse or SparseConfig()
+    self.kernels = kernel_config.resolve(kernels)
     self.plan = plan or HeadPlan.all_local(cfg)
     self.plan.check(cfg)
     self.dtype = as_dtype(dtype)
@@ -65,7 +74,7 @@ class Transformer(nnx.Module):
                        ("vocab", "embed"))
     self.layers = nnx.List([
         DecoderLayer(cfg, self.sparse, self.plan, i, dtype=self.dtype, rngs=rngs,
-                     init_std=init_std) for i in range(cfg.num_layers)])
+                     init_std=init_std, kernels=self.kernels) for i in range(cfg.num_layers)])
     self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.dtype)
     if not cfg.tie_embeddings:
       self.lm_head = param(rngs, init, (cfg.hidden_size, cfg.vocab_size), self.dtype,
