@@ -6,7 +6,7 @@ most 64 MiB, less than the 98 MB SmolLM2 GGUF. So:
 
   python scripts/gpu_run.py prepare        # here: wheels -> .whl/, GGUF halves + plays -> .gpu/
 
-then three device calls, each started within the machine's 30 s warm window of the last:
+then device calls, each started within the machine's 30 s warm window of the last:
 
   1. carry [".whl", ".gpu/p1"]:  python3 scripts/gpu_run.py setup 1
   2. carry [".gpu/p2"]:          python3 scripts/gpu_run.py setup 2
@@ -544,8 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
                                formatter_class=argparse.RawDescriptionHelpFormatter,
                                epilog=__doc__.split("\n\n", 1)[1])
   sub = ap.add_subparsers(dest="cmd", required=True)
-  sub.add_parser("prepare", help="here: wheels, GGUF halves and plays for the device calls")
-  p = sub.add_parser("setup", help="device: install what the first / second call carried")
+  sub.add_parser("prepare", help="here: wheels, GGUF parts and plays for the device calls")
+  p = sub.add_parser("setup", help="device: install what call 1, 2 or 3 carried")
   p.add_argument("part", type=int, choices=range(1, GGUF_PARTS + 1))
   p = sub.add_parser("start", help="device: launch the job in the background")
   p.add_argument("job_args", nargs=argparse.REMAINDER)
