@@ -103,6 +103,9 @@ _TASKS = "--config.eval.modes=rtpurbo --config.eval.lengths=8K,4K,2K --config.ev
 #   One pass over 8 x 4K needs ~55 GiB and a pass of 4 ~34 GiB (two runs side by side ran an
 #   H100 out of memory both ways, 2026-12-06): passes of 2, one stage-2 run at a time.
 _STAGE2 = "--steps=100 --checkpoint_every=10 --micro_batch=2"
+_FULL = "full:--lr=3e-6 --max_minutes=8 --save_full"  # the paper's stage 2, every weight
+_SHORT = "--config.eval.lengths=4K,2K --config.eval.ppl_samples=0"  # the tasks at 2K / 4K
+_FLOOR = "--config.sparse.min_blocks=8"
 PRESETS = {
     "stage2_lora": {
         "steps": "",
@@ -114,7 +117,7 @@ PRESETS = {
     },
     "stage2": {
         "steps": "",
-        "stage2": f"full:--lr=3e-6 --max_minutes=8 --save_full {_STAGE2}",
+        "stage2": f"{_FULL} {_STAGE2}",
         "evals": ";".join([
             f"s2full@stage2_full:--config.eval.model={{big}}/stage2_full/hf_full {_PPL}",
             f"s2fulld16@stage2_full:--config.eval.model={{big}}/stage2_full/hf {_PPL}",
@@ -126,10 +129,8 @@ PRESETS = {
         "steps": "",
         "stage2": "",
         "evals": ";".join([
-            "s2topp095:--config.sparse.top_p=0.95 --config.eval.modes=rtpurbo "
-            "--config.eval.lengths=4K,2K --config.eval.ppl_samples=0",
-            "s2topk:--config.eval.modes=rtpurbo,topk --config.eval.lengths=4K,2K "
-            "--config.eval.ppl_samples=0",
+            f"s2topp095:--config.sparse.top_p=0.95 --config.eval.modes=rtpurbo {_SHORT}",
+            f"s2topk:--config.eval.modes=rtpurbo,topk {_SHORT}",
         ]),
     },
 }
@@ -137,15 +138,13 @@ PRESETS = {
 # committed model: the tasks at 8K with the binding top-k beside it, perplexity at 4K / 8K,
 # and the binding top-k at the floor's budget at 4K / 2K (a topk-only run still measures
 # rtpurbo's reading, with the floor, to set the budget). ~7 minutes with --parallel 2.
-_FLOOR = "--config.sparse.min_blocks=8"
 PRESETS["floor"] = {
     "steps": "", "stage2": "",
     "evals": ";".join([
         f"s2floor8_8K:{_FLOOR} --config.eval.modes=rtpurbo,topk --config.eval.lengths=8K "
         "--config.eval.ppl_samples=0",
         f"s2floor8ppl:{_FLOOR} {_PPL}",
-        f"s2floor8topk:{_FLOOR} --config.eval.modes=topk --config.eval.lengths=4K,2K "
-        "--config.eval.ppl_samples=0"])}
+        f"s2floor8topk:{_FLOOR} --config.eval.modes=topk {_SHORT}"])}
 # stage2 and levers in one job (`--parallel 2`: the levers' evaluations need no training and
 # run beside stage 2, one at a time). Stage 2 stops at 30 steps, the committed LoRA run's
 # count, so that the two forms compare at equal steps. The levers here: a top-p floor of 8
@@ -153,11 +152,9 @@ PRESETS["floor"] = {
 # rerun is left to `levers`.
 PRESETS["stage2_levers"] = {
     "steps": "",
-    "stage2": "full:--lr=3e-6 --max_minutes=8 --save_full --steps=30 --checkpoint_every=10 "
-              "--micro_batch=2",
+    "stage2": f"{_FULL} --steps=30 --checkpoint_every=10 --micro_batch=2",
     "evals": ";".join([
-        "s2floor8:--config.sparse.min_blocks=8 --config.eval.modes=rtpurbo "
-        "--config.eval.lengths=4K,2K --config.eval.ppl_samples=0",
+        f"s2floor8:{_FLOOR} --config.eval.modes=rtpurbo {_SHORT}",
         PRESETS["levers"]["evals"].split(";")[0], PRESETS["stage2"]["evals"]])}
 
 

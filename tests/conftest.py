@@ -6,6 +6,8 @@
 - The process's default kernel config (`pallas_kernels.config.default()`, the environment read
   once) is forgotten after each test, so that a test which sets RTPURBO_* variables leaves no
   reading of them behind.
+- Compiled programs are dropped after each test module (`jax.clear_caches()`): a whole-suite
+  process otherwise keeps every module's programs alive.
 """
 
 import os

@@ -23,8 +23,9 @@ cumulative mass is >= p; always add the query's own block; p >= 1 keeps every ca
 local head (sinks + window).
 
 The model's entry points take a `SparseConfig` and pick the rule of its mode (top-k in
-`topk`, top-p otherwise, with `min_blocks` > 0 joined by the `min_blocks` heaviest blocks): `decode_blocks` (one decode step over the compressed-key cache),
-`chunk_blocks` (a `sparse_prefill` chunk), `prefill_topp` (a whole sequence with
+`topk`, top-p otherwise, joined by the `min_blocks` heaviest blocks when `min_blocks` > 0):
+`decode_blocks` (one decode step over the compressed-key cache), `chunk_blocks` (a
+`sparse_prefill` chunk), `prefill_topp` (a whole sequence with
 `sparse_prefill`) and `per_query_selection` (the decode rule at every query of a sequence:
 stage 2, decode-style scoring, the sparsity report).
 """
@@ -213,6 +214,8 @@ def decode_blocks(qi, ckeys, lengths, active, sp: SparseConfig,
     mask = decode_topp(qi, ckeys, lengths, sp.top_p, sp.block_size, selector=sp.selector,
                        kernels=kernels)
     if sp.min_blocks:
+      # The floor scores the compressed keys a second time (r-wide, small beside the
+      # attention it selects for); one pass would need the top-p kernels to take the floor.
       mask |= decode_topk(qi, ckeys, lengths, sp.min_blocks * sp.block_size, sp.block_size)
   return mask | ~active[:, None, None]
 
