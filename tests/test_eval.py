@@ -760,6 +760,12 @@ def test_merge_by_mode_and_variants_table(corpus, seed, rng, tmp_path):
   names = {r["name"] for r in only["rows"]}
   assert "r" in names and "r topk" not in names
   assert {r["name"] for r in report.compare({"v": v_run}, baseline=full)["rows"]} >= {"v topk"}
+  # One that ran topk only gets no rtpurbo row from a baseline that ran rtpurbo (the baseline's
+  # model is not the variant's); with mode="topk" its topk row comes once.
+  only = report.compare({"t": report._only_modes(v_run, ["topk"])}, baseline=full)
+  assert [r["name"] for r in only["rows"] if not r["name"].startswith("baseline")] == ["t topk"]
+  only = report.compare({"t": report._only_modes(v_run, ["topk"])}, baseline=full, mode="topk")
+  assert [r["name"] for r in only["rows"] if not r["name"].startswith("baseline")] == ["t"]
 
 
 def test_baseline_weights_run_dense_and_streaming(corpus, seed, rng, tmp_path):
@@ -797,6 +803,28 @@ def test_baseline_weights_run_dense_and_streaming(corpus, seed, rng, tmp_path):
   assert got["streaming"] == pytest.approx(ppl_of(other, "streaming"), rel=1e-5)
   assert got["rtpurbo"] == pytest.approx(ppl_of(model_a, "rtpurbo"), rel=1e-5)
   assert abs(got["dense"] / ppl_of(model_a, "dense") - 1) > 1e-2  # really other weights
+
+
+def test_restore_gives_unrecorded_keys_their_generic_default():
+  """A record written before a setting existed reproduces with the setting's generic default
+  (the behaviour then), not with what a config file now sets; recorded values win, and keys the
+  schema no longer has are reported."""
+  from rtpurbo_jax.config import run_config
+  from rtpurbo_jax.eval import runner
+  cfg = run_config()
+  cfg.sparse.update(min_blocks=8, top_p=0.5)  # what a config file sets today
+  cfg.eval.samples = "7"
+  rec = run_config().to_dict()
+  del rec["sparse"]["min_blocks"]  # a record from before the key
+  rec["sparse"]["top_p"] = 0.8
+  rec["eval"]["gone_key"] = 1
+  ignored = runner._restore(cfg, rec, run_config())
+  assert cfg.sparse.min_blocks == run_config().sparse.min_blocks == 0
+  assert cfg.sparse.top_p == 0.8 and cfg.eval.samples == rec["eval"]["samples"]
+  assert ignored == ["eval.gone_key"]
+  cfg.sparse.min_blocks = 8
+  runner._restore(cfg, rec)  # without the generic defaults: the current value stays
+  assert cfg.sparse.min_blocks == 8
 
 
 def test_reproduce_rechecks_a_recorded_run(corpus, seed, tmp_path):

@@ -627,10 +627,12 @@ def compare(variants: dict[str, dict], baseline: dict | None = None,
       if m in base["settings"]["modes"]:
         add(f"baseline {m}", base, m)
   for name, res in variants.items():
-    own = res["settings"]["modes"]  # topk merged in from the baseline is not this variant's
+    # Rows only for the variant's own modes: a mode merged in from the baseline (another
+    # model's rtpurbo or topk) is not this variant's.
+    own = res["settings"]["modes"]
     res = with_baseline(res)
-    for m in (mode, "topk"):
-      if m in res["settings"]["modes"] and (m == mode or (m in own and mode != "topk")):
+    for m in dict.fromkeys((mode, "topk")):
+      if m in own:
         add(name if m == mode else f"{name} topk", res, m, variant=name)
   return {"lengths": sorted(lengths), "rows": rows, "niah_tasks": list(NIAH_TASKS),
           "mode": mode, "reference": reference}

@@ -41,7 +41,7 @@ import numpy as np
 
 from rtpurbo_jax import loading
 from rtpurbo_jax.attention.plan import HeadPlan
-from rtpurbo_jax.config import ConfigError, SparseConfig, parse_size
+from rtpurbo_jax.config import ConfigError, SparseConfig, parse_size, run_config
 from rtpurbo_jax.eval import perplexity as ppl_lib
 from rtpurbo_jax.eval import scoring, sparsity, stats
 from rtpurbo_jax.eval.corpus import ByteCodec, Corpus, HFCodec
@@ -641,18 +641,30 @@ def _has_trained_indexer(model, plan: HeadPlan) -> bool:
 # Reproducing a committed run.
 
 
-def _restore(dst, src: dict, path: str = "") -> list[str]:
+def _restore(dst, src: dict, generic=None, path: str = "") -> list[str]:
   """Set the recorded values `src` onto the (locked) config `dst`; returns the recorded keys
-  the current schema no longer has (ignored)."""
+  the current schema no longer has (ignored).
+
+  generic: the schema's own defaults (`config.run_config()`) or None. Keys of `dst` the record
+  lacks (added to the schema after the run) then take their generic default, not the value a
+  config file gives them now: a new setting's generic default is the behaviour the code had
+  before it existed (e.g. `sparse.min_blocks` 0, where configs/smollm2_135m.py sets a floor).
+  """
   import ml_collections
+  is_dict = lambda x: isinstance(x, ml_collections.ConfigDict)
+  if generic is not None:
+    for k in dst:
+      if k not in src and k in generic and not is_dict(dst[k]):
+        dst[k] = generic[k]
   missing = []
   for k, v in src.items():
     if k not in dst:
       missing.append(path + k)
       continue
     cur = dst[k]
-    if isinstance(cur, ml_collections.ConfigDict) and isinstance(v, dict):
-      missing += _restore(cur, v, f"{path}{k}.")
+    if is_dict(cur) and isinstance(v, dict):
+      sub = generic[k] if generic is not None and k in generic and is_dict(generic[k]) else None
+      missing += _restore(cur, v, sub, f"{path}{k}.")
       continue
     if isinstance(cur, tuple) and isinstance(v, list):
       v = tuple(v)
@@ -718,7 +730,7 @@ def reproduce(cfg, path: str, *, lengths=None, modes=None, rtol: float = 1e-4,
     raise ConfigError(f"{path} records no run config (written before reproduce existed)")
   cfg = cfg.copy_and_resolve_references() if hasattr(cfg, "copy_and_resolve_references") else cfg
   cli_out = out_dir or cfg.eval.out_dir
-  ignored = _restore(cfg, ref["config"])
+  ignored = _restore(cfg, ref["config"], run_config())
   cfg.eval.reproduce = ""
   rec = EvalSettings.from_config(cfg.eval)
   if lengths:
