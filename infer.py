@@ -10,9 +10,10 @@ plan memory for a context length.
                                                    memory plan, dense vs rtpurbo (no weights)
   python infer.py --config=configs/llama8b.py --random_weights --ctx=128K
                                                    shape-only run with random weights and tokens
-  python infer.py --config.sparse.sparse_prefill=True
+  python infer.py --config.sparse.sparse_prefill=True --config.sparse.min_blocks=0
                                                    retrieval heads indexer-sparse in prefill too
-                                                   (beyond the paper, which keeps them dense)
+                                                   (beyond the paper, which keeps them dense;
+                                                   it takes no floor under top-p)
 
 Configuration: `--config=configs/<name>.py` (default configs/smollm2_135m.py) with any value
 overridden as `--config.section.key=value` (e.g. --config.sparse.top_p=0.95,

@@ -132,8 +132,9 @@ class SparseConfig:
       raise ConfigError(f"sparse.min_blocks={self.min_blocks} must be >= 0 (0: no floor)")
     if self.min_blocks and self.sparse_prefill:
       raise ConfigError("sparse.min_blocks is a floor under the decode-style selection; "
-                        "sparse_prefill's per-query-block selection does not take it: set "
-                        "one of them")
+                        "sparse_prefill's per-query-block selection does not take it: with "
+                        "sparse_prefill=True set sparse.min_blocks=0 (configs/smollm2_135m.py "
+                        "sets 8)")
 
   @property
   def ring_capacity(self) -> int:
