@@ -15,8 +15,8 @@ then device calls, each started within the machine's 30 s warm window of the las
                                  python3 scripts/gpu_run.py wait --limit 560
   4. (no carry)                  python3 scripts/gpu_run.py wait --limit 560   (repeat)
 
-`start --preset floor --parallel 2` is the next run (see PRESETS); other jobs name their
-steps with the flags below. `start` copies the repository to /tmp/gpu_run/repo
+`start --preset NAME` runs a recorded plan (PRESETS; each ran once, its results are under
+eval_results/smollm2_h200/); other jobs name their steps with the flags below. `start` copies the repository to /tmp/gpu_run/repo
 (later calls re-send the work tree; the job must not see it change) and launches `job` in its
 own session, so it runs on between calls; `wait` polls it and keeps $OUT/gpu_run.tgz (the
 job's output folder) current, so a call cut by its time limit still brings back everything
@@ -137,14 +137,18 @@ PRESETS = {
 # The top-p floor's remaining measurements (eval_results/smollm2_h200/README.md), on the
 # committed model: the tasks at 8K with the binding top-k beside it, perplexity at 4K / 8K,
 # and the binding top-k at the floor's budget at 4K / 2K (a topk-only run still measures
-# rtpurbo's reading, with the floor, to set the budget). ~7 minutes with --parallel 2.
+# rtpurbo's reading, with the floor, to set the budget); then the cheaper floor of 4 blocks
+# (results/topp_needle/stage2_floor4/) on the tasks at all three lengths. 8.7 minutes with
+# --parallel 2 on an H100 (2026-12-07). The floor of 8 is the SmolLM2 default since: the
+# explicit flag keeps the plan meaning the same whatever the config says.
 PRESETS["floor"] = {
     "steps": "", "stage2": "",
     "evals": ";".join([
         f"s2floor8_8K:{_FLOOR} --config.eval.modes=rtpurbo,topk --config.eval.lengths=8K "
         "--config.eval.ppl_samples=0",
         f"s2floor8ppl:{_FLOOR} {_PPL}",
-        f"s2floor8topk:{_FLOOR} --config.eval.modes=topk {_SHORT}"])}
+        f"s2floor8topk:{_FLOOR} --config.eval.modes=topk {_SHORT}",
+        f"s2floor4:--config.sparse.min_blocks=4 {_TASKS}"])}
 # stage2 and levers in one job (`--parallel 2`: the levers' evaluations need no training and
 # run beside stage 2, one at a time). Stage 2 stops at 30 steps, the committed LoRA run's
 # count, so that the two forms compare at equal steps. The levers here: a top-p floor of 8
@@ -156,6 +160,16 @@ PRESETS["stage2_levers"] = {
     "evals": ";".join([
         f"s2floor8:{_FLOOR} --config.eval.modes=rtpurbo {_SHORT}",
         PRESETS["levers"]["evals"].split(";")[0], PRESETS["stage2"]["evals"]])}
+
+# The presets above ran with the paper's top-p (min_blocks 0, the config's value then); the
+# SmolLM2 config now sets a floor of 8, so they pin 0 to stay the runs they recorded.
+_PAPER = "--config.sparse.min_blocks=0"
+for _preset in ("stage2_lora", "stage2", "levers", "stage2_levers"):
+  _p = PRESETS[_preset]
+  _p["stage2"] = ";".join(x if not x or "min_blocks" in x else f"{x} --min_blocks=0"
+                          for x in _p["stage2"].split(";"))
+  _p["evals"] = ";".join(x if "min_blocks" in x else f"{x} {_PAPER}"
+                         for x in _p["evals"].split(";"))
 
 
 def _run(cmd, **kw):
@@ -488,6 +502,8 @@ def stage2(args):
   cfg = smollm2_135m.get_config()
   # The committed plan + stage-1 indexer on the base weights (not the committed stage-2 delta).
   cfg.model_path = api.SMOLLM2_RTPURBO_STAGE1
+  if args.min_blocks >= 0:
+    cfg.sparse.min_blocks = args.min_blocks
   every = args.checkpoint_every if args.max_minutes else args.steps
   cfg.train.update(workdir=os.path.join(big, "work"), stages="stage2", progress=False,
                    save_final=False, checkpoint_every=every)
@@ -511,7 +527,8 @@ def stage2(args):
   with open(os.path.join(out, "stage2.json"), "w") as f:
     json.dump({"seconds": round(seconds, 1), "steps_done": steps_done,
                "steps_asked": args.steps, "config": json.loads(
-                   cfg.train.stage2.to_json_best_effort())}, f, indent=1)
+                   cfg.train.stage2.to_json_best_effort()),
+               "sparse": json.loads(cfg.sparse.to_json_best_effort())}, f, indent=1)
 
 
 def heldout(args):
@@ -587,6 +604,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--lora_rank", type=int, default=0, help="0: the full backbone")
   p.add_argument("--delta_rank", type=int, default=16, help="rank of the committed delta")
   p.add_argument("--max_examples", type=int, default=0, help="0: every training window")
+  p.add_argument("--min_blocks", type=int, default=-1,
+                 help="sparse.min_blocks for stage 2's selection (-1: the config's, 8)")
   p.add_argument("--save_full", action="store_true", help="also write big/.../hf_full")
   p.add_argument("--max_minutes", type=float, default=0,
                  help="stop at the first checkpoint after this long (0: run every step)")

@@ -92,16 +92,17 @@ def test_floor_preset_measures_the_floor_on_the_committed_model(gpu_run, tmp_pat
   args = gpu_run.build_parser().parse_args(["job", "--preset", "floor", "--out",
                                             str(tmp_path / "out")])
   steps, cmds, deps = gpu_run.plan_job(args, str(tmp_path / "out"), str(tmp_path / "big"))
-  assert all(d == [] for d in deps.values()) and len(steps) == 3
+  assert all(d == [] for d in deps.values()) and len(steps) == 4
   cfg = run_config()
-  for step in steps:
-    flags = dict(f[len("--config."):].split("=", 1) for f in cmds[step]
-                 if f.startswith("--config."))
-    assert flags["sparse.min_blocks"] == "8" and "eval.model" not in flags
-    assert all(_config_key_exists(cfg, k) for k in flags), step
-  lengths = {s: dict(f[len("--config."):].split("=", 1) for f in cmds[s]
-                     if f.startswith("--config."))["eval.lengths"] for s in steps}
-  assert sorted(lengths.values()) == ["4K,2K", "8K", "8K,4K"]
+  flags = {s: dict(f[len("--config."):].split("=", 1) for f in cmds[s]
+                   if f.startswith("--config.")) for s in steps}
+  for step, f in flags.items():
+    assert "eval.model" not in f and all(_config_key_exists(cfg, k) for k in f), step
+  floors = {s: (f["sparse.min_blocks"], f["eval.lengths"], f["eval.modes"])
+            for s, f in flags.items()}
+  assert sorted(floors.values()) == [
+      ("4", "8K,4K,2K", "rtpurbo"), ("8", "4K,2K", "topk"), ("8", "8K", "rtpurbo,topk"),
+      ("8", "8K,4K", "rtpurbo")]
 
 
 def test_stage2_levers_preset_runs_the_levers_beside_stage2(gpu_run, tmp_path):
@@ -206,3 +207,22 @@ def test_run_within_keeps_the_checkpoint_it_stopped_at(gpu_run, tmp_path, seed):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert any(not np.array_equal(np.asarray(a), np.asarray(c))
              for a, c in zip(idx(model), idx(model6)))
+
+
+def test_presets_before_the_floor_pin_the_papers_top_p(gpu_run, tmp_path):
+  """The SmolLM2 config sets a floor of 8; the presets recorded before it keep min_blocks 0 in
+  their stage-2 training and evaluations (the runs they recorded), the floor's keep theirs."""
+  for preset, floor_steps in (("stage2_lora", set()), ("stage2", set()), ("levers", set()),
+                              ("stage2_levers", {"eval_s2floor8"})):
+    args = gpu_run.build_parser().parse_args(["job", "--preset", preset, "--out",
+                                              str(tmp_path / "out")])
+    steps, cmds, _ = gpu_run.plan_job(args, str(tmp_path / "out"), str(tmp_path / "big"))
+    for step in steps:
+      flags = [f for f in cmds[step] if "min_blocks" in f]
+      if step.startswith("stage2_"):
+        assert flags == ["--min_blocks=0"], (preset, step)
+        sub = gpu_run.build_parser().parse_args(cmds[step][2:])
+        assert sub.min_blocks == 0
+      else:
+        want = "8" if step in floor_steps else "0"
+        assert flags == [f"--config.sparse.min_blocks={want}"], (preset, step, flags)
