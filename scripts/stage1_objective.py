@@ -1,8 +1,12 @@
-"""Stage-1 objective: token-level KL (the method) against block-level KL, on SmolLM2.
+"""Stage-1 objective and indexer width on SmolLM2: token-level KL (the method) against
+block-level KL, and the 16-d indexer against a wider one.
 
-Both indexers continue from the committed one (`assets/smollm2-135m-rtpurbo`, 600 steps of
-token KL at 8K) for the same steps on the same training windows, so the only difference is
-the objective; the committed indexer is the third row. Held-out plays (never trained on),
+Every variant continues from the committed indexer (`assets/smollm2-135m-rtpurbo`, 600 steps
+of token KL at 8K) for the same steps on the same training windows, so the only difference is
+the objective or the width; the committed indexer is the first row. `token_r32` widens the
+indexer to 32 dimensions: the committed 16 plus 16 new ones whose query rows start at zero (so
+it starts as exactly the committed scorer) and whose key rows start random, at the committed
+rows' scale; it asks whether the 16-d fit's plateau is the dimension's. Held-out plays (never trained on),
 every query position: recall of the teacher's attention mass inside the indexer's top-p
 blocks, the fraction of causal blocks selected, and the fraction the teacher's own top-p
 needs, at several top_p values (the recall / budget trade-off). Intervals: 95% bootstrap over
@@ -12,6 +16,7 @@ The teacher activations of the training windows are computed once and kept in ho
 (about 160 MB per 4K window), so a training step is only the indexer's loss.
 
   python scripts/stage1_objective.py --out results/stage1_objective      # ~20 min, 2 CPU cores
+  python scripts/stage1_objective.py --variants token,token_r32 --out results/indexer_width
   python scripts/stage1_objective.py --smoke --out /tmp/x                  # seconds
 """
 
@@ -38,7 +43,28 @@ from rtpurbo_jax import assets  # noqa: E402
 from rtpurbo_jax.train import losses  # noqa: E402
 from rtpurbo_jax.train import stages  # noqa: E402
 
-OBJECTIVES = ("token", "block")
+VARIANTS = ("token", "block", "token_r32")
+
+
+def parse_variant(name: str) -> tuple[str, int | None]:
+  """"token" / "block" -> (objective, None: the committed width); "<objective>_r<dim>" ->
+  (objective, dim)."""
+  objective, _, width = name.partition("_r")
+  if objective not in losses.STAGE1_OBJECTIVES or (width and not width.isdigit()):
+    raise SystemExit(f"--variants: {name!r} is not one of {VARIANTS} (or <objective>_r<dim>)")
+  return objective, int(width) if width else None
+
+
+def widen(wq, wk, dim: int, seed: int):
+  """The indexer at `dim` >= r dimensions, scoring exactly as before: the new query rows are
+  zero, the new key rows random at the existing key rows' scale. wq, wk: [n_ret, r, head_dim]."""
+  n, r, d = wk.shape
+  if dim < r:
+    raise SystemExit(f"--variants: width {dim} is below the committed {r}")
+  scale = np.std(np.asarray(wk), axis=(1, 2), keepdims=True)  # per head
+  extra_k = np.random.default_rng(seed).standard_normal((n, dim - r, d)) * scale
+  return (np.concatenate([wq, np.zeros((n, dim - r, d), wq.dtype)], axis=1),
+          np.concatenate([wk, extra_k.astype(wk.dtype)], axis=1))
 
 
 def windows_of(tok, names, length: int, count: int) -> np.ndarray:
@@ -62,7 +88,7 @@ def collect_acts(model, windows: np.ndarray) -> list:
 
 
 def train(wq, wk, acts: list, *, objective: str, steps: int, lr: float, chunk: int,
-          top_p: float, block_size: int, log_every: int) -> tuple:
+          top_p: float, block_size: int, log_every: int, label: str = "") -> tuple:
   """AdamW (as stage 1: warmup then cosine, weight decay 0.01, clip 1.0), one window a step."""
   sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 10, 1), steps)
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.01))
@@ -88,7 +114,7 @@ def train(wq, wk, acts: list, *, objective: str, steps: int, lr: float, chunk: i
       rec = {"step": i + 1, "loss": float(value),
              **{k: round(float(v), 4) for k, v in metrics.items()}}
       log.append(rec)
-      print(f"  {objective} {rec}", flush=True)
+      print(f"  {label or objective} {rec}", flush=True)
   return params[0], params[1], log
 
 
@@ -119,9 +145,9 @@ def bootstrap_diff(x: np.ndarray, y: np.ndarray, seed: int, n_boot: int = 2000):
 def markdown(rep: dict) -> str:
   st = rep["settings"]
   lines = [
-      "# Stage-1 objective on SmolLM2-135M: token KL vs block KL",
+      "# Stage-1 indexer variants on SmolLM2-135M: " + ", ".join(st["variants"]),
       "",
-      f"Both indexers continue from the committed one for {st['steps']} steps (lr {st['lr']}, "
+      f"Every variant continues from the committed indexer for {st['steps']} steps (lr {st['lr']}, "
       f"one {st['train_len']}-token window per step, {st['train_windows']} windows of the "
       f"training plays, every query); held out: {st['heldout_windows']} windows of "
       f"{st['heldout_len']} tokens of {', '.join(st['heldout_plays'])}, every query. Means over "
@@ -160,10 +186,18 @@ def main(argv=None):
   ap.add_argument("--top_p", default="0.8,0.9,0.95")
   ap.add_argument("--chunk", type=int, default=256)
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--variants", default="token,block",
+                  help="comma-separated: token, block (the stage-1 objectives at the committed "
+                       "width) or <objective>_r<dim> (a wider indexer); token is the reference "
+                       "row and must be included")
   ap.add_argument("--smoke", action="store_true", help="a tiny random model: checks the script")
   args = ap.parse_args(argv)
   t0 = time.time()
   top_ps = [float(x) for x in args.top_p.split(",")]
+  variants = args.variants.split(",")
+  if "token" not in variants:
+    raise SystemExit("--variants must include token (the reference row)")
+  variants = {v: parse_variant(v) for v in variants}
   if args.smoke:
     from rtpurbo_jax.attention.plan import HeadPlan
     from rtpurbo_jax.config import ModelConfig, SparseConfig
@@ -193,15 +227,16 @@ def main(argv=None):
   wq0, wk0 = jax.device_get(losses.stacked_indexer(model, held_acts[0]))
   indexers = {"committed": (wq0, wk0)}
   logs = {}
-  for objective in OBJECTIVES:
-    print(f"training ({objective})", flush=True)
-    wq, wk, logs[objective] = train(wq0, wk0, train_acts, objective=objective,
-                                    steps=args.steps, lr=args.lr, chunk=args.chunk,
-                                    top_p=model.sparse.top_p, block_size=bs,
-                                    log_every=max(args.steps // 10, 1))
-    indexers[objective] = (wq, wk)
+  for name, (objective, width) in variants.items():
+    print(f"training ({name})", flush=True)
+    start = (wq0, wk0) if width is None else widen(wq0, wk0, width, args.seed)
+    wq, wk, logs[name] = train(*start, train_acts, objective=objective,
+                               steps=args.steps, lr=args.lr, chunk=args.chunk,
+                               top_p=model.sparse.top_p, block_size=bs,
+                               log_every=max(args.steps // 10, 1), label=name)
+    indexers[name] = (wq, wk)
     os.makedirs(args.out, exist_ok=True)  # kept, so a failed evaluation loses no training
-    np.savez(os.path.join(args.out, f"indexer_{objective}.npz"), wq=np.asarray(wq),
+    np.savez(os.path.join(args.out, f"indexer_{name}.npz"), wq=np.asarray(wq),
              wk=np.asarray(wk))
   del train_acts
   print("held-out evaluation", flush=True)
@@ -225,7 +260,8 @@ def main(argv=None):
       "settings": {"train_len": args.train_len, "train_windows": args.train_windows,
                    "steps": args.steps, "lr": args.lr, "heldout_len": args.heldout_len,
                    "heldout_windows": args.heldout_windows, "heldout_plays": held_plays,
-                   "chunk": args.chunk, "seed": args.seed, "smoke": args.smoke},
+                   "chunk": args.chunk, "seed": args.seed, "smoke": args.smoke,
+                   "variants": list(variants)},
       "units": int(np.prod(metrics["token"][top_ps[0]]["kl"].shape)),
       "heldout": rep_held,
       "per_head": {name: {str(p): {k: np.round(v, 4).tolist() for k, v in m.items()}

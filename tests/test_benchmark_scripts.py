@@ -3,12 +3,15 @@
 `benchmarks/check_prefill.py --smoke` (the sparse-prefill checks in the Pallas interpreter
 against the references) and `benchmarks/stage1_speed.py --smoke` (the stage-1 loss before and
 after its rewrite, equal on a fixed batch), and `scripts/stage1_objective.py --smoke` (token vs
-block stage-1 objective on a tiny model)."""
+block stage-1 objective and a widened indexer, on a tiny model)."""
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+
+import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,10 +67,12 @@ def test_stage1_speed_smoke_same_loss_before_and_after(tmp_path):
 def test_stage1_objective_smoke(tmp_path):
   _run(["scripts/stage1_objective.py", "--smoke", "--out", str(tmp_path), "--train_len", "64",
         "--train_windows", "2", "--steps", "3", "--heldout_len", "96", "--heldout_windows",
-        "2", "--chunk", "32", "--top_p", "0.9"], tmp_path)
+        "2", "--chunk", "32", "--top_p", "0.9", "--variants", "token,block,token_r12"],
+       tmp_path)
   rep = json.loads((tmp_path / "stage1_objective.json").read_text())
   rows = rep["heldout"]["0.9"]
-  assert set(rows) == {"committed", "token", "block"} and rep["units"] == 2 * 3
+  assert set(rows) == {"committed", "token", "block", "token_r12"} and rep["units"] == 2 * 3
+  assert np.load(tmp_path / "indexer_token_r12.npz")["wq"].shape[1] == 12  # smoke r is 8
   for name, row in rows.items():
     assert 0.0 < row["recall"]["mean"] <= 1.0 and 0.0 < row["fraction"]["mean"] <= 1.0
     assert ("diff" in row["kl"]) == (name != "token")
@@ -75,6 +80,23 @@ def test_stage1_objective_smoke(tmp_path):
   assert rows["token"]["kl"]["mean"] != rows["committed"]["kl"]["mean"]
   assert [r["step"] for r in rep["train_log"]["block"]][-1] == 3
   assert "| block | 0.9 |" in (tmp_path / "stage1_objective.md").read_text()
+
+
+def test_widened_indexer_starts_as_the_committed_scorer(rng):
+  spec = importlib.util.spec_from_file_location(
+      "stage1_objective", os.path.join(ROOT, "scripts", "stage1_objective.py"))
+  stage1_objective = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(stage1_objective)
+  wq, wk = (rng.standard_normal((3, 16, 32)).astype(np.float32) for _ in range(2))
+  q, k = (rng.standard_normal((5, 32)).astype(np.float32) for _ in range(2))
+  wq2, wk2 = stage1_objective.widen(wq, wk, 24, seed=int(rng.integers(1 << 30)))
+  assert wq2.shape == wk2.shape == (3, 24, 32)
+  before = np.einsum("hrd,qd,hre,ke->hqk", wq, q, wk, k)
+  after = np.einsum("hrd,qd,hre,ke->hqk", wq2, q, wk2, k)
+  np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-4)
+  assert np.all(np.std(wk2[:, 16:], axis=(1, 2)) > 0.5 * np.std(wk, axis=(1, 2)))
+  assert stage1_objective.parse_variant("token_r32") == ("token", 32)
+  assert stage1_objective.parse_variant("block") == ("block", None)
 
 
 def test_stage2_step_smoke(tmp_path):
