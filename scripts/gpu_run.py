@@ -16,11 +16,12 @@ then device calls, each started within the machine's 30 s warm window of the las
   4. (no carry)                  python3 scripts/gpu_run.py wait --limit 560   (repeat)
 
 `start --preset NAME` runs a recorded plan (PRESETS; each ran once, its results are under
-eval_results/smollm2_h200/); other jobs name their steps with the flags below. `start` copies the repository to /tmp/gpu_run/repo
-(later calls re-send the work tree; the job must not see it change) and launches `job` in its
-own session, so it runs on between calls; `wait` polls it and keeps $OUT/gpu_run.tgz (the
-job's output folder) current, so a call cut by its time limit still brings back everything
-finished. Unpack it here with `tar xzf .../gpu_run.tgz -C <dir>`.
+eval_results/smollm2_h200/); other jobs name their steps with the flags below. `start`
+copies the repository to /tmp/gpu_run/repo (later calls re-send the work tree; the job must
+not see it change) and launches `job` in its own session, so it runs on between calls;
+`wait` polls it and keeps $OUT/gpu_run.tgz (the job's output folder) current, so a call cut
+by its time limit still brings back everything finished. Unpack it here with
+`tar xzf .../gpu_run.tgz -C <dir>`.
 
 The job (each step a subprocess, several at once with --parallel; fp32 through the XLA paths,
 RTPURBO_KERNELS=reference: the Pallas fp32 flash kernel is an order of magnitude slower

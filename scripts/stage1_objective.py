@@ -3,14 +3,16 @@ block-level KL, and the 16-d indexer against a wider one.
 
 Every variant continues from the committed indexer (`assets/smollm2-135m-rtpurbo`, 600 steps
 of token KL at 8K) for the same steps on the same training windows, so the only difference is
-the objective or the width; the committed indexer is the first row. `token_r32` widens the
-indexer to 32 dimensions: the committed 16 plus 16 new ones whose query rows start at zero (so
-it starts as exactly the committed scorer) and whose key rows start random, at the committed
-rows' scale; it asks whether the 16-d fit's plateau is the dimension's. Held-out plays (never trained on),
-every query position: recall of the teacher's attention mass inside the indexer's top-p
-blocks, the fraction of causal blocks selected, and the fraction the teacher's own top-p
-needs, at several top_p values (the recall / budget trade-off). Intervals: 95% bootstrap over
-(window, head) pairs of the difference to the token-KL row.
+the objective or the width; the committed indexer is the first row. The teacher is the model
+`from_pretrained("smollm2-135m-rtpurbo")` loads (with the stage-2 backbone delta since it was
+committed). `token_r32` widens the indexer to 32 dimensions: the committed 16 plus 16 new ones
+whose query rows start at zero (so it starts as exactly the committed scorer) and whose key
+rows start random, at the committed rows' scale; it asks whether the 16-d fit's plateau is the
+dimension's. Held-out plays (never trained on), every query position: recall of the teacher's
+attention mass inside the indexer's top-p blocks, the fraction of causal blocks selected, and
+the fraction the teacher's own top-p needs, at several top_p values (the recall / budget
+trade-off). Intervals: 95% bootstrap over (window, head) pairs of the difference to the
+token-KL row.
 
 The teacher activations of the training windows are computed once and kept in host memory
 (about 160 MB per 4K window), so a training step is only the indexer's loss.
@@ -147,7 +149,8 @@ def markdown(rep: dict) -> str:
   lines = [
       "# Stage-1 indexer variants on SmolLM2-135M: " + ", ".join(st["variants"]),
       "",
-      f"Every variant continues from the committed indexer for {st['steps']} steps (lr {st['lr']}, "
+      f"Every variant continues from the committed indexer for {st['steps']} steps "
+      f"(lr {st['lr']}, "
       f"one {st['train_len']}-token window per step, {st['train_windows']} windows of the "
       f"training plays, every query); held out: {st['heldout_windows']} windows of "
       f"{st['heldout_len']} tokens of {', '.join(st['heldout_plays'])}, every query. Means over "
