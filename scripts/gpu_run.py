@@ -26,16 +26,18 @@ by its time limit still brings back everything finished. Unpack it here with
 The job (each step a subprocess, several at once with --parallel; fp32 through the XLA paths,
 RTPURBO_KERNELS=reference: the Pallas fp32 flash kernel is an order of magnitude slower
 here, see benchmarks/results/stage1_speed_h200.json):
-  stage1   train.py's pipeline on configs/smollm2_135m.py with the committed plan: --steps
-           steps of one --seq_len-token sequence of the training plays, every query position;
-           the artifacts (plan + indexer) -> out/assets/smollm2-135m-rtpurbo, metrics -> out/.
+  stage1   train.py's pipeline on configs/smollm2_135m.py with the committed plan (with
+           --retrieval_ratio: the top heads of the committed needle scores at that ratio):
+           --steps steps of one --seq_len-token sequence of the training plays, every query
+           position; the artifacts (plan + indexer) -> out/assets/smollm2-135m-rtpurbo,
+           metrics -> out/; every later step but the baselines reads them.
   heldout  the indexer on held-out text (Macbeth) at --seq_len: KL, recall, selected fraction,
            and the fraction the teacher's own top-p needs -> out/indexer_heldout.json.
   eval_*   python -m rtpurbo_jax.eval with those artifacts (RTPURBO_ASSETS) -> out/eval_<name>/,
            one per --evals entry (e.g. one per length, a baseline run of dense / streaming
            that needs no training, variants with other sparse settings); merge them with
            `python -m rtpurbo_jax.eval.report DIR... --out_dir DIR`.
-  stage2_* stage 2 from the committed plan and indexer (frozen), one step per --stage2 entry
+  stage2_* stage 2 from the plan and stage-1 indexer (frozen), one step per --stage2 entry
            (full backbone or LoRA): the artifacts with a low-rank backbone delta ->
            out/stage2_<name>/; the weights an evaluation of it loads -> big/stage2_<name>/
            (never packed). An evaluation named `name@stage2_<name>` waits for it.
@@ -107,6 +109,7 @@ _STAGE2 = "--steps=100 --checkpoint_every=10 --micro_batch=2"
 _FULL = "full:--lr=3e-6 --max_minutes=8 --save_full"  # the paper's stage 2, every weight
 _SHORT = "--config.eval.lengths=4K,2K --config.eval.ppl_samples=0"  # the tasks at 2K / 4K
 _FLOOR = "--config.sparse.min_blocks=8"
+_PAPER0 = "--config.sparse.min_blocks=0"  # the paper's top-p
 PRESETS = {
     "stage2_lora": {
         "steps": "",
@@ -161,15 +164,30 @@ PRESETS["stage2_levers"] = {
     "evals": ";".join([
         f"s2floor8:{_FLOOR} --config.eval.modes=rtpurbo {_SHORT}",
         PRESETS["levers"]["evals"].split(";")[0], PRESETS["stage2"]["evals"]])}
+# The retrieval-ratio lever (issue 15): the plan with 20% of the query heads (54 of 270, the
+# committed 40 among them) through the committed recipe: stage 1 (600 steps at 8K, every
+# query position), the held-out indexer metrics, then stage 2 as the committed LoRA ran
+# (rank 16, lr 1e-4, the 100-step schedule stopped at step 30, the paper's top-p); the tasks
+# and perplexity of that model with the floor of 8 (pairs with stage2_floor8_*), and beside
+# stage 2 the stage-1 model with the paper's top-p (pairs with the stage-1 rtpurbo of all/).
+PRESETS["ratio020"] = {
+    "steps": "stage1,heldout", "retrieval_ratio": 0.2,
+    "stage2": "lora:--lora_rank=16 --lr=1e-4 --steps=100 --stop_at=30 --checkpoint_every=10 "
+              "--micro_batch=2 --min_blocks=0",
+    "evals": ";".join([
+        f"r020s1ppl:{_PAPER0} {_PPL}",
+        f"r020s1tasks:{_PAPER0} {_TASKS}",
+        f"r020ppl@stage2_lora:--config.eval.model={{big}}/stage2_lora/hf {_FLOOR} {_PPL}",
+        f"r020tasks@stage2_lora:--config.eval.model={{big}}/stage2_lora/hf {_FLOOR} {_TASKS}",
+    ])}
 
 # The presets above ran with the paper's top-p (min_blocks 0, the config's value then); the
 # SmolLM2 config now sets a floor of 8, so they pin 0 to stay the runs they recorded.
-_PAPER = "--config.sparse.min_blocks=0"
 for _preset in ("stage2_lora", "stage2", "levers", "stage2_levers"):
   _p = PRESETS[_preset]
   _p["stage2"] = ";".join(x if not x or "min_blocks" in x else f"{x} --min_blocks=0"
                           for x in _p["stage2"].split(";"))
-  _p["evals"] = ";".join(x if "min_blocks" in x else f"{x} {_PAPER}"
+  _p["evals"] = ";".join(x if "min_blocks" in x else f"{x} {_PAPER0}"
                          for x in _p["evals"].split(";"))
 
 
@@ -341,7 +359,7 @@ def plan_job(args, out: str, big: str) -> tuple[list[str], dict, dict]:
   for step in steps:
     if step == "stage1":
       cmds[step] = [py, me, "stage1", "--out", out, "--seq_len", str(args.seq_len), "--steps",
-                    str(args.steps_stage1)]
+                    str(args.steps_stage1), "--retrieval_ratio", str(args.retrieval_ratio)]
     elif step == "heldout":
       cmds[step] = [py, me, "heldout", "--out", out, "--seq_len", str(args.seq_len)]
     elif step in stage2s:
@@ -352,9 +370,10 @@ def plan_job(args, out: str, big: str) -> tuple[list[str], dict, dict]:
                     f"--config.eval.out_dir={os.path.join(out, step)}", *evals[step].split()]
     else:
       raise SystemExit(f"unknown step {step!r}")
-  # Baselines and stage 2 (which starts from the committed indexer) never wait for stage 1.
-  deps = {s: ([] if s in ("stage1",) or s.startswith(("eval_base", "stage2_"))
-              or "stage1" not in cmds else ["stage1"]) + after.get(s, []) for s in steps}
+  # Baselines never wait for stage 1; every other step reads its artifacts when it runs
+  # (stage 2 starts from its plan and indexer), else the committed ones.
+  deps = {s: ([] if s == "stage1" or s.startswith("eval_base") or "stage1" not in cmds
+              else ["stage1"]) + after.get(s, []) for s in steps}
   unknown = sorted({d for ds in deps.values() for d in ds} - set(cmds))
   if unknown:
     raise SystemExit(f"steps wait for {unknown}, which are not in this job")
@@ -410,6 +429,27 @@ def job(args):
   status.set("job", done=time.strftime("%H:%M:%S"))
 
 
+# The calibration that chose the committed plan: the needle score of every query head of
+# SmolLM2-135M (4K tokens; results/heads_smollm2.json is another document, at 3K).
+CALIBRATION = os.path.join(ROOT, "results", "train_smollm2_plan.json")
+
+
+def plan_at_ratio(cfg, ratio: float, path: str) -> str:
+  """Write the plan with the top `ratio` of the model's query heads by the committed needle
+  scores (the ranking that chose the committed plan at its ratio), with `cfg`'s sparse
+  settings, to `path` as a headwise_config file; returns `path`."""
+  sys.path.insert(0, ROOT)
+  from rtpurbo_jax.attention.plan import HeadPlan
+  from rtpurbo_jax.config import sparse_config_from
+  from rtpurbo_jax.files import atomic_write_json
+  with open(CALIBRATION) as f:
+    scores = json.load(f)["scores"]
+  plan = HeadPlan.from_scores(scores, cfg.model.num_kv_heads, ratio)
+  atomic_write_json(path, {"headwise_config": plan.to_headwise_config(
+      sparse_config_from(cfg.sparse)), "retrieval_ratio": ratio, "scores": scores})
+  return path
+
+
 def _smollm2_cfg(args, workdir: str):
   sys.path.insert(0, ROOT)
   sys.path.insert(0, os.path.join(ROOT, "configs"))
@@ -418,6 +458,11 @@ def _smollm2_cfg(args, workdir: str):
   cfg.train.workdir = workdir
   cfg.train.stages = "stage1"
   cfg.plan.path = os.path.join(ROOT, "assets", "smollm2-135m-rtpurbo", "rtpurbo_config.json")
+  if args.retrieval_ratio:
+    os.makedirs(args.out, exist_ok=True)
+    cfg.plan.retrieval_ratio = args.retrieval_ratio
+    cfg.plan.path = plan_at_ratio(cfg, args.retrieval_ratio,
+                                  os.path.join(args.out, "plan.json"))
   cfg.train.progress = False
   cfg.train.save_final = False
   o = cfg.train.stage1
@@ -429,7 +474,8 @@ def _smollm2_cfg(args, workdir: str):
 
 
 def stage1(args):
-  """Stage 1 of the committed plan; artifacts and metrics into --out."""
+  """Stage 1 of the committed plan (or of the plan at --retrieval_ratio); artifacts and
+  metrics into --out."""
   import logging
   logging.basicConfig(level=logging.WARNING)
   logging.getLogger("rtpurbo_jax").setLevel(logging.INFO)
@@ -445,38 +491,49 @@ def stage1(args):
   shutil.copyfile(os.path.join(args.out, "work", "metrics", "stage1.jsonl"),
                   os.path.join(args.out, "stage1.jsonl"))
   with open(os.path.join(args.out, "stage1.json"), "w") as f:
-    json.dump({"seconds": round(time.time() - t0, 1), "config": json.loads(
-        cfg.train.stage1.to_json_best_effort())}, f, indent=1)
+    json.dump({"seconds": round(time.time() - t0, 1), "plan": cfg.plan.path,
+               "retrieval_ratio": args.retrieval_ratio or None, "config": json.loads(
+                   cfg.train.stage1.to_json_best_effort())}, f, indent=1)
 
 
 class TimeUp(Exception):
   """Raised by `time_budget`'s callback: training stopped at checkpoint `step`."""
 
-  def __init__(self, step: int):
-    super().__init__(f"time budget spent at step {step}")
+  def __init__(self, step: int, why: str = "time budget spent"):
+    super().__init__(f"{why} at step {step}")
     self.step = step
 
 
-def time_budget(minutes: float, every: int, clock=time.monotonic):
+def time_budget(minutes: float, every: int, clock=time.monotonic, stop_at: int = 0):
   """An on_step callback that raises TimeUp at the first step that is a multiple of `every`
-  (a step the trainer has just checkpointed) once `minutes` have passed; 0: never."""
+  (a step the trainer has just checkpointed) once `minutes` have passed (0: never), or at
+  step `stop_at` (0: none; a multiple of `every`), whichever comes first. `stop_at` ends a
+  run early on its own schedule: the learning rate follows the steps the run was asked for."""
   t0 = clock()
 
   def on_step(step: int, metrics: dict) -> None:
-    if minutes > 0 and step % every == 0 and clock() - t0 > 60 * minutes:
+    if step % every:
+      return
+    if stop_at and step >= stop_at:
+      raise TimeUp(step, "asked to stop")
+    if minutes > 0 and clock() - t0 > 60 * minutes:
       raise TimeUp(step)
 
   return on_step
 
 
-def run_within(cfg, stage: str, minutes: float, every: int):
+def run_within(cfg, stage: str, minutes: float, every: int, stop_at: int = 0):
   """(model, steps done) of stages.run_pipeline(cfg), stopped at the first checkpoint (a
-  multiple of `every`, which must be cfg.train.checkpoint_every) after `minutes`. The stopped
-  run is resumed with that step as its last, which restores the checkpoint and trains no more."""
+  multiple of `every`, which must be cfg.train.checkpoint_every) after `minutes`, or at step
+  `stop_at`. The stopped run is resumed with that step as its last, which restores the
+  checkpoint and trains no more."""
   from rtpurbo_jax.train import stages
+  if stop_at % every:
+    raise SystemExit(f"stop at step {stop_at}: not a checkpoint step (every {every})")
   opts = cfg.train[stage]
   try:
-    return stages.run_pipeline(cfg, on_step=time_budget(minutes, every)), opts.steps
+    return stages.run_pipeline(cfg, on_step=time_budget(minutes, every, stop_at=stop_at)), \
+        opts.steps
   except TimeUp as stop:
     print(f"{stage}: {stop}", flush=True)
     opts.steps = stop.step
@@ -484,10 +541,12 @@ def run_within(cfg, stage: str, minutes: float, every: int):
 
 
 def stage2(args):
-  """Stage 2 from the committed plan and indexer (frozen): full backbone or LoRA.
+  """Stage 2 from the committed plan and indexer (frozen; in a job with stage 1, that stage's
+  plan and indexer, through RTPURBO_ASSETS): full backbone or LoRA.
 
   With --max_minutes the run stops at the first checkpoint after that time (counted from
-  the start, teacher logits included) and keeps the weights of that step. Writes
+  the start, teacher logits included) and keeps the weights of that step; with --stop_at at
+  that step (a checkpoint) of the --steps schedule. Writes
   out/stage2_<name>/ (artifacts with the rank --delta_rank backbone delta, metrics) and
   big/stage2_<name>/hf (the HF folder those artifacts overlay on the base: what an evaluation
   of this variant loads; with --save_full also hf_full, the trained weights themselves)."""
@@ -501,11 +560,11 @@ def stage2(args):
   name = f"stage2_{args.name}"
   out, big = os.path.join(args.out, name), os.path.join(args.big, name)
   cfg = smollm2_135m.get_config()
-  # The committed plan + stage-1 indexer on the base weights (not the committed stage-2 delta).
+  # The plan + stage-1 indexer on the base weights (not the committed stage-2 delta).
   cfg.model_path = api.SMOLLM2_RTPURBO_STAGE1
   if args.min_blocks >= 0:
     cfg.sparse.min_blocks = args.min_blocks
-  every = args.checkpoint_every if args.max_minutes else args.steps
+  every = args.checkpoint_every if args.max_minutes or args.stop_at else args.steps
   cfg.train.update(workdir=os.path.join(big, "work"), stages="stage2", progress=False,
                    save_final=False, checkpoint_every=every)
   cfg.train.stage2.update(steps=args.steps, lr=args.lr, warmup=args.warmup,
@@ -513,7 +572,7 @@ def stage2(args):
                           seq_len=args.seq_len,
                           lora_rank=args.lora_rank, max_examples=args.max_examples)
   t0 = time.time()
-  model, steps_done = run_within(cfg, "stage2", args.max_minutes, every)
+  model, steps_done = run_within(cfg, "stage2", args.max_minutes, every, args.stop_at)
   seconds = time.time() - t0
   base = rj.from_pretrained(api.SMOLLM2_RTPURBO_STAGE1)  # the delta is against the base weights
   assets = os.path.join(out, "assets", api.SMOLLM2_RTPURBO)
@@ -571,6 +630,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--steps", default="stage1,heldout")
   p.add_argument("--seq_len", type=int, default=8192)
   p.add_argument("--steps_stage1", type=int, default=600)
+  p.add_argument("--retrieval_ratio", type=float, default=0,
+                 help="stage 1 of the plan with this fraction of retrieval heads by the "
+                      "committed needle scores (results/train_smollm2_plan.json); 0: the "
+                      "committed plan")
   p.add_argument("--evals", default="main:",
                  help="evaluations, 'name:flags;name2:flags' -> out/eval_<name>/ (flags: "
                       "--config.* overrides); names starting with 'base' do not wait for stage 1")
@@ -589,6 +652,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq_len", type=int, default=8192)
     if name == "stage1":
       p.add_argument("--steps", type=int, default=600)
+      p.add_argument("--retrieval_ratio", type=float, default=0,
+                     help="0: the committed plan")
   p = sub.add_parser("stage2", help="the job's stage2_<name> steps")
   p.add_argument("--out", required=True)
   p.add_argument("--big", required=True, help="folder of weights and checkpoints")
@@ -610,8 +675,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--save_full", action="store_true", help="also write big/.../hf_full")
   p.add_argument("--max_minutes", type=float, default=0,
                  help="stop at the first checkpoint after this long (0: run every step)")
+  p.add_argument("--stop_at", type=int, default=0,
+                 help="stop at this step of the --steps schedule (a multiple of "
+                      "--checkpoint_every); 0: run to the end or to --max_minutes")
   p.add_argument("--checkpoint_every", type=int, default=20,
-                 help="steps between checkpoints when --max_minutes is set")
+                 help="steps between checkpoints when --max_minutes or --stop_at is set")
   return ap
 
 

@@ -1,6 +1,7 @@
 """scripts/gpu_run.py plans its job correctly: a preset's steps, waits and flags are valid."""
 
 import importlib.util
+import json
 import os
 import shlex
 
@@ -226,3 +227,58 @@ def test_presets_before_the_floor_pin_the_papers_top_p(gpu_run, tmp_path):
       else:
         want = "8" if step in floor_steps else "0"
         assert flags == [f"--config.sparse.min_blocks={want}"], (preset, step, flags)
+
+
+def test_plan_at_ratio_ranks_by_the_committed_scores(gpu_run, tmp_path):
+  """At the committed ratio the plan is the committed one; at 0.2 it adds the next heads of
+  the same ranking (a superset), with the config's sparse settings."""
+  from rtpurbo_jax.attention.plan import read_plan
+  from configs.smollm2_135m import get_config
+  cfg = get_config()
+  committed, _ = read_plan(os.path.join(ROOT, "assets", "smollm2-135m-rtpurbo",
+                                        "rtpurbo_config.json"), 3)
+  same, _ = read_plan(gpu_run.plan_at_ratio(cfg, 0.15, str(tmp_path / "p15.json")), 3)
+  np.testing.assert_array_equal(same.mask(), committed.mask())
+  wider, settings = read_plan(gpu_run.plan_at_ratio(cfg, 0.2, str(tmp_path / "p20.json")), 3)
+  assert int(wider.mask().sum()) == 54 and int(committed.mask().sum()) == 40
+  assert (wider.mask() >= committed.mask()).all()
+  scores = np.asarray(json.load(open(gpu_run.CALIBRATION))["scores"])
+  assert scores[wider.mask()].min() >= scores[~wider.mask()].max()
+  assert settings["top_p"] == cfg.sparse.top_p and settings["window"] == cfg.sparse.window
+
+
+def test_ratio_preset_trains_stage2_on_its_own_stage1(gpu_run, tmp_path):
+  from rtpurbo_jax.config import run_config
+  ap = gpu_run.build_parser()
+  args = ap.parse_args(["job", "--preset", "ratio020", "--out", str(tmp_path / "out")])
+  out, big = str(tmp_path / "out"), str(tmp_path / "big")
+  steps, cmds, deps = gpu_run.plan_job(args, out, big)
+  assert steps[:3] == ["stage1", "heldout", "stage2_lora"]
+  s1 = ap.parse_args(cmds["stage1"][2:])
+  assert s1.cmd == "stage1" and s1.retrieval_ratio == 0.2 and s1.steps == 600
+  assert s1.seq_len == 8192
+  # stage 2 starts from this job's stage-1 artifacts, so it must wait for them
+  assert deps["stage2_lora"] == ["stage1"] and deps["heldout"] == ["stage1"]
+  s2 = ap.parse_args(cmds["stage2_lora"][2:])
+  assert (s2.lora_rank, s2.lr, s2.steps, s2.stop_at, s2.min_blocks) == (16, 1e-4, 100, 30, 0)
+  assert s2.stop_at % s2.checkpoint_every == 0 and s2.max_minutes == 0
+  cfg = run_config()
+  for step in steps[3:]:
+    flags = dict(f[len("--config."):].split("=", 1) for f in cmds[step]
+                 if f.startswith("--config."))
+    assert all(_config_key_exists(cfg, k) for k in flags), step
+    tuned = step in ("eval_r020ppl", "eval_r020tasks")
+    assert deps[step] == ["stage1"] + ["stage2_lora"] * tuned
+    assert flags["sparse.min_blocks"] == ("8" if tuned else "0")
+    assert (flags.get("eval.model") == os.path.join(big, "stage2_lora", "hf")) == tuned
+
+
+def test_stop_at_ends_a_run_at_that_checkpoint(gpu_run):
+  on_step = gpu_run.time_budget(0, 10, clock=lambda: 0.0, stop_at=30)
+  for step in range(1, 30):
+    on_step(step, {})
+  with pytest.raises(gpu_run.TimeUp) as stop:
+    on_step(30, {})
+  assert stop.value.step == 30 and "asked to stop" in str(stop.value)
+  with pytest.raises(SystemExit, match="not a checkpoint step"):
+    gpu_run.run_within(None, "stage2", 0, 20, stop_at=30)
