@@ -168,17 +168,19 @@ PRESETS["stage2_levers"] = {
 # committed 40 among them) through the committed recipe: stage 1 (600 steps at 8K, every
 # query position), the held-out indexer metrics, then stage 2 as the committed LoRA ran
 # (rank 16, lr 1e-4, the 100-step schedule stopped at step 30, the paper's top-p); the tasks
-# and perplexity of that model with the floor of 8 (pairs with stage2_floor8_*), and beside
-# stage 2 the stage-1 model with the paper's top-p (pairs with the stage-1 rtpurbo of all/).
+# (8K apart from 4K / 2K, so that the two run side by side) and perplexity of that model
+# with the floor of 8 (pairs with stage2_floor8_*), and beside stage 2 the stage-1 model's
+# perplexity with the paper's top-p (pairs with the stage-1 rtpurbo of all/).
+_TUNED = "--config.eval.model={big}/stage2_lora/hf " + _FLOOR
 PRESETS["ratio020"] = {
     "steps": "stage1,heldout", "retrieval_ratio": 0.2,
     "stage2": "lora:--lora_rank=16 --lr=1e-4 --steps=100 --stop_at=30 --checkpoint_every=10 "
               "--micro_batch=2 --min_blocks=0",
     "evals": ";".join([
         f"r020s1ppl:{_PAPER0} {_PPL}",
-        f"r020s1tasks:{_PAPER0} {_TASKS}",
-        f"r020ppl@stage2_lora:--config.eval.model={{big}}/stage2_lora/hf {_FLOOR} {_PPL}",
-        f"r020tasks@stage2_lora:--config.eval.model={{big}}/stage2_lora/hf {_FLOOR} {_TASKS}",
+        f"r020tasks8K@stage2_lora:{_TUNED} {_TASKS.replace('8K,4K,2K', '8K')}",
+        f"r020tasks@stage2_lora:{_TUNED} {_SHORT} --config.eval.modes=rtpurbo",
+        f"r020ppl@stage2_lora:{_TUNED} {_PPL}",
     ])}
 
 # The presets above ran with the paper's top-p (min_blocks 0, the config's value then); the

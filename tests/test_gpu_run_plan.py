@@ -267,10 +267,14 @@ def test_ratio_preset_trains_stage2_on_its_own_stage1(gpu_run, tmp_path):
     flags = dict(f[len("--config."):].split("=", 1) for f in cmds[step]
                  if f.startswith("--config."))
     assert all(_config_key_exists(cfg, k) for k in flags), step
-    tuned = step in ("eval_r020ppl", "eval_r020tasks")
+    tuned = step != "eval_r020s1ppl"
     assert deps[step] == ["stage1"] + ["stage2_lora"] * tuned
     assert flags["sparse.min_blocks"] == ("8" if tuned else "0")
     assert (flags.get("eval.model") == os.path.join(big, "stage2_lora", "hf")) == tuned
+  lengths = {s: dict(f.split("=", 1) for f in cmds[s] if "eval.lengths" in f)
+             for s in steps[3:]}
+  assert sorted(v["--config.eval.lengths"] for v in lengths.values()) == [
+      "4K,2K", "8K", "8K,4K", "8K,4K"]
 
 
 def test_stop_at_ends_a_run_at_that_checkpoint(gpu_run):
