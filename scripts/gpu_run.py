@@ -171,16 +171,26 @@ PRESETS["stage2_levers"] = {
 # (8K apart from 4K / 2K, so that the two run side by side) and perplexity of that model
 # with the floor of 8 (pairs with stage2_floor8_*), and beside stage 2 the stage-1 model's
 # perplexity with the paper's top-p (pairs with the stage-1 rtpurbo of all/).
+# ratio020_s1 is the shorter form (~10 minutes on an H100): stage 1 and the stage-1 model's
+# tasks and perplexity with the paper's top-p, all of which pair with all/'s rtpurbo.
 _TUNED = "--config.eval.model={big}/stage2_lora/hf " + _FLOOR
+_TASKS_8K = _TASKS.replace("8K,4K,2K", "8K")
 PRESETS["ratio020"] = {
     "steps": "stage1,heldout", "retrieval_ratio": 0.2,
     "stage2": "lora:--lora_rank=16 --lr=1e-4 --steps=100 --stop_at=30 --checkpoint_every=10 "
               "--micro_batch=2 --min_blocks=0",
     "evals": ";".join([
         f"r020s1ppl:{_PAPER0} {_PPL}",
-        f"r020tasks8K@stage2_lora:{_TUNED} {_TASKS.replace('8K,4K,2K', '8K')}",
+        f"r020tasks8K@stage2_lora:{_TUNED} {_TASKS_8K}",
         f"r020tasks@stage2_lora:{_TUNED} {_SHORT} --config.eval.modes=rtpurbo",
         f"r020ppl@stage2_lora:{_TUNED} {_PPL}",
+    ])}
+PRESETS["ratio020_s1"] = {
+    "steps": "stage1", "retrieval_ratio": 0.2, "stage2": "",
+    "evals": ";".join([
+        f"r020s1tasks8K:{_PAPER0} {_TASKS_8K}",
+        f"r020s1tasks:{_PAPER0} {_SHORT} --config.eval.modes=rtpurbo",
+        f"r020s1ppl:{_PAPER0} {_PPL}",
     ])}
 
 # The presets above ran with the paper's top-p (min_blocks 0, the config's value then); the

@@ -277,6 +277,19 @@ def test_ratio_preset_trains_stage2_on_its_own_stage1(gpu_run, tmp_path):
       "4K,2K", "8K", "8K,4K", "8K,4K"]
 
 
+def test_short_ratio_preset_evaluates_its_stage1_model(gpu_run, tmp_path):
+  args = gpu_run.build_parser().parse_args(["job", "--preset", "ratio020_s1", "--out",
+                                            str(tmp_path / "out")])
+  steps, cmds, deps = gpu_run.plan_job(args, str(tmp_path / "out"), str(tmp_path / "big"))
+  assert steps[0] == "stage1" and "--retrieval_ratio" in cmds["stage1"]
+  assert cmds["stage1"][cmds["stage1"].index("--retrieval_ratio") + 1] == "0.2"
+  evals = steps[1:]
+  assert len(evals) == 3 and all(deps[s] == ["stage1"] for s in evals)
+  for s in evals:  # the stage-1 model (RTPURBO_ASSETS), the paper's top-p
+    line = " ".join(cmds[s])
+    assert "eval.model" not in line and "--config.sparse.min_blocks=0" in line
+
+
 def test_stop_at_ends_a_run_at_that_checkpoint(gpu_run):
   on_step = gpu_run.time_budget(0, 10, clock=lambda: 0.0, stop_at=30)
   for step in range(1, 30):
