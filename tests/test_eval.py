@@ -805,6 +805,46 @@ def test_baseline_weights_run_dense_and_streaming(corpus, seed, rng, tmp_path):
   assert abs(got["dense"] / ppl_of(model_a, "dense") - 1) > 1e-2  # really other weights
 
 
+def test_perplexity_text_replaces_the_heldout_lines(corpus, seed, monkeypatch):
+  """eval.ppl_text=moby_dick scores windows of that text (here a stand-in, no download); the
+  task haystack stays the plays; unknown names and merges across texts are refused."""
+  from rtpurbo_jax import assets
+  from rtpurbo_jax.config import ConfigError
+  from rtpurbo_jax.eval import runner
+  rng = np.random.default_rng(seed)
+  words = ["whale", "ship", "sea", "harpoon", "captain", "deck", "mast", "oil"]
+  stand_in = "\n".join(" ".join(rng.choice(words, 12)) for _ in range(400))
+  monkeypatch.setattr(assets, "moby_dick_text", lambda fetch=True: stand_in)
+  other = corpus.with_heldout("moby_dick")
+  assert corpus.with_heldout("plays") is corpus
+  assert other.haystack is corpus.haystack and other.heldout_text() == stand_in
+  with pytest.raises(ConfigError, match="ppl_text"):
+    EvalSettings(ppl_text="wikipedia")
+  cfg = _tiny_config()
+  cfg.seed = seed % 1000
+  cfg.eval.update(lengths="256", tasks="passkey", samples="0", ppl_samples=2,
+                  sparsity_queries=4, modes="dense", ppl_text="moby_dick")
+  res = runner.run_from_config(cfg, progress=False, corpus=corpus)
+  assert res["settings"]["ppl_text"] == "moby_dick"
+  model, _ = runner.load_model(cfg)
+  nll = ppl_lib.make_nll_fn(model, 256)
+
+  def ppl_on(text):
+    return ppl_lib.perplexity(nll(ppl_lib.heldout_windows(ByteCodec(), text, 256, 2,
+                                                          cfg.eval.seed), None))
+
+  got = res["perplexity"]["dense"]["256"]["ppl"]
+  assert got == pytest.approx(ppl_on(stand_in), rel=1e-5)
+  assert abs(got / ppl_on(corpus.heldout_text()) - 1) > 1e-3
+  plays = json.loads(json.dumps(res))
+  plays["settings"]["ppl_text"] = "plays"
+  with pytest.raises(ValueError, match="ppl_text"):
+    report.merge([res, plays])
+  del plays["settings"]["ppl_text"]  # a run recorded before the setting: the plays
+  with pytest.raises(ValueError, match="ppl_text"):
+    report.merge([res, plays])
+
+
 def test_restore_gives_unrecorded_keys_their_generic_default():
   """A record written before a setting existed reproduces with the setting's generic default
   (the behaviour then), not with what a config file now sets; recorded values win, and keys the

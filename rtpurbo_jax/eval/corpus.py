@@ -76,6 +76,10 @@ def _clean_lines(text: str) -> list[str]:
   return out
 
 
+# Texts `Corpus.with_heldout` puts in place of the held-out lines (the perplexity text).
+PPL_TEXTS = ("plays", "moby_dick")
+
+
 class Corpus:
   """Lines of text to cut haystacks from, plus held-out lines for perplexity.
 
@@ -109,6 +113,17 @@ class Corpus:
     lines = _clean_lines(text)
     cut = int(len(lines) * (1 - heldout_fraction))
     return cls(lines[:cut], lines[cut:])
+
+  def with_heldout(self, text: str) -> "Corpus":
+    """This corpus with the perplexity text `text` (PPL_TEXTS): "plays" keeps the held-out
+    lines; "moby_dick" puts `assets.moby_dick_text()` (fetched on first use) in their place.
+    The haystack (task prompts) is unchanged."""
+    if text == "plays":
+      return self
+    if text != "moby_dick":
+      raise ValueError(f"perplexity text {text!r}: one of {PPL_TEXTS}")
+    from rtpurbo_jax import assets
+    return Corpus(self.haystack, _clean_lines(assets.moby_dick_text()))
 
   def vocabulary(self) -> list[str]:
     """Sorted distinct lowercase words (4..9 letters) of the haystack: keys and CWE words."""

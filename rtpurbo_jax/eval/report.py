@@ -49,6 +49,10 @@ PARTIAL_NOTE = ("Partial-score tasks (variable tracking, common words, multi-val
 
 
 
+
+# How a report names each perplexity text (eval.ppl_text).
+_PPL_TEXT = {"plays": "the held-out plays", "moby_dick": "Moby-Dick"}
+
 def _size(n: int) -> str:
   return f"{n // 1024}K" if n % 1024 == 0 else str(n)
 
@@ -133,7 +137,8 @@ def markdown(results: dict) -> str:
       f"{', min_blocks ' + str(sp['min_blocks']) if sp.get('min_blocks') else ''}; topk "
       f"budget {st.get('topk_budget', sp['topk_tokens'])}",
       f"- run: {_samples(st)} samples per task (depths {st['depths']}), seed "
-      f"{st['seed']}, {st.get('ppl_samples', 1)} held-out windows per length; "
+      f"{st['seed']}, {st.get('ppl_samples', 1)} held-out windows per length "
+      f"({_PPL_TEXT[st.get('ppl_text', 'plays')]}); "
       f"{meta.get('backend', '?')} ({meta.get('device', '?')}), jax {meta.get('jax', '?')}, "
       f"{meta.get('seconds', 0):.0f} s, {meta.get('date', '')}",
   ]
@@ -394,7 +399,9 @@ def _weights(results: dict, mode: str) -> str:
 
 
 # Settings that must agree for examples and held-out windows of two runs to be the same ones.
-_SHARED_SETTINGS = ("seed", "depths", "ppl_samples", "sparsity_queries")
+_SHARED_SETTINGS = ("seed", "depths", "ppl_samples", "ppl_text", "sparsity_queries")
+# The value of a shared setting in runs recorded before it existed.
+_SETTING_BEFORE = {"ppl_text": "plays"}
 # Modes in which every head is treated alike (dense: all full; streaming: all local).
 _PLAN_FREE_MODES = ("dense", "streaming")
 
@@ -406,7 +413,8 @@ def merge(parts: list[dict]) -> dict:
   variant's rtpurbo,topk next to a baseline's dense,streaming), or both. A mode taken from
   several runs must have the same weights, sparse settings and plan in each; examples present
   in several runs (same task, length, sample index) must be the same prompts (answers and
-  prompt length); seed, depths and held-out windows must agree, so intervals stay paired.
+  prompt length); seed, depths and held-out windows (count and text) must agree, so
+  intervals stay paired.
   The merged `sparse` / `plan` / `meta` are those of the run providing rtpurbo (else the
   first); `mode_sources` says where each mode came from.
   """
@@ -416,8 +424,10 @@ def merge(parts: list[dict]) -> dict:
   for key in _SHARED_SETTINGS:
     # The held-out windows only need to agree between runs that scored some.
     holders = [p for p in parts
-               if key != "ppl_samples" or any((p.get("perplexity") or {}).values())]
-    if len({json.dumps(p["settings"].get(key)) for p in holders}) > 1:
+               if key not in ("ppl_samples", "ppl_text")
+               or any((p.get("perplexity") or {}).values())]
+    if len({json.dumps(p["settings"].get(key, _SETTING_BEFORE.get(key)))
+            for p in holders}) > 1:
       raise ValueError(f"cannot merge runs with different {key} settings")
   cover: dict[tuple[int, str], int] = {}
   identity: dict[str, tuple] = {}

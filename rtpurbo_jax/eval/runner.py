@@ -44,7 +44,7 @@ from rtpurbo_jax.attention.plan import HeadPlan
 from rtpurbo_jax.config import ConfigError, SparseConfig, parse_size, run_config
 from rtpurbo_jax.eval import perplexity as ppl_lib
 from rtpurbo_jax.eval import scoring, sparsity, stats
-from rtpurbo_jax.eval.corpus import ByteCodec, Corpus, HFCodec
+from rtpurbo_jax.eval.corpus import PPL_TEXTS, ByteCodec, Corpus, HFCodec
 from rtpurbo_jax.eval.decode import GreedyDecoder
 from rtpurbo_jax.eval.tasks import TASKS, TaskContext, make_examples
 from rtpurbo_jax.files import atomic_write_json
@@ -94,6 +94,7 @@ class EvalSettings:
   out_dir: str = "eval_results"
   ppl_lengths: tuple[int, ...] = ()  # () = every length
   ppl_samples: int = 1  # held-out windows per length
+  ppl_text: str = "plays"  # the held-out text: corpus.PPL_TEXTS
   sparsity_queries: int = 32  # sampled query positions for the selection report
   batch: int = 1
   prefill_chunk: int = 1024  # task prompts are prefilled in chunks (eval/decode.py)
@@ -120,6 +121,8 @@ class EvalSettings:
         raise ConfigError(f"eval.{name}={getattr(self, name)} is out of range")
     if not self.modes:
       raise ConfigError("eval.modes is empty")
+    if self.ppl_text not in PPL_TEXTS:
+      raise ConfigError(f"eval.ppl_text={self.ppl_text!r}: one of {PPL_TEXTS}")
     object.__setattr__(self, "topk_budget", parse_topk_budget(self.topk_budget))
     short = [t for t in self.tasks if self.decode_steps and
              TASKS[t].max_new_tokens > self.decode_steps]
@@ -144,6 +147,7 @@ class EvalSettings:
     return cls(lengths=lengths, modes=tuple(_split(ec.modes)), tasks=tuple(_split(ec.tasks)),
                samples=samples, depths=depths, seed=int(ec.seed),
                out_dir=str(ec.out_dir), ppl_lengths=ppl, ppl_samples=int(ec.ppl_samples),
+               ppl_text=str(ec.ppl_text),
                sparsity_queries=int(ec.sparsity_queries), batch=int(ec.batch),
                prefill_chunk=int(ec.prefill_chunk), topk_budget=str(ec.topk_budget),
                decode_steps=int(ec.decode_steps))
@@ -590,7 +594,7 @@ def run_from_config(cfg, *, progress: bool = True, corpus: Corpus | None = None,
   from rtpurbo_jax.config import sparse_config_from
   settings = EvalSettings.from_config(cfg.eval)
   sparse = sparse_config_from(cfg.sparse)
-  corpus = corpus or Corpus.shakespeare()
+  corpus = (corpus or Corpus.shakespeare()).with_heldout(settings.ppl_text)
   model, codec = load_model(cfg)
   baseline = load_baseline(cfg, model)
   calibration = None
