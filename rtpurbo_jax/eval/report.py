@@ -47,11 +47,9 @@ PARTIAL_NOTE = ("Partial-score tasks (variable tracking, common words, multi-val
                 "a bounded mean).")
 
 
-
-
-
 # How a report names each perplexity text (eval.ppl_text).
 _PPL_TEXT = {"plays": "the held-out plays", "moby_dick": "Moby-Dick"}
+
 
 def _size(n: int) -> str:
   return f"{n // 1024}K" if n % 1024 == 0 else str(n)
