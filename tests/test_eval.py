@@ -805,7 +805,7 @@ def test_baseline_weights_run_dense_and_streaming(corpus, seed, rng, tmp_path):
   assert abs(got["dense"] / ppl_of(model_a, "dense") - 1) > 1e-2  # really other weights
 
 
-def test_perplexity_text_replaces_the_heldout_lines(corpus, seed, monkeypatch):
+def test_perplexity_text_replaces_the_heldout_lines(corpus, seed, monkeypatch, tmp_path):
   """eval.ppl_text=moby_dick scores windows of that text (here a stand-in, no download); the
   task haystack stays the plays; unknown names and merges across texts are refused."""
   from rtpurbo_jax import assets
@@ -823,7 +823,8 @@ def test_perplexity_text_replaces_the_heldout_lines(corpus, seed, monkeypatch):
   cfg = _tiny_config()
   cfg.seed = seed % 1000
   cfg.eval.update(lengths="256", tasks="passkey", samples="0", ppl_samples=2,
-                  sparsity_queries=4, modes="dense", ppl_text="moby_dick")
+                  sparsity_queries=4, modes="dense", ppl_text="moby_dick",
+                  out_dir=str(tmp_path))
   res = runner.run_from_config(cfg, progress=False, corpus=corpus)
   assert res["settings"]["ppl_text"] == "moby_dick"
   model, _ = runner.load_model(cfg)
