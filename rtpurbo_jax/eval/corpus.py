@@ -76,8 +76,8 @@ def _clean_lines(text: str) -> list[str]:
   return out
 
 
-# Texts `Corpus.with_heldout` puts in place of the held-out lines (the perplexity text).
-PPL_TEXTS = ("plays", "moby_dick")
+# Perplexity texts (`Corpus.with_heldout`; eval.ppl_text) and how reports name them.
+PPL_TEXTS = {"plays": "the held-out plays", "moby_dick": "Moby-Dick"}
 
 
 class Corpus:
@@ -121,7 +121,7 @@ class Corpus:
     if text == "plays":
       return self
     if text != "moby_dick":
-      raise ValueError(f"perplexity text {text!r}: one of {PPL_TEXTS}")
+      raise ValueError(f"perplexity text {text!r}: one of {tuple(PPL_TEXTS)}")
     from rtpurbo_jax import assets
     return Corpus(self.haystack, _clean_lines(assets.moby_dick_text()))
 

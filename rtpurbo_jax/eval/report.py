@@ -34,6 +34,7 @@ import os
 import numpy as np
 
 from rtpurbo_jax.eval import stats
+from rtpurbo_jax.eval.corpus import PPL_TEXTS
 from rtpurbo_jax.files import atomic_write
 
 FILES = ("results.json", "results.md", "accuracy_vs_length.png", "sparsity_vs_length.png",
@@ -45,10 +46,6 @@ PARTIAL_NOTE = ("Partial-score tasks (variable tracking, common words, multi-val
                 "the fraction of expected answers found per sample; their interval is the "
                 "Wilson interval of the mean score with n = samples (normal approximation for "
                 "a bounded mean).")
-
-
-# How a report names each perplexity text (eval.ppl_text).
-_PPL_TEXT = {"plays": "the held-out plays", "moby_dick": "Moby-Dick"}
 
 
 def _size(n: int) -> str:
@@ -136,7 +133,7 @@ def markdown(results: dict) -> str:
       f"budget {st.get('topk_budget', sp['topk_tokens'])}",
       f"- run: {_samples(st)} samples per task (depths {st['depths']}), seed "
       f"{st['seed']}, {st.get('ppl_samples', 1)} held-out windows per length "
-      f"({_PPL_TEXT[st.get('ppl_text', 'plays')]}); "
+      f"({PPL_TEXTS[st.get('ppl_text', 'plays')]}); "
       f"{meta.get('backend', '?')} ({meta.get('device', '?')}), jax {meta.get('jax', '?')}, "
       f"{meta.get('seconds', 0):.0f} s, {meta.get('date', '')}",
   ]

@@ -122,7 +122,7 @@ class EvalSettings:
     if not self.modes:
       raise ConfigError("eval.modes is empty")
     if self.ppl_text not in PPL_TEXTS:
-      raise ConfigError(f"eval.ppl_text={self.ppl_text!r}: one of {PPL_TEXTS}")
+      raise ConfigError(f"eval.ppl_text={self.ppl_text!r}: one of {tuple(PPL_TEXTS)}")
     object.__setattr__(self, "topk_budget", parse_topk_budget(self.topk_budget))
     short = [t for t in self.tasks if self.decode_steps and
              TASKS[t].max_new_tokens > self.decode_steps]
