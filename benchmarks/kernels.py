@@ -50,6 +50,7 @@ from pallas_kernels import ops  # noqa: E402
 from pallas_kernels import reference as ref  # noqa: E402
 from pallas_kernels.gpu import cudnn_attention  # noqa: E402
 from pallas_kernels.gpu import decode as decode_k  # noqa: E402
+from pallas_kernels.gpu import layer_decode as layer_decode_k  # noqa: E402
 from pallas_kernels.gpu import dispatch  # noqa: E402
 from pallas_kernels.gpu import prefill_select as prefill_select_k  # noqa: E402
 from pallas_kernels.gpu import sparse_prefill as sparse_prefill_k  # noqa: E402
@@ -476,6 +477,18 @@ def run_decode(run, cfg, t, inner, reps, smoke, densities, profile=False):
                               ret_kvh, mask, lengths, block_size=cfg.bs, kernels=kernels)
     return jnp.concatenate([o1, o2, o3], axis=1)[:, inv], sel
 
+  heads = ref.DecodeHeads.of(ring=(ring_local, ring_kvh), local=(full_local, full_local_kvh),
+                             selected=(cfg.retrieval, ret_kvh))
+
+  def layer_fused(q, qi, c, mask):
+    """The same layer step through `ops.layer_decode` (one decode kernel + one merge)."""
+    sel = ops.topp_select(qi, c["ckeys"], lengths, top_p=cfg.top_p, block_size=cfg.bs,
+                          kernels=kernels)
+    o, _ = ops.layer_decode(q, c["ring_k"], c["ring_v"], ring_pos, c["full_k"], c["full_v"],
+                            lengths, q_pos, mask, heads=heads, sparse_active=active, **rule,
+                            block_size=cfg.bs, kernels=kernels)
+    return o, sel
+
   if profile:  # one layer step between cuProfilerStart/Stop, for `ncu --profile-from-start off`
     import ctypes
     cuda = ctypes.CDLL("libcuda.so.1")
@@ -516,6 +529,16 @@ def run_decode(run, cfg, t, inner, reps, smoke, densities, profile=False):
                              **rule)
     run.check("ring_decode_full_cache", t, out_rel=rel_err(o, ro),
               lse_max_abs=float(jnp.max(jnp.abs(l - rl))))
+    args = (q0, c["ring_k"], c["ring_v"], ring_pos, c["full_k"], c["full_v"], lengths, q_pos,
+            mask)
+    o, l = layer_decode_k.layer_decode(*args, heads=heads, sparse_active=active, **rule,
+                                       block_size=cfg.bs)
+    ro, rl = ref.layer_decode(*args, heads=heads, sparse_active=active, **rule,
+                              block_size=cfg.bs)
+    run.check("layer_decode", t, out_rel=rel_err(o, ro),
+              lse_max_abs=float(jnp.max(jnp.abs(l - rl))))
+    o2 = layer(q0, qi0, c, mask)[0]
+    run.check("layer_decode_vs_per_set_kernels", t, out_rel=rel_err(o, o2))
     for selector in ("exact", "histogram"):
       got = topp_select_k.topp_select(qi0, c["ckeys"], lengths, top_p=cfg.top_p,
                                       block_size=cfg.bs, selector=selector)
@@ -578,6 +601,16 @@ def run_decode(run, cfg, t, inner, reps, smoke, densities, profile=False):
     byts = (2.0 * 2 * cfg.hk * visible * cfg.d + nr * t * cfg.r * 2 + nr * sel_bytes)
     run.time(f"layer_decode_d{int(dens * 100)}", t, looped(layer_step), (q0, qi0, *flat),
              reps=reps, inner=inner, bytes_=byts, density=dens, layer=True, **ph)
+
+    def fused_step(carry, ci, arrays, dmasks=dmasks):
+      q, qi, acc = carry
+      out, sel = layer_fused(q, qi, unpack(arrays, ci), dmasks[ci])
+      return (q + 1e-3 * out, qi + 1e-3 * out[:, :nr, :cfg.r].astype(jnp.float32),
+              acc + jnp.sum(sel))
+
+    run.time(f"layer_fused_decode_d{int(dens * 100)}", t, looped(fused_step),
+             (q0, qi0, *flat), reps=reps, inner=inner, bytes_=byts, density=dens, layer=True,
+             **ph)
 
     def sparse_step(carry, ci, arrays, dmasks=dmasks):
       q, qi, acc = carry

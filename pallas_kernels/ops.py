@@ -27,7 +27,7 @@ from pallas_kernels import reference
 
 OPERATIONS = ("causal_attention", "cache_causal_attention", "window_attention", "topp_select",
               "sparse_decode", "ring_decode", "prefill_select", "sparse_prefill",
-              "cache_prefill_select", "cache_sparse_prefill")
+              "cache_prefill_select", "cache_sparse_prefill", "layer_decode")
 
 
 @functools.cache
@@ -77,6 +77,7 @@ prefill_select = _route("prefill_select")
 sparse_prefill = _route("sparse_prefill")
 cache_prefill_select = _route("cache_prefill_select")
 cache_sparse_prefill = _route("cache_sparse_prefill")
+layer_decode = _route("layer_decode")
 # Always the reference: general position-masked attention for ragged / chunked cases.
 masked_attention = reference.masked_attention
 merge_attention = reference.merge_attention

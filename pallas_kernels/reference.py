@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -374,6 +375,85 @@ def ring_decode(q, ring_k, ring_v, ring_pos, kv_heads, q_pos, *, sinks: int, win
                               jnp.swapaxes(ring_v, 1, 2), q_pos[:, None], ring_pos, kv_heads,
                               sinks=sinks, window=window, sparse_active=sparse_active)
   return out[:, 0], lse[:, 0]
+
+
+class DecodeHeads(NamedTuple):
+  """Which query heads of a layer read what in a decode step (static, hashable).
+
+  Each field is a pair (query heads, KV heads) of equal-length int tuples: query head
+  `heads[i]` reads KV head `kv[i]` of the ring (`ring`) or of the full cache (the others).
+  The four sets partition the layer's query heads.
+    ring      local rule over the ring buffer (positions from ring_pos)
+    local     local rule over the full cache (key j at position j, j < lengths)
+    dense     every key of the full cache below lengths
+    selected  the blocks of the selection mask, keys below lengths
+  """
+  ring: tuple = ((), ())
+  local: tuple = ((), ())
+  dense: tuple = ((), ())
+  selected: tuple = ((), ())
+
+  @classmethod
+  def of(cls, **sets) -> "DecodeHeads":
+    """From sets given as (heads, kv) sequences; absent or empty sets are ((), ())."""
+    fix = {name: (tuple(int(h) for h in hs), tuple(int(k) for k in ks))
+           for name, (hs, ks) in sets.items()}
+    return cls(**fix)
+
+  def check(self, q_heads: int) -> None:
+    """ValueError unless the sets are well formed and partition 0..q_heads-1."""
+    seen = []
+    for name, (heads, kv) in zip(self._fields, self):
+      if len(heads) != len(kv):
+        raise ValueError(f"DecodeHeads.{name}: {len(heads)} heads but {len(kv)} KV heads")
+      seen += list(heads)
+    if sorted(seen) != list(range(q_heads)):
+      raise ValueError(f"DecodeHeads must partition the {q_heads} query heads, got {self}")
+
+
+def layer_decode(q, ring_k, ring_v, ring_pos, full_k, full_v, lengths, q_pos, block_mask, *,
+                 heads: DecodeHeads, sinks: int, window: int, sparse_active=None,
+                 block_size: int = 64):
+  """One decode step of every head of a mixed layer, each set by its rule (`DecodeHeads`).
+
+  Args:
+    q: [batch, q_heads, head_dim]. ring_k, ring_v: [batch, ring_kv, C, head_dim] and ring_pos
+      [batch, C] (None without ring heads). full_k, full_v: [batch, kv_heads, T, head_dim]
+      (None without full-cache heads). lengths: [batch] keys written to the full cache;
+      q_pos: [batch] the query's position. block_mask: bool [batch, len(selected heads),
+      T // block_size] (None without selected heads). sparse_active: [batch] bool or None;
+      where False the local rule is off (the dense fallback below the threshold).
+  Returns: out [batch, q_heads, head_dim], lse [batch, q_heads], in head order.
+  """
+  heads.check(q.shape[1])
+  b = q.shape[0]
+  outs, lses, order = [], [], []
+
+  def run(hs, fn):
+    if hs:
+      o, l = fn(q[:, jnp.asarray(hs)])
+      outs.append(o)
+      lses.append(l)
+      order.extend(hs)
+
+  rule = dict(sinks=sinks, window=window, sparse_active=sparse_active)
+  run(heads.ring[0], lambda qs: ring_decode(qs, ring_k, ring_v, ring_pos, heads.ring[1], q_pos,
+                                            **rule))
+  if full_k is not None:
+    t = full_k.shape[2]
+    pos = jnp.arange(t, dtype=jnp.int32)[None]
+    full_pos = jnp.where(pos < lengths[:, None], pos, -1)
+    run(heads.local[0], lambda qs: ring_decode(qs, full_k, full_v, full_pos, heads.local[1],
+                                               q_pos, **rule))
+    every = jnp.broadcast_to(jnp.arange(t // block_size)[None, None] * block_size
+                             < lengths[:, None, None], (b, len(heads.dense[0]), t // block_size))
+    run(heads.dense[0], lambda qs: sparse_decode(qs, full_k, full_v, heads.dense[1], every,
+                                                 lengths, block_size=block_size))
+    run(heads.selected[0], lambda qs: sparse_decode(qs, full_k, full_v, heads.selected[1],
+                                                    block_mask, lengths,
+                                                    block_size=block_size))
+  inv = jnp.asarray(sorted(range(len(order)), key=order.__getitem__))
+  return (jnp.concatenate(outs, axis=1)[:, inv], jnp.concatenate(lses, axis=1)[:, inv])
 
 
 def sparse_prefill(q, k, v, kv_heads, block_mask, *, block_size: int = 64, chunk: int = 512):

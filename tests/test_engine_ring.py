@@ -146,15 +146,30 @@ def test_sparse_prefill_chunked_equals_one_sequence(chunk, kernels, seed):
   assert np.max(np.abs(dense_ret - want)) > 1e-2
 
 
+@pytest.mark.parametrize("window,sinks,threshold,chunk", [(16, 2, 20, 7), (24, 0, 0, 16)])
+def test_layer_decode_kernel_in_engine(window, sinks, threshold, chunk, seed, monkeypatch):
+  """rtpurbo decode steps through the one-kernel layer decode (block size 16, the decode
+  kernels' minimum): ring heads over a wrapped ring, local and retrieval heads sharing KV
+  heads, rows below and above the sparse threshold; equal to each row alone."""
+  from pallas_kernels.gpu import layer_decode as layer_decode_k
+  calls = []
+  kernel = layer_decode_k.layer_decode
+  monkeypatch.setattr(layer_decode_k, "layer_decode",
+                      lambda *a, **k: calls.append(1) or kernel(*a, **k))
+  model = _model(seed, window, sinks, threshold, "gpu-interpret", block_size=16)
+  _check_rows(model, 37, chunk, np.random.default_rng(seed))
+  assert calls  # traced once per layer
+
+
 @pytest.mark.parametrize("kernels", ["reference", "gpu-interpret"])
 def test_dense_mode_chunked_prefill_and_decode_equal_one_sequence(kernels, seed, monkeypatch):
-  """Dense mode: prefill chunks over the cache in place, decode through the split-KV decode
-  kernel over every written block; ragged rows."""
+  """Dense mode: prefill chunks over the cache in place, decode through the layer-decode
+  kernel (every written block of each head); ragged rows."""
   calls = []
   if kernels == "gpu-interpret":
-    from pallas_kernels.gpu import decode as decode_k
-    kernel = decode_k.sparse_decode
-    monkeypatch.setattr(decode_k, "sparse_decode",
+    from pallas_kernels.gpu import layer_decode as layer_decode_k
+    kernel = layer_decode_k.layer_decode
+    monkeypatch.setattr(layer_decode_k, "layer_decode",
                         lambda *a, **k: calls.append(1) or kernel(*a, **k))
   model = _model(seed, 8, 2, 0, kernels, mode="dense", block_size=16)  # the kernel's minimum
   _check_rows(model, 37, 16, np.random.default_rng(seed))

@@ -20,6 +20,7 @@ from pallas_kernels.config import KernelConfig
 from pallas_kernels.gpu import compact
 from pallas_kernels.gpu import cudnn_attention
 from pallas_kernels.gpu import decode
+from pallas_kernels.gpu import layer_decode as layer_decode_k
 from pallas_kernels.gpu import prefill_select as prefill_select_k
 from pallas_kernels.gpu import sparse_prefill as sparse_prefill_k
 from pallas_kernels.gpu import topp_rows
@@ -457,6 +458,87 @@ def test_ring_decode_full_cache():
   _close(got[1], want[1], 2e-5)
 
 
+# 10 query heads of one layer in all four sets: ring heads on ring KV 1 (a GQA pair), local
+# heads on full KV 0 and 2, a dense head, selected heads on full KV 0, 1 and 2 (a pair on 2):
+# full KV 0 and 2 serve local and selected heads at once.
+LAYER_HEADS = ref.DecodeHeads.of(ring=((0, 5), (1, 1)), local=((1, 6, 9), (0, 2, 2)),
+                                 dense=((2,), (1,)), selected=((3, 4, 7, 8), (0, 2, 2, 1)))
+
+
+@pytest.mark.parametrize("which", ["random", "everything", "own_block"])
+def test_layer_decode(which):
+  """Every head of a layer in one kernel == the per-set references: a wrapped ring (capacity
+  not a multiple of 64), a young one, a row below the sparse threshold, ragged lengths.
+  Selecting every causal block equals the dense set's rule; the own block alone, that
+  block's keys only."""
+  b, d, t, c, sinks, window = 3, 32, 448, 200, 4, 90
+  q = _normal((b, 10, d))
+  rk, rv = _normal((b, 2, c, d)), _normal((b, 2, c, d))
+  fk, fv = _normal((b, 3, t, d)), _normal((b, 3, t, d))
+  lengths = jnp.asarray([448, 130, 300], jnp.int32)
+  q_pos = lengths - 1
+  ring_pos = jnp.asarray(np.stack([_ring_positions(int(p), c, sinks) for p in q_pos]))
+  active = jnp.asarray([True, True, False])
+  nb = t // 64
+  causal = jnp.arange(nb)[None, None] <= (q_pos // 64)[:, None, None]
+  own = jax.nn.one_hot(q_pos // 64, nb, dtype=bool)[:, None]
+  mask = {"random": jax.random.bernoulli(_key(), 0.5, (b, 4, nb)) & causal | own,
+          "everything": jnp.broadcast_to(causal, (b, 4, nb)),
+          "own_block": jnp.broadcast_to(own, (b, 4, nb))}[which]
+  args = (q, rk, rv, ring_pos, fk, fv, lengths, q_pos, mask)
+  rule = dict(heads=LAYER_HEADS, sinks=sinks, window=window, sparse_active=active)
+  got = layer_decode_k.layer_decode(*args, **rule, interpret=True)
+  want = ref.layer_decode(*args, **rule)
+  _close(got[0], want[0], 2e-5)
+  _close(got[1], want[1], 2e-5)
+  sel = jnp.asarray(LAYER_HEADS.selected[0])
+  if which == "everything":  # the selected heads read as dense heads do
+    as_dense = ref.DecodeHeads.of(ring=LAYER_HEADS.ring, local=LAYER_HEADS.local,
+                                  dense=tuple(a + b for a, b in zip(LAYER_HEADS.dense,
+                                                                    LAYER_HEADS.selected)))
+    dense = layer_decode_k.layer_decode(*args[:-1], None, heads=as_dense, sinks=sinks,
+                                        window=window, sparse_active=active, interpret=True)
+    _close(got[0][:, sel], dense[0][:, sel], 2e-5)
+  if which == "own_block":
+    k0 = (q_pos // 64) * 64
+    key_pos = jnp.arange(t)[None]
+    only = jnp.where((key_pos >= k0[:, None]) & (key_pos < lengths[:, None]), key_pos, -1)
+    want_own = ref.masked_attention(q[:, None][:, :, sel], jnp.swapaxes(fk, 1, 2),
+                                    jnp.swapaxes(fv, 1, 2), q_pos[:, None], only,
+                                    LAYER_HEADS.selected[1])
+    _close(got[0][:, sel], want_own[0][:, 0], 2e-5)
+
+
+def test_layer_decode_single_sets_and_errors():
+  """A layer of ring heads alone and of dense heads alone (the other caches absent); sets
+  that do not partition the heads are refused by the op and by the dispatch."""
+  b, d, c, t = 2, 32, 128, 192
+  q = _normal((b, 4, d))
+  rk, rv = _normal((b, 2, c, d)), _normal((b, 2, c, d))
+  fk, fv = _normal((b, 2, t, d)), _normal((b, 2, t, d))
+  lengths = jnp.asarray([192, 70], jnp.int32)
+  q_pos = lengths - 1
+  ring_pos = jnp.asarray(np.stack([_ring_positions(int(p), c, 2) for p in q_pos]))
+  ring_only = ref.DecodeHeads.of(ring=((0, 1, 2, 3), KV_MIXED))
+  dense_only = ref.DecodeHeads.of(dense=((0, 1, 2, 3), KV_MIXED))
+  for heads, caches in ((ring_only, (rk, rv, ring_pos, None, None)),
+                        (dense_only, (None, None, None, fk, fv))):
+    args = (q, *caches, lengths, q_pos, None)
+    got = layer_decode_k.layer_decode(*args, heads=heads, sinks=2, window=40, interpret=True)
+    want = ref.layer_decode(*args, heads=heads, sinks=2, window=40)
+    _close(got[0], want[0], 2e-5)
+    _close(got[1], want[1], 2e-5)
+  gap = ref.DecodeHeads.of(ring=((0, 1, 2), (1, 0, 1)))
+  with pytest.raises(ValueError, match="partition"):
+    ref.layer_decode(q, rk, rv, ring_pos, None, None, lengths, q_pos, None, heads=gap,
+                     sinks=2, window=40)
+  from pallas_kernels import ops
+  assert not ops.supports("layer_decode", q, rk, rv, ring_pos, None, None, lengths, q_pos,
+                          None, heads=gap, sinks=2, window=40, kernels=GPU)
+  assert ops.supports("layer_decode", q, rk, rv, ring_pos, None, None, lengths, q_pos, None,
+                      heads=ring_only, sinks=2, window=40, kernels=GPU)
+
+
 # ---------------------------------------------------------------------------
 # Dispatch through pallas_kernels.ops.
 
@@ -533,6 +615,13 @@ COMPILE_CASES = {
         lambda q, k, v, m, n: decode.sparse_decode(q, k, v, (0, 0, 1), m, n, interpret=False),
         (S((2, 3, 128), BF), S((2, 2, 4096, 128), BF), S((2, 2, 4096, 128), BF),
          S((2, 3, 64), jnp.bool_), S((2,), jnp.int32))),
+    "layer_decode": (
+        lambda q, rk, rv, rp, fk, fv, n, qp, m: layer_decode_k.layer_decode(
+            q, rk, rv, rp, fk, fv, n, qp, m, heads=LAYER_HEADS, sinks=4, window=1024,
+            interpret=False),
+        (S((2, 10, 128), BF), S((2, 2, 2000, 128), BF), S((2, 2, 2000, 128), BF),
+         S((2, 2000), jnp.int32), S((2, 3, 4096, 128), BF), S((2, 3, 4096, 128), BF),
+         S((2,), jnp.int32), S((2,), jnp.int32), S((2, 4, 64), jnp.bool_))),
     "ring_decode": (
         lambda q, k, v, p, n: decode.ring_decode(q, k, v, p, (0, 0, 0, 1), n, sinks=4,
                                                  window=1024, interpret=False),

@@ -37,10 +37,38 @@ from pallas_kernels.gpu import common, compact
 from pallas_kernels.reference import ring_decode as reference_ring
 from pallas_kernels.reference import sparse_decode as reference
 
-__all__ = ["sparse_decode", "ring_decode", "block_decode", "supported", "reference",
-           "reference_ring"]
+__all__ = ["sparse_decode", "ring_decode", "block_decode", "group_lists", "supported",
+           "reference", "reference_ring"]
 
 TARGET_PROGRAMS = 528  # about 4 programs per multiprocessor of an H100/H200
+
+
+def attend_block(carry, q, k_ref, v_ref, b, kv, k0, inside, vis, c, precision):
+  """One online-softmax update of the query rows q [G_pad, d] with the keys k0..k0+bk of
+  k_ref / v_ref [batch, kv_heads, T, d] at (b, kv); inside [bk]: rows below T; vis
+  [G_pad, bk]; c: the score scale in base 2."""
+  bk = inside.shape[0]
+  k = plgpu.load(k_ref.at[b, kv, pl.ds(k0, bk), :], mask=inside[:, None], other=0.0)
+  v = plgpu.load(v_ref.at[b, kv, pl.ds(k0, bk), :], mask=inside[:, None], other=0.0)
+  s2 = common.dot_nt(q, k, precision) * c  # [G_pad, bk]
+  return common.online_softmax_step(carry, s2, v, vis, precision)
+
+
+def group_queries(q_ref, b, g, members, g_pad):
+  """The query rows of group g, gathered from q_ref [batch, q_heads, d]: [g_pad, d], padding
+  rows zero (members[g]: static query-head indices of the group)."""
+  row = jax.lax.broadcasted_iota(jnp.int32, (g_pad,), 0)
+  row_ok = row < common.static_lookup(g, tuple(len(m) for m in members))
+  q = q_ref[b, common.static_rows(g, members, g_pad), :]
+  return jnp.where(row_ok[:, None], q, jnp.zeros((), q.dtype))
+
+
+def store_partial(o_ref, lse_ref, carry, b, g, s_id, g_pad, g_store):
+  """Write a split's (out, lse) of its group's first g_store rows (the real heads)."""
+  out, lse = common.finish_softmax(*carry)
+  keep = jax.lax.broadcasted_iota(jnp.int32, (g_pad,), 0) < g_store
+  plgpu.store(o_ref.at[b, g, s_id, pl.ds(0, g_pad), :], out, mask=keep[:, None])
+  plgpu.store(lse_ref.at[b, g, s_id, pl.ds(0, g_pad)], lse, mask=keep)
 
 
 def _kernel(q_ref, k_ref, v_ref, list_ref, count_ref, bits_ref, kpos_ref, qpos_ref,
@@ -49,11 +77,7 @@ def _kernel(q_ref, k_ref, v_ref, list_ref, count_ref, bits_ref, kpos_ref, qpos_r
   s_id, g, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   kv = common.static_lookup(g, kv_ids)
   lg = 0 if shared_list else g
-  # The group's query rows, gathered from q [b, q_heads, d]; padding rows are zero.
-  row = jax.lax.broadcasted_iota(jnp.int32, (g_pad,), 0)
-  row_ok = row < common.static_lookup(g, tuple(len(m) for m in members))
-  q = q_ref[b, common.static_rows(g, members, g_pad), :]
-  q = jnp.where(row_ok[:, None], q, jnp.zeros((), q.dtype))
+  q = group_queries(q_ref, b, g, members, g_pad)
   gp, d = q.shape
   qpos = qpos_ref[b]
   active = True if active_ref is None else active_ref[b] != 0
@@ -70,9 +94,6 @@ def _kernel(q_ref, k_ref, v_ref, list_ref, count_ref, bits_ref, kpos_ref, qpos_r
     k0 = blk * bk
     rows = k0 + lane
     inside = rows < t
-    k = plgpu.load(k_ref.at[b, kv, pl.ds(k0, bk), :], mask=inside[:, None], other=0.0)
-    v = plgpu.load(v_ref.at[b, kv, pl.ds(k0, bk), :], mask=inside[:, None], other=0.0)
-    s2 = common.dot_nt(q, k, precision) * c  # [G_pad, bk]
     if kpos_ref is None:
       kpos = rows
     else:
@@ -84,16 +105,12 @@ def _kernel(q_ref, k_ref, v_ref, list_ref, count_ref, bits_ref, kpos_ref, qpos_r
     if bits_ref is not None:
       bits = bits_ref[b, g, blk]
       vis2 &= (((bits >> head) & 1) != 0)[:, None]
-    return common.online_softmax_step(carry, s2, v, vis2, precision)
+    return attend_block(carry, q, k_ref, v_ref, b, kv, k0, inside, vis2, c, precision)
 
   carry = (jnp.zeros((gp, d), jnp.float32), jnp.full((gp,), common.NEG_INF, jnp.float32),
            jnp.zeros((gp,), jnp.float32))
   carry = jax.lax.fori_loop(start, stop, body, carry)
-  out, lse = common.finish_softmax(*carry)
-  # Only the first g_store rows are real heads of some group: store those.
-  keep = row < g_store
-  plgpu.store(o_ref.at[b, g, s_id, pl.ds(0, g_pad), :], out, mask=keep[:, None])
-  plgpu.store(lse_ref.at[b, g, s_id, pl.ds(0, g_pad)], lse, mask=keep)
+  store_partial(o_ref, lse_ref, carry, b, g, s_id, g_pad, g_store)
 
 
 def _merge_kernel(o_ref, lse_ref, out_ref, lse_out_ref, *, members, n_splits, s_pad, g_store):
@@ -123,7 +140,7 @@ def _merge_kernel(o_ref, lse_ref, out_ref, lse_out_ref, *, members, n_splits, s_
 MAX_SPLITS = 128  # the merge kernel holds [splits, head_dim] of one head in registers
 
 
-def _n_splits(batch: int, groups: int, expected_blocks: int) -> int:
+def split_count(batch: int, groups: int, expected_blocks: int) -> int:
   """Splits per group: fill the GPU, but keep >= 2 expected blocks per split."""
   fill = TARGET_PROGRAMS // max(1, batch * groups)
   return int(max(1, min(MAX_SPLITS, fill, expected_blocks // 2)))
@@ -147,7 +164,7 @@ def block_decode(q, k_cache, v_cache, lists, counts, head_bits, k_pos, q_pos, ac
   n_groups = len(kv_ids)
   g_store = max(len(m) for m in members)
   g_pad = max(16, common.next_pow2(g_store))  # tensor-core tile rows
-  n_splits = _n_splits(b, n_groups, expected_blocks or lists.shape[-1])
+  n_splits = split_count(b, n_groups, expected_blocks or lists.shape[-1])
   if interpret:  # the interpreter runs programs one by one: a few splits still test merging
     n_splits = min(n_splits, 3)
   kernel = functools.partial(
@@ -167,6 +184,15 @@ def block_decode(q, k_cache, v_cache, lists, counts, head_bits, k_pos, q_pos, ac
       interpret=interpret,
       name="sparse_decode" if window is None else "ring_decode",
   )(*args)
+  return merge_splits(o_part, lse_part, members=members, q_heads=hq, dtype=q.dtype,
+                      interpret=interpret)
+
+
+def merge_splits(o_part, lse_part, *, members, q_heads: int, dtype, interpret: bool):
+  """Combine split partials o_part [batch, groups, splits, g_store, d] / lse_part [batch,
+  groups, splits, g_store] into out [batch, q_heads, d] (dtype) and lse [batch, q_heads];
+  members[g][i] is the output head of row i of group g. Heads of no group are not written."""
+  b, n_groups, n_splits, g_store, d = o_part.shape
   s_pad = common.next_pow2(n_splits)
   return pl.pallas_call(
       functools.partial(_merge_kernel, members=members, n_splits=n_splits, s_pad=s_pad,
@@ -174,8 +200,8 @@ def block_decode(q, k_cache, v_cache, lists, counts, head_bits, k_pos, q_pos, ac
       grid=(n_groups, b),
       in_specs=[common.full_spec()] * 2,
       out_specs=[common.full_spec()] * 2,
-      out_shape=[jax.ShapeDtypeStruct((b, hq, d), q.dtype),
-                 jax.ShapeDtypeStruct((b, hq), jnp.float32)],
+      out_shape=[jax.ShapeDtypeStruct((b, q_heads, d), dtype),
+                 jax.ShapeDtypeStruct((b, q_heads), jnp.float32)],
       compiler_params=common.params(4 if s_pad <= 64 else 8, 1),
       interpret=interpret,
       name="decode_merge",
@@ -195,23 +221,34 @@ def supported(q, k_cache, v_cache, kv_heads, *, block_size: int) -> bool:
           and all(0 <= kv < k_cache.shape[1] for kv in kv_heads))
 
 
+def group_lists(block_mask, members, *, interpret: bool):
+  """Per GQA group: the ascending list of blocks any member selected, its length, and which
+  members selected each block.
+
+  block_mask [batch, heads, n_blocks]; members[g]: the group's positions in `heads`.
+  Returns lists [batch, groups, n_blocks] int32, counts [batch, groups] int32, and bits
+  [batch, groups, n_blocks] int32 (bit i: member i selected the block), or None where every
+  group has one member (the list is then the head's own).
+  """
+  mask = block_mask.astype(bool)
+  if all(len(m) == 1 for m in members):
+    union = mask[:, jnp.asarray([m[0] for m in members])]
+    bits = None
+  else:
+    union = jnp.stack([jnp.any(mask[:, list(m)], axis=1) for m in members], axis=1)
+    bits = jnp.stack([sum(mask[:, h].astype(jnp.int32) << i for i, h in enumerate(m))
+                      for m in members], axis=1)
+  lists, counts = compact.compact_rows(union, interpret=interpret)
+  return lists, counts, bits
+
+
 def sparse_decode(q, k_cache, v_cache, kv_heads, block_mask, lengths, *, block_size: int = 64,
                   interpret: bool | None = None):
   """Same contract as `pallas_kernels.reference.sparse_decode`."""
   interpret = common.interpret_flag(interpret)
   kv_ids, members = common.kv_groups(tuple(int(x) for x in kv_heads))
-  b = q.shape[0]
-  mask = block_mask.astype(bool)
-  if all(len(m) == 1 for m in members):  # one head per KV head: the list is the head's own
-    union = mask[:, jnp.asarray([m[0] for m in members])]
-    bits = None
-  else:  # union over each group's heads, and which member selected each block
-    union = jnp.stack([jnp.any(mask[:, list(m)], axis=1) for m in members], axis=1)
-    bits = jnp.stack([sum(mask[:, h].astype(jnp.int32) << i for i, h in enumerate(m))
-                      for m in members], axis=1)
-  lists, counts = compact.compact_rows(union, interpret=interpret)
+  lists, counts, bits = group_lists(block_mask, members, interpret=interpret)
   lengths = lengths.astype(jnp.int32)
-  del b
   return block_decode(q, k_cache, v_cache, lists, counts, bits, None, lengths - 1, None,
                       kv_ids=kv_ids, members=members, block_size=block_size, sinks=0,
                       window=None, interpret=interpret)

@@ -34,11 +34,13 @@ Implementations:
   topp_select        block-LSE kernel + register top-p kernel (exact or histogram).
   sparse_decode      mask -> block lists, split-KV decode kernel.
   ring_decode        visible ring blocks -> block list, same decode kernel (GQA-grouped).
+  layer_decode       every head of a mixed layer in one split-KV kernel + one merge (ring,
+                     local and dense heads walk their blocks by rule, selected heads a list).
   prefill_select     pooled block-LSE tile kernel + register top-p kernel; the cache_
                      variant reads the compressed-key cache at a runtime chunk offset.
   sparse_prefill     mask -> block lists, block-sparse flash kernel; the cache_ variant
                      reads the KV cache in place at a runtime chunk offset.
-The last five (and their cache_ variants) have one implementation, Pallas.
+The last six (and the cache_ variants) have one implementation, Pallas.
 `KernelConfig.interpret` runs every Pallas kernel in the interpreter (CPU); cuDNN is skipped.
 """
 
@@ -54,6 +56,7 @@ from pallas_kernels import config
 from pallas_kernels.config import IMPLS, OVERRIDE_ENV, KernelConfig
 from pallas_kernels.gpu import cudnn_attention as cudnn
 from pallas_kernels.gpu import decode as decode_k
+from pallas_kernels.gpu import layer_decode as layer_decode_k
 from pallas_kernels.gpu import prefill_select as prefill_select_k
 from pallas_kernels.gpu import sparse_prefill as sparse_prefill_k
 from pallas_kernels.gpu import topp_select as topp_select_k
@@ -278,6 +281,19 @@ def ring_decode(q, ring_k, ring_v, ring_pos, kv_heads, q_pos, *, sinks: int, win
     return None
   return functools.partial(decode_k.ring_decode, q, ring_k, ring_v, ring_pos, kv_heads, q_pos,
                            sinks=sinks, window=window, sparse_active=sparse_active,
+                           interpret=kernels.interpret)
+
+
+def layer_decode(q, ring_k, ring_v, ring_pos, full_k, full_v, lengths, q_pos, block_mask, *,
+                 heads, sinks: int, window: int, sparse_active=None, block_size: int = 64,
+                 kernels: KernelConfig):
+  if not (_pallas_ok(kernels)
+          and layer_decode_k.supported(q, ring_k, ring_v, ring_pos, full_k, full_v,
+                                       heads=heads, block_size=block_size)):
+    return None
+  return functools.partial(layer_decode_k.layer_decode, q, ring_k, ring_v, ring_pos, full_k,
+                           full_v, lengths, q_pos, block_mask, heads=heads, sinks=sinks,
+                           window=window, sparse_active=sparse_active, block_size=block_size,
                            interpret=kernels.interpret)
 
 

@@ -26,6 +26,7 @@ from flax import nnx
 
 from pallas_kernels import config as kernel_config
 from pallas_kernels import ops
+from pallas_kernels import reference
 from pallas_kernels.config import KernelConfig
 from rtpurbo_jax.attention import cache as cache_lib
 from rtpurbo_jax.attention import indexer as indexer_lib
@@ -142,6 +143,16 @@ class MixedHeadAttention(nnx.Module):
     y = jnp.einsum("bshd,hde->bse", out.astype(x.dtype), self.o_proj[...])
     return y, new_cache
 
+  @property
+  def _decode_heads(self) -> reference.DecodeHeads:
+    """The routing as the layer-decode op takes it: (query heads, KV slots) per set."""
+    r = self.routing
+    return reference.DecodeHeads.of(
+        ring=(r.ring_local.heads, r.ring_local.slots),
+        local=(r.full_local.heads, r.full_local.slots),
+        dense=(r.dense.heads, r.dense.slots),
+        selected=(r.selected.heads, r.selected.slots))
+
   def _sparse_active(self, positions, valid):
     """[batch] bool: context long enough for the sparse rules (else dense fallback)."""
     length = jnp.max(jnp.where(valid, positions + 1, 0), axis=1)
@@ -233,6 +244,19 @@ class MixedHeadAttention(nnx.Module):
     new = cache_lib.write(cache, r, k, v, ck, positions, valid, sp)
     active = self._sparse_active(positions, valid)
     q0, q_pos = q[:, 0], positions[:, 0]
+    mask = None
+    if r.selected:
+      mask = select.decode_blocks(qi[:, 0], new.ckeys, new.length, active, sp, self.kernels)
+      rows = select.selected_fraction(mask, (new.length - 1)[:, None], sp.block_size)
+      self.sow(SelectionStats, "selected_fraction", jnp.mean(rows, axis=0))
+      self.sow(RowSelectionStats, "selected_fraction_rows", rows)
+    # Every head of the layer in one kernel where the backend has one for these shapes.
+    fused = ops.kernel_for(
+        "layer_decode", q0, new.ring_k, new.ring_v, new.ring_pos, new.full_k, new.full_v,
+        new.length, q_pos, mask, heads=self._decode_heads, sinks=sp.sinks, window=sp.window,
+        sparse_active=active, block_size=sp.block_size, kernels=self.kernels)
+    if fused is not None:
+      return fused()[0][:, None], new
     out = jnp.zeros(q.shape, q.dtype)
     if r.ring_local:
       o = local.ring_step(q0[:, _index(r.ring_local)], new, r.ring_local.slots, q_pos, active,
@@ -252,10 +276,6 @@ class MixedHeadAttention(nnx.Module):
                                every, new.length, block_size=bs, kernels=self.kernels)
       out = _put(out, r.dense, o)
     if r.selected:
-      mask = select.decode_blocks(qi[:, 0], new.ckeys, new.length, active, sp, self.kernels)
-      rows = select.selected_fraction(mask, (new.length - 1)[:, None], sp.block_size)
-      self.sow(SelectionStats, "selected_fraction", jnp.mean(rows, axis=0))
-      self.sow(RowSelectionStats, "selected_fraction_rows", rows)
       o, _ = ops.sparse_decode(q0[:, _index(r.selected)], new.full_k, new.full_v,
                                r.selected.slots, mask, new.length, block_size=sp.block_size,
                                kernels=self.kernels)
