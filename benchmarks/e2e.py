@@ -12,8 +12,10 @@ numbers. Compilation is done ahead and not counted in the timings.
 `--sparse_prefill` runs the rtpurbo variants with indexer-sparse retrieval heads in prefill
 (recorded as `rtpurbo@<ctx>/sparse_prefill[/x<indexer_scale>]`). Random weights give a flat
 indexer (top-p 0.9 keeps ~89% of blocks), so `--indexer_scale` multiplies every W_q of the
-indexer to make the synthetic selection sharper; the selected fractions that result (prefill
-and decode) are measured and recorded with the timings.
+indexer to make the synthetic selection sharper, in decode and, with --sparse_prefill, in
+prefill (`rtpurbo@<ctx>/x<scale>` in paper mode); a comma list runs each rtpurbo variant once
+per scale (one compilation: only the weights differ). The selected fractions that result
+(prefill and decode) are measured and recorded with the timings.
 
 Results go to --out (default benchmarks/results/e2e_<device>.json), merged by variant name, so
 variants can run in separate processes:
@@ -190,12 +192,17 @@ def main(argv=None):
                   "cudnn on Hopper, or RTPURBO_CACHE_ATTN if set)")
   ap.add_argument("--sparse_prefill", action="store_true",
                   help="rtpurbo variants select key blocks in prefill too (beyond the paper)")
-  ap.add_argument("--indexer_scale", type=float, default=1.0,
-                  help="multiply the indexer's W_q (a sharper synthetic selection for random "
-                  "weights); with --sparse_prefill only")
+  ap.add_argument("--indexer_scale", default="1",
+                  help="multiply the indexer's W_q of the rtpurbo variants (a sharper "
+                  "synthetic selection for random weights: decode, and prefill with "
+                  "--sparse_prefill); a comma list runs each rtpurbo variant once per scale")
   args = ap.parse_args(argv)
-  if args.indexer_scale != 1.0 and not args.sparse_prefill:
-    raise SystemExit("--indexer_scale applies to --sparse_prefill runs only")
+  try:
+    scales = [float(x) for x in args.indexer_scale.split(",") if x.strip()]
+  except ValueError:
+    raise SystemExit(f"--indexer_scale: cannot read {args.indexer_scale!r}; use e.g. 8,16")
+  if not scales or min(scales) <= 0:
+    raise SystemExit(f"--indexer_scale: positive scales needed, got {args.indexer_scale!r}")
 
   setup = setups(args.tiny, args.prefill_chunk, args.new_tokens)
   env = environment()
@@ -269,26 +276,28 @@ def main(argv=None):
   print(f"random {setup.cfg.num_params() / 1e6:.1f}M-parameter model built in "
         f"{build_s:.1f}s; device memory {memory.fmt(dev_mem)}", flush=True)
 
-  for mode, ctx in todo:
+  runs = [(m, c, x) for m, c in todo for x in (scales if m == "rtpurbo" else [1.0])]
+  for mode, ctx, scale in runs:
     sparse_prefill = args.sparse_prefill and mode == "rtpurbo"
     key = f"{mode}@{memory.format_tokens(ctx)}"
-    if sparse_prefill:
-      key += "/sparse_prefill" + (f"/x{args.indexer_scale:g}" if args.indexer_scale != 1 else "")
+    key += "/sparse_prefill" * sparse_prefill + (f"/x{scale:g}" if scale != 1 else "")
     mem = plan_for(setup, plan, mode, ctx, dev_mem)
     entry = {"mode": mode, "ctx": ctx, "planner": mem.as_dict()}
     if sparse_prefill:
-      entry.update(sparse_prefill=True, indexer_scale=args.indexer_scale)
+      entry.update(sparse_prefill=True)
+    if scale != 1:
+      entry.update(indexer_scale=scale)
     if not mem.fits:
       entry["skipped"] = "the planner says it does not fit"
       variants[key] = entry
       print(f"{key}: skipped ({mem.describe()})", flush=True)
       save()
       continue
-    if sparse_prefill:
+    if sparse_prefill or scale != 1:
       # A rebuilt model has its own indexer variables: the base keeps its W_q.
       model = convert.scale_indexer_queries(convert.rebuild(
-          base, sparse=dataclasses.replace(setup.sparse, sparse_prefill=True)),
-          args.indexer_scale)
+          base, sparse=dataclasses.replace(setup.sparse, sparse_prefill=sparse_prefill)),
+          scale)
     else:
       # Dense variants read the cache with `--dense_cache_attn` (the model's own config: its
       # programs are traced with it, whatever ran before in this process).

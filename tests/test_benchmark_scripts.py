@@ -27,7 +27,9 @@ def _run(args, tmp_path, **env):
 
 def test_e2e_tiny_paper_and_sparse_prefill(tmp_path):
   out = tmp_path / "e2e.json"
-  _run(["benchmarks/e2e.py", "--tiny", "--only=rtpurbo@2K", "--out", str(out)], tmp_path)
+  log = _run(["benchmarks/e2e.py", "--tiny", "--only=rtpurbo@2K", "--indexer_scale", "1,16",
+              "--out", str(out)], tmp_path)
+  assert "rtpurbo@2K/x16: TTFT" in log
   log = _run(["benchmarks/e2e.py", "--tiny", "--only=rtpurbo@2K", "--sparse_prefill",
               "--indexer_scale", "4", "--out", str(out)], tmp_path)
   assert "rtpurbo@2K/sparse_prefill/x4: TTFT" in log
@@ -35,6 +37,9 @@ def test_e2e_tiny_paper_and_sparse_prefill(tmp_path):
   paper, sparse = variants["rtpurbo@2K"], variants["rtpurbo@2K/sparse_prefill/x4"]
   assert paper["prefill_selected_fraction"] is None and "error" not in paper
   assert sparse["sparse_prefill"] and sparse["indexer_scale"] == 4.0
+  sharp = variants["rtpurbo@2K/x16"]  # paper-mode prefill, a sharper decode selection
+  assert sharp["indexer_scale"] == 16.0 and sharp["prefill_selected_fraction"] is None
+  assert 0.0 < sharp["selected_fraction"] < paper["selected_fraction"]
   assert 0.0 < sparse["prefill_selected_fraction"] <= 1.0
   assert sparse["prompt_tokens"] == paper["prompt_tokens"] > 0
   assert variants["dense@8K:planner"]["fits"] is False  # the tiny setup's refusal
