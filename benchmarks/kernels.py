@@ -50,10 +50,11 @@ from pallas_kernels import ops  # noqa: E402
 from pallas_kernels import reference as ref  # noqa: E402
 from pallas_kernels.gpu import cudnn_attention  # noqa: E402
 from pallas_kernels.gpu import decode as decode_k  # noqa: E402
-from pallas_kernels.gpu import layer_decode as layer_decode_k  # noqa: E402
 from pallas_kernels.gpu import dispatch  # noqa: E402
+from pallas_kernels.gpu import layer_decode as layer_decode_k  # noqa: E402
 from pallas_kernels.gpu import prefill_select as prefill_select_k  # noqa: E402
 from pallas_kernels.gpu import sparse_prefill as sparse_prefill_k  # noqa: E402
+from pallas_kernels.gpu import topp_rows  # noqa: E402
 from pallas_kernels.gpu import topp_select as topp_select_k  # noqa: E402
 from pallas_kernels.gpu import window_attention as flash_k  # noqa: E402
 from rtpurbo_jax.attention.plan import HeadPlan  # noqa: E402
@@ -631,6 +632,28 @@ def run_decode(run, cfg, t, inner, reps, smoke, densities, profile=False):
 
   run.time("topp_select_5h", t, looped(select_step), (q0, qi0, *flat), reps=reps, inner=inner,
            bytes_=nr * t * cfg.r * 2.0, **ph)
+
+  # Its two kernels apart: the block log-mass pass (memory-bound) and the top-p rows.
+  def logmass_step(carry, ci, arrays):
+    q, qi, acc = carry
+    lm = topp_select_k.block_logmass(qi, unpack(arrays, ci)["ckeys"], lengths,
+                                     block_size=cfg.bs, interpret=kernels.interpret)
+    return q, qi + 1e-3, acc + jnp.sum(lm[..., -1])
+
+  run.time("topp_logmass_5h", t, looped(logmass_step), (q0, qi0, *flat), reps=reps,
+           inner=inner, bytes_=nr * t * cfg.r * 2.0, **ph)
+  lm0 = topp_select_k.block_logmass(qi0, copies[0]["ckeys"], lengths, block_size=cfg.bs,
+                                    interpret=kernels.interpret)
+
+  def rows_step(carry, ci, arrays):
+    q, qi, acc = carry
+    keep = topp_rows.select_rows_decode(lm0 + qi[..., :1] + acc * 1e-9, lengths,
+                                        block_size=cfg.bs, top_p=cfg.top_p,
+                                        interpret=kernels.interpret)
+    return q, qi + 1e-3, acc + jnp.sum(keep)
+
+  run.time("topp_rows_5h", t, looped(rows_step), (q0, qi0, *flat), reps=reps, inner=inner,
+           bytes_=nr * nb * 4.0, **ph)
 
   def ring_step(carry, ci, arrays):
     q, qi, acc = carry
