@@ -426,6 +426,10 @@ def layer_decode(q, ring_k, ring_v, ring_pos, full_k, full_v, lengths, q_pos, bl
   Returns: out [batch, q_heads, head_dim], lse [batch, q_heads], in head order.
   """
   heads.check(q.shape[1])
+  if heads.ring[0] and ring_k is None:
+    raise ValueError("layer_decode: ring heads need ring_k / ring_v / ring_pos")
+  if (heads.local[0] or heads.dense[0] or heads.selected[0]) and full_k is None:
+    raise ValueError("layer_decode: local, dense and selected heads need full_k / full_v")
   b = q.shape[0]
   outs, lses, order = [], [], []
 

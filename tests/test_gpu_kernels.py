@@ -532,6 +532,9 @@ def test_layer_decode_single_sets_and_errors():
   with pytest.raises(ValueError, match="partition"):
     ref.layer_decode(q, rk, rv, ring_pos, None, None, lengths, q_pos, None, heads=gap,
                      sinks=2, window=40)
+  with pytest.raises(ValueError, match="ring heads need"):
+    ref.layer_decode(q, None, None, None, fk, fv, lengths, q_pos, None, heads=ring_only,
+                     sinks=2, window=40)
   from pallas_kernels import ops
   assert not ops.supports("layer_decode", q, rk, rv, ring_pos, None, None, lengths, q_pos,
                           None, heads=gap, sinks=2, window=40, kernels=GPU)

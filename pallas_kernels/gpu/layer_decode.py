@@ -69,7 +69,7 @@ def _kernel(q_ref, rk_ref, rv_ref, rpos_ref, fk_ref, fv_ref, len_ref, qpos_ref, 
   q = decode.group_queries(q_ref, b, g, members, g_pad)
   gp, d = q.shape
   length, qpos = len_ref[b], qpos_ref[b]
-  active = True if active_ref is None else active_ref[b] != 0
+  active = active_ref[b] != 0
   c = scale * common.LOG2E
   lane = jax.lax.broadcasted_iota(jnp.int32, (bk,), 0)
   carry0 = (jnp.zeros((gp, d), jnp.float32), jnp.full((gp,), common.NEG_INF, jnp.float32),
