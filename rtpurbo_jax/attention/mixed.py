@@ -229,7 +229,9 @@ class MixedHeadAttention(nnx.Module):
 
     The token is written first, then local heads read the ring (or the recent slots of the
     full cache), dense heads every written block and selected heads the blocks their indexer
-    selects, each through a decode kernel that reads the cache in place.
+    selects. Where the backend has a layer-decode kernel for these shapes (`ops.layer_decode`,
+    GPU) one kernel reads the cache in place for every head; otherwise each set goes through
+    its own decode op.
     Returns (out [batch, 1, heads, head_dim], the new cache).
     """
     sp, r = self.sparse, self.routing
