@@ -645,15 +645,31 @@ def run_decode(run, cfg, t, inner, reps, smoke, densities, profile=False):
   lm0 = topp_select_k.block_logmass(qi0, copies[0]["ckeys"], lengths, block_size=cfg.bs,
                                     interpret=kernels.interpret)
 
-  def rows_step(carry, ci, arrays):
+  def rows_step(carry, ci, arrays, search="bisect", warps=None):
     q, qi, acc = carry
     keep = topp_rows.select_rows_decode(lm0 + qi[..., :1] + acc * 1e-9, lengths,
-                                        block_size=cfg.bs, top_p=cfg.top_p,
-                                        interpret=kernels.interpret)
+                                        block_size=cfg.bs, top_p=cfg.top_p, search=search,
+                                        num_warps=warps, interpret=kernels.interpret)
     return q, qi + 1e-3, acc + jnp.sum(keep)
 
   run.time("topp_rows_5h", t, looped(rows_step), (q0, qi0, *flat), reps=reps, inner=inner,
            bytes_=nr * nb * 4.0, **ph)
+  # The rows' options (the same blocks, checked first): the threshold search, and program
+  # sizes from 1 to 64 row elements per thread.
+  width = 1 << (nb - 1).bit_length()
+  for search in topp_rows.SEARCHES:
+    for warps in (1, 2, 4, 8, 16, 32):
+      if not 1 <= width // (32 * warps) <= 64:
+        continue
+      got = topp_rows.select_rows_decode(lm0, lengths, block_size=cfg.bs, top_p=cfg.top_p,
+                                         search=search, num_warps=warps,
+                                         interpret=kernels.interpret)
+      want = topp_rows.select_rows_decode(lm0, lengths, block_size=cfg.bs, top_p=cfg.top_p,
+                                          interpret=kernels.interpret)
+      run.check(f"topp_rows_{search}_w{warps}", t, mismatched_blocks=int(jnp.sum(got != want)))
+      run.time(f"topp_rows_{search}_w{warps}_5h", t,
+               looped(functools.partial(rows_step, search=search, warps=warps)),
+               (q0, qi0, *flat), reps=reps, inner=inner, bytes_=nr * nb * 4.0, **ph)
 
   def ring_step(carry, ci, arrays):
     q, qi, acc = carry

@@ -285,6 +285,34 @@ def test_topp_rows(top_p):
   assert not np.any(np.asarray(want & ~hist & ~amb))  # superset of the exact set
   valid = np.arange(n)[None, :] < np.asarray(n_valid)[:, None]
   assert not np.any(np.asarray(exact) & ~valid)
+  # The three-threshold search ends at the same threshold as bisection: the same blocks,
+  # ambiguous ones included; so does a one-warp program.
+  quad = topp_rows.select_rows(lm, n_valid, own, top_p=top_p, search="quad", num_warps=1,
+                               interpret=True)
+  np.testing.assert_array_equal(quad, exact)
+
+
+def test_topp_rows_quad_search_on_ties_and_decode_rows():
+  """Masses with many exact ties (a few distinct log-masses) and the decode form: the
+  three-threshold search keeps exactly the blocks bisection keeps; bad options are refused."""
+  b, h, n = 2, 3, 300
+  lm = jax.random.randint(_key(), (b, h, n), 0, 4).astype(jnp.float32)
+  lengths = jnp.asarray([300 * 64, 77 * 64 + 5], jnp.int32)  # 300 and 78 valid blocks
+  for top_p in (0.3, 0.9):
+    want = topp_rows.select_rows_decode(lm, lengths, block_size=64, top_p=top_p,
+                                        interpret=True)
+    got = topp_rows.select_rows_decode(lm, lengths, block_size=64, top_p=top_p,
+                                       search="quad", interpret=True)
+    np.testing.assert_array_equal(got, want)
+    n_valid = jnp.repeat(-(-lengths // 64), h)
+    ref_keep = topp_rows.reference(lm.reshape(-1, n), n_valid,
+                                   jnp.repeat((lengths - 1) // 64, h), top_p=top_p)
+    diff = np.asarray(got.reshape(-1, n) != ref_keep)
+    assert not np.any(diff & ~_ambiguous_blocks(lm.reshape(-1, n), n_valid, top_p))
+  with pytest.raises(ValueError, match="search"):
+    topp_rows.select_rows_decode(lm, lengths, block_size=64, top_p=0.9, search="ternary")
+  with pytest.raises(ValueError, match="num_warps"):
+    topp_rows.select_rows_decode(lm, lengths, block_size=64, top_p=0.9, num_warps=3)
 
 
 @pytest.mark.parametrize("selector", ["exact", "histogram"])
@@ -614,6 +642,11 @@ COMPILE_CASES = {
         lambda a, c, n: topp_select_k.topp_select(a, c, n, top_p=0.9, selector="histogram",
                                                   interpret=False),
         (S((1, 2, 16), jnp.float32), S((1, 2, 8192, 16), BF), S((1,), jnp.int32))),
+    "topp_rows_quad_one_warp": (
+        lambda lm, n: topp_rows.select_rows_decode(lm, n, block_size=64, top_p=0.9,
+                                                   search="quad", num_warps=1,
+                                                   interpret=False),
+        (S((1, 5, 2048), jnp.float32), S((1,), jnp.int32))),
     "sparse_decode": (
         lambda q, k, v, m, n: decode.sparse_decode(q, k, v, (0, 0, 1), m, n, interpret=False),
         (S((2, 3, 128), BF), S((2, 2, 4096, 128), BF), S((2, 2, 4096, 128), BF),
