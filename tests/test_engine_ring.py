@@ -146,11 +146,14 @@ def test_sparse_prefill_chunked_equals_one_sequence(chunk, kernels, seed):
   assert np.max(np.abs(dense_ret - want)) > 1e-2
 
 
-@pytest.mark.parametrize("window,sinks,threshold,chunk", [(16, 2, 20, 7), (24, 0, 0, 16)])
+# (window, sinks, seqlen_threshold, chunk). A threshold above window + sinks would make the
+# reference differ by design: the one-sequence forward applies the rule of the row's final
+# length to every query, the engine that of the length so far.
+@pytest.mark.parametrize("window,sinks,threshold,chunk", [(16, 2, 17, 7), (24, 0, 0, 16)])
 def test_layer_decode_kernel_in_engine(window, sinks, threshold, chunk, seed, monkeypatch):
   """rtpurbo decode steps through the one-kernel layer decode (block size 16, the decode
   kernels' minimum): ring heads over a wrapped ring, local and retrieval heads sharing KV
-  heads, rows below and above the sparse threshold; equal to each row alone."""
+  heads, the sparse threshold crossed inside the prefill; equal to each row alone."""
   from pallas_kernels.gpu import layer_decode as layer_decode_k
   calls = []
   kernel = layer_decode_k.layer_decode
