@@ -400,6 +400,12 @@ class DecodeHeads(NamedTuple):
            for name, (hs, ks) in sets.items()}
     return cls(**fix)
 
+  @property
+  def full(self) -> tuple:
+    """(query heads, KV heads) of the three sets that read the full cache."""
+    return (self.local[0] + self.dense[0] + self.selected[0],
+            self.local[1] + self.dense[1] + self.selected[1])
+
   def check(self, q_heads: int) -> None:
     """ValueError unless the sets are well formed and partition 0..q_heads-1."""
     seen = []
@@ -428,7 +434,7 @@ def layer_decode(q, ring_k, ring_v, ring_pos, full_k, full_v, lengths, q_pos, bl
   heads.check(q.shape[1])
   if heads.ring[0] and ring_k is None:
     raise ValueError("layer_decode: ring heads need ring_k / ring_v / ring_pos")
-  if (heads.local[0] or heads.dense[0] or heads.selected[0]) and full_k is None:
+  if heads.full[0] and full_k is None:
     raise ValueError("layer_decode: local, dense and selected heads need full_k / full_v")
   b = q.shape[0]
   outs, lses, order = [], [], []

@@ -209,7 +209,7 @@ def supported(q, ring_k, ring_v, ring_pos, full_k, full_v, *, heads, block_size:
     return decode.supported(qs, cache_k, cache_v, kv, block_size=block_size)
 
   ring_kv = heads.ring[1]
-  full_kv = heads.local[1] + heads.dense[1] + heads.selected[1]
+  full_kv = heads.full[1]
   if ring_kv and (ring_k is None or ring_pos is None
                   or ring_pos.shape != (q.shape[0], ring_k.shape[2])
                   or not takes(ring_k, ring_v, ring_kv)):
@@ -230,7 +230,7 @@ def layer_decode(q, ring_k, ring_v, ring_pos, full_k, full_v, lengths, q_pos, bl
             else sparse_active.astype(jnp.int32))
   if not heads.ring[0]:  # arrays no program reads stay out of the call (they may be empty)
     ring_k = ring_v = ring_pos = None
-  if not (heads.local[0] or heads.dense[0] or heads.selected[0]):
+  if not heads.full[0]:
     full_k = full_v = None
   if not heads.selected[0]:
     block_mask = None
