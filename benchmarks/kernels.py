@@ -57,6 +57,7 @@ from pallas_kernels.gpu import sparse_prefill as sparse_prefill_k  # noqa: E402
 from pallas_kernels.gpu import topp_rows  # noqa: E402
 from pallas_kernels.gpu import topp_select as topp_select_k  # noqa: E402
 from pallas_kernels.gpu import window_attention as flash_k  # noqa: E402
+from pallas_kernels.gpu import window_attention_mgpu as mgpu_k  # noqa: E402
 from rtpurbo_jax.attention.plan import HeadPlan  # noqa: E402
 from rtpurbo_jax.attention.routing import head_routing  # noqa: E402
 
@@ -235,9 +236,12 @@ def ring_positions(cfg, q_pos, capacity):
 
 
 def window_fn(impl):
-  """The local-head prefill implementation named `impl` (see dispatch.IMPLS)."""
+  """The local-head prefill implementation named `impl` (see dispatch.IMPLS; "mgpu": the
+  Mosaic GPU kernel, Hopper only)."""
   if impl == "pallas":
     return flash_k.window_attention
+  if impl == "mgpu":
+    return mgpu_k.window_attention
   return functools.partial(cudnn_attention.window_attention, chunked=impl == "cudnn_chunked")
 
 
@@ -273,6 +277,11 @@ def prefill_layer_sparse(cfg, window_impl, kernels):
 
   return layer
 
+
+MGPU_TILES = {  # the default (Tiles()) is timed as window_mgpu_27h
+    "q64k64s4": mgpu_k.Tiles(block_q=64, block_kv=64, stages=4),
+    "q64k64s2": mgpu_k.Tiles(block_q=64, block_kv=64, stages=2),
+}
 
 PALLAS_TILES = {
     "q128k128w8s2": dict(block_q=128, block_k=128, num_warps=8, num_stages=2),
@@ -327,8 +336,8 @@ def run_prefill(run, cfg, s, reps, smoke, densities, variants, skip=()):
 
   # ---- correctness on sampled rows --------------------------------------------------------
   win_rule = dict(sinks=cfg.sinks, window=cfg.window)
-  ro, rl = ref_rows(ql, kvl, **win_rule)
-  impl_names = ["pallas"] + ([] if smoke else ["cudnn", "cudnn_chunked"])
+  ro, rl = ro_win, rl_win = ref_rows(ql, kvl, **win_rule)
+  impl_names = ["pallas"] + ([] if smoke else ["cudnn", "cudnn_chunked", "mgpu"])
   for name in impl_names:
     try:
       o, l = window_fn(name)(ql, k, v, kvl, **win_rule)
@@ -337,7 +346,7 @@ def run_prefill(run, cfg, s, reps, smoke, densities, variants, skip=()):
     except Exception as e:  # noqa: BLE001
       run.errors.append(dict(name=f"check window_{name}", ctx=s, error=repr(e)[:2000]))
       log(f"  FAIL check window_{name}: {e!r}"[:600])
-  ro, rl = ref_rows(qr, kvr)
+  ro, rl = ro_ret, rl_ret = ref_rows(qr, kvr)
   try:
     o, l = ops.causal_attention(qr, k, v, kvr, kernels=kernels)
     run.check("causal_attention_dispatch", s, out_rel=rel_err(o[:, rows_j], ro),
@@ -392,6 +401,30 @@ def run_prefill(run, cfg, s, reps, smoke, densities, variants, skip=()):
     run.time(f"window_{impl}_27h", s,
              lambda q, k, v, fn=window_fn(impl): fn(q, k, v, kvl, **win_rule),
              (ql, k, v), reps=reps, flops=wflops, **ph)
+  if not smoke and "mgpu" not in skip:
+    for tag, tiles in MGPU_TILES.items():
+      try:
+        o, l = mgpu_k.window_attention(ql, k, v, kvl, **win_rule, tiles=tiles)
+        run.check(f"window_attention_mgpu_{tag}", s, out_rel=rel_err(o[:, rows_j], ro_win),
+                  lse_max_abs=float(jnp.max(jnp.abs(l[:, rows_j] - rl_win))))
+      except Exception as e:  # noqa: BLE001
+        run.errors.append(dict(name=f"check window_mgpu_{tag}", ctx=s, error=repr(e)[:2000]))
+        log(f"  FAIL check window_mgpu_{tag}: {e!r}"[:600])
+        continue
+      run.time(f"window_mgpu_27h_{tag}", s,
+               lambda q, k, v, tiles=tiles: mgpu_k.window_attention(q, k, v, kvl, **win_rule,
+                                                                    tiles=tiles),
+               (ql, k, v), reps=reps, flops=wflops, **ph)
+    try:
+      o, l = mgpu_k.causal_attention(qr, k, v, kvr)
+      run.check("causal_attention_mgpu", s, out_rel=rel_err(o[:, rows_j], ro_ret),
+                lse_max_abs=float(jnp.max(jnp.abs(l[:, rows_j] - rl_ret))))
+      run.time("retrieval_dense_mgpu_5h", s,
+               lambda q, k, v: mgpu_k.causal_attention(q, k, v, kvr), (qr, k, v), reps=reps,
+               flops=rflops, **ph)
+    except Exception as e:  # noqa: BLE001
+      run.errors.append(dict(name="check causal_mgpu", ctx=s, error=repr(e)[:2000]))
+      log(f"  FAIL check causal_mgpu: {e!r}"[:600])
   if not smoke and s <= 128 * 1024 and "tiles" not in skip:  # other Pallas tiles, for the record
     for tag, kw in PALLAS_TILES.items():
       run.time(f"window_pallas_27h_{tag}", s,
@@ -730,7 +763,7 @@ def main(argv=None):
   p.add_argument("--profile-decode", default=None,
                  help="only run one decode layer step at this context (for ncu)")
   p.add_argument("--variants", default="paper,sparse")
-  p.add_argument("--skip", default="", help="comma list: pallas, cudnn, cudnn_chunked, tiles, "
+  p.add_argument("--skip", default="", help="comma list: pallas, cudnn, cudnn_chunked, mgpu, tiles, "
                  "retrieval_pallas")
   p.add_argument("--window-impl", default=None,
                  help="override the dispatch's window implementation (the run's KernelConfig)")

@@ -31,8 +31,8 @@ BACKENDS = ("gpu", "tpu", "reference")
 # The implementations of each operation on the gpu backend; "pallas" runs wherever the Pallas
 # kernels do, "xla" is the jnp reference compiled by XLA.
 IMPLS: dict[str, tuple[str, ...]] = {
-    "causal_attention": ("pallas", "cudnn", "xla"),
-    "window_attention": ("pallas", "cudnn", "cudnn_chunked"),
+    "causal_attention": ("pallas", "cudnn", "xla", "mgpu"),
+    "window_attention": ("pallas", "cudnn", "cudnn_chunked", "mgpu"),
     "cache_causal_attention": ("pallas", "cudnn"),
     "topp_select": ("pallas",),
     "sparse_decode": ("pallas",),

@@ -12,6 +12,7 @@ default command.
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -79,6 +80,10 @@ def test_unmeasured_hardware_keeps_the_unmeasured_defaults(cc, kind):
     ("causal_attention", "pallas", "9.0", True, "pallas"),
     ("causal_attention", "", "9.0", True, "cudnn"),  # empty = no override
     ("sparse_decode", "pallas", "9.0", True, "pallas"),
+    ("window_attention", "mgpu", "9.0", False, "mgpu"),  # needs no cuDNN
+    ("causal_attention", "MGPU", "9.0", True, "mgpu"),
+    ("window_attention", "mgpu", "8.0", True, "pallas"),  # Hopper only
+    ("causal_attention", "mgpu", "10.0", True, "pallas"),
 ])
 def test_override_wins_over_the_default(op, override, cc, cudnn, want):
   assert dispatch.select_impl(op, dtype=jnp.bfloat16, cudnn_available=cudnn,
@@ -164,13 +169,13 @@ def _record(monkeypatch, calls):
   monkeypatch.setattr(dispatch, "_pallas_ok", lambda kernels: True)
 
 
-def _calls_per_op(dtype, q_offset=0, kernels=GPU):
+def _calls_per_op(dtype, q_offset=0, kernels=GPU, d=32):
   """The implementation each switchable dispatch entry point called (through `ops`, so the
   call that `ops` runs is the one the dispatch returned)."""
   from pallas_kernels import ops
-  q = jnp.ones((1, 64, 4, 32), dtype)
-  k = v = jnp.ones((1, 64, 2, 32), dtype)
-  kc = vc = jnp.ones((1, 2, 128, 32), dtype)
+  q = jnp.ones((1, 64, 4, d), dtype)
+  k = v = jnp.ones((1, 64, 2, d), dtype)
+  kc = vc = jnp.ones((1, 2, 128, d), dtype)
   out = {}
   for op, call in (
       ("causal_attention", lambda: ops.causal_attention(q, k, v, KV, q_offset=q_offset,
@@ -213,6 +218,40 @@ def test_dispatch_entry_points_follow_the_selection(monkeypatch):
                                          "cache_causal_attention": ["pallas"]}
   _hopper(monkeypatch, cudnn=False)  # e.g. interpret mode
   assert _calls_per_op(jnp.bfloat16) == {op: ["pallas"] for op in dispatch.OVERRIDE_ENV}
+
+
+def test_mgpu_choice_runs_the_mosaic_kernel(monkeypatch):
+  """An "mgpu" override on a Hopper runs the Mosaic GPU kernel for bf16 at a static offset;
+  fp32, a traced offset or another architecture fall back to Pallas. In the interpreter the
+  choice stands on any device."""
+  _record(monkeypatch, CALLS)
+  for name in ("window_attention", "causal_attention"):
+    monkeypatch.setattr(dispatch.mgpu_k, name,
+                        lambda *a, interpret, name=name, **kw: CALLS.append("mgpu")
+                        or getattr(ref, name)(*a, **kw))
+  _hopper(monkeypatch, cudnn=False)
+  over = GPU.with_impls(window_attention="mgpu", causal_attention="mgpu")
+  want = {"causal_attention": ["mgpu"], "window_attention": ["mgpu"],
+          "cache_causal_attention": ["pallas"]}
+  assert _calls_per_op(jnp.bfloat16, kernels=over, d=64) == want
+  # Queries past the last key (offset 8 + 64 rows over 64 keys): a row could see no key, which
+  # the kernel does not handle, so Pallas runs.
+  assert _calls_per_op(jnp.bfloat16, q_offset=8, kernels=over, d=64)["window_attention"] == [
+      "pallas"]
+  assert _calls_per_op(jnp.bfloat16, kernels=over)["window_attention"] == ["pallas"]  # d 32
+  assert _calls_per_op(jnp.float32, kernels=over, d=64) == {op: ["pallas"]
+                                                      for op in dispatch.OVERRIDE_ENV}
+  from pallas_kernels import ops
+  q = jnp.ones((1, 64, 4, 64), jnp.bfloat16)
+  kv = jnp.ones((1, 64, 2, 64), jnp.bfloat16)
+  CALLS.clear()
+  jax.jit(lambda off: ops.window_attention(q, kv, kv, KV, sinks=4, window=16, q_offset=off,
+                                           kernels=over))(jnp.int32(0))
+  assert CALLS == ["pallas"]  # a traced offset
+  monkeypatch.setattr(dispatch, "device_info", lambda: ("NVIDIA A100-SXM4-80GB", "8.0"))
+  assert _calls_per_op(jnp.bfloat16, kernels=over, d=64)["window_attention"] == ["pallas"]
+  assert dispatch.impl_for("window_attention", jnp.bfloat16,
+                           KernelConfig("gpu", interpret=True, impls=over.impls)) == "mgpu"
 
 
 def _load(name):

@@ -5,6 +5,11 @@ random inputs. The interpreter fills kernel outputs with NaN (floats) / INT_MIN 
 before the call (checked by `test_interpreter_poisons_outputs`), so an element a kernel
 fails to write shows up as a NaN or a wrong index against the oracle.
 
+The Mosaic GPU kernels (`*_mgpu.py`) run in the Mosaic GPU interpreter (a thread per
+warpgroup, TMA, barriers). Its race detector is not used: in jax 0.11.2 it reports a race for
+a plain SMEM read, an arrive on a barrier, a wait on it in another warpgroup and a TMA write
+into that buffer, the ordering every slot ring relies on.
+
 `test_compiles_for_sm90` lowers each Triton kernel for an abstract NVIDIA H200 and compiles
 it with the `triton` package to an sm_90 cubin, without a GPU.
 """
@@ -14,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as pl_mgpu
 
 from pallas_kernels import reference as ref
 from pallas_kernels.config import KernelConfig
@@ -26,6 +32,7 @@ from pallas_kernels.gpu import sparse_prefill as sparse_prefill_k
 from pallas_kernels.gpu import topp_rows
 from pallas_kernels.gpu import topp_select as topp_select_k
 from pallas_kernels.gpu import window_attention as flash
+from pallas_kernels.gpu import window_attention_mgpu as mgpu
 
 KV_MIXED = (1, 0, 1, 1)  # 4 query heads on 2 KV heads, groups of unequal size
 GPU = KernelConfig("gpu", interpret=True)  # the GPU backend in the Pallas interpreter
@@ -206,6 +213,56 @@ def test_engine_chunked_prefill_on_gpu_kernels(monkeypatch):
   assert {"causal_attention", "window_attention"} <= set(calls)
   np.testing.assert_allclose(got.first_logits, want.first_logits, atol=2e-5, rtol=1e-5)
   np.testing.assert_array_equal(got.tokens, want.tokens)
+
+
+@pytest.mark.parametrize("b,sq,kv_len,q_offset,sinks,window,tiles,d,dtype,interp", [
+    # ragged q and kv, sinks below the window, 3 slots
+    (1, 300, 300, 0, 4, 100, mgpu.Tiles(64, 64, 3), 64, jnp.bfloat16, True),
+    # the same without the warpgroups taking turns
+    (1, 300, 300, 0, 4, 100, mgpu.Tiles(64, 64, 3, pingpong=False), 64, jnp.bfloat16,
+     pl_mgpu.InterpretGPUParams()),
+    # a later chunk at a static offset: queries at 72.., keys 0..199, more steps than slots
+    (2, 128, 200, 72, 3, 64, mgpu.Tiles(64, 64, 2), 64, jnp.bfloat16, True),
+    # the default tiles (128-key steps), head_dim 128, fp16, a window wider than the sequence
+    (1, 200, 200, 0, 4, 1000, mgpu.Tiles(), 128, jnp.float16, True),
+    # no sinks: a row's first blocks may all be hidden (the finite-mask path)
+    (1, 256, 256, 0, 0, 70, mgpu.Tiles(64, 64, 2), 64, jnp.bfloat16, True),
+    # causal over a longer key range
+    (1, 160, 230, 70, 0, None, mgpu.Tiles(64, 64, 2), 64, jnp.bfloat16, True),
+])
+def test_window_attention_mgpu(b, sq, kv_len, q_offset, sinks, window, tiles, d, dtype, interp):
+  """The Mosaic GPU kernel against the reference, every row and the LSE; outputs start as NaN
+  in the interpreter, so a row it fails to write fails here."""
+  q = _normal((b, sq, 4, d), dtype)
+  k, v = _normal((b, kv_len, 2, d), dtype), _normal((b, kv_len, 2, d), dtype)
+  if window is None:
+    got = mgpu.causal_attention(q, k, v, KV_MIXED, q_offset=q_offset, tiles=tiles,
+                                interpret=interp)
+    want = mgpu.reference_causal(q, k, v, KV_MIXED, q_offset=q_offset)
+  else:
+    got = mgpu.window_attention(q, k, v, KV_MIXED, sinks=sinks, window=window,
+                                q_offset=q_offset, tiles=tiles, interpret=interp)
+    want = mgpu.reference(q, k, v, KV_MIXED, sinks=sinks, window=window, q_offset=q_offset)
+  assert got[0].dtype == dtype and got[1].shape == (b, sq, 4)
+  _close(got[0], want[0], 2e-2)
+  _close(got[1], want[1], 1e-4)
+
+
+def test_mgpu_key_schedule_covers_exactly_the_visible_blocks():
+  """key_schedule's blocks are the blocks holding a key some query of the tile sees (brute
+  force over tiles, offsets, sinks and windows)."""
+  for bk, sinks, window, kv_len, first, rows in [(64, 4, 100, 1000, 640, 128),
+                                                 (64, 0, 64, 700, 128, 128),
+                                                 (128, 130, 300, 2000, 1024, 128),
+                                                 (64, 4, None, 500, 256, 128),
+                                                 (64, 4, 5000, 900, 384, 128)]:
+    last = first + rows - 1
+    n_sink, lo, hi = (int(x) for x in mgpu.key_schedule(first, last, bk=bk, sinks=sinks,
+                                                        window=window, kv_len=kv_len))
+    got = list(range(n_sink)) + list(range(lo, hi))
+    want = sorted({j // bk for t in range(first, last + 1) for j in range(min(t + 1, kv_len))
+                   if window is None or j < sinks or j > t - window})
+    assert got == want, (bk, sinks, window, first)
 
 
 def test_causal_attention_bf16():

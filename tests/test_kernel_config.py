@@ -113,10 +113,10 @@ def test_from_env(env, want):
      "RTPURBO_KERNELS='cuda': expected auto, gpu, tpu or reference"),
     ({"RTPURBO_KERNELS": "gpu", "RTPURBO_WINDOW_ATTN": "sliding"},
      "RTPURBO_WINDOW_ATTN='sliding' is not an implementation of window_attention: expected "
-     "one of pallas, cudnn, cudnn_chunked"),
+     "one of pallas, cudnn, cudnn_chunked, mgpu"),
     ({"RTPURBO_KERNELS": "gpu", "RTPURBO_CAUSAL_ATTN": "triton"},
      "RTPURBO_CAUSAL_ATTN='triton' is not an implementation of causal_attention: expected "
-     "one of pallas, cudnn, xla"),
+     "one of pallas, cudnn, xla, mgpu"),
     ({"RTPURBO_KERNELS": "gpu", "RTPURBO_CACHE_ATTN": "xla"},
      "RTPURBO_CACHE_ATTN='xla' is not an implementation of cache_causal_attention: expected "
      "one of pallas, cudnn"),

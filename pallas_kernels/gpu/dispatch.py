@@ -15,19 +15,23 @@ benchmarks/NOTES.md); an architecture without measurements keeps the choices mad
 measurement (`UNMEASURED`: cuDNN for whole-sequence causal and window attention, Pallas for
 the cache attention of prefill chunks and everything else). The implementations per
 operation (`IMPLS`):
-  causal_attention        pallas | cudnn | xla
-  window_attention        pallas | cudnn | cudnn_chunked
+  causal_attention        pallas | cudnn | xla | mgpu
+  window_attention        pallas | cudnn | cudnn_chunked | mgpu
   cache_causal_attention  pallas | cudnn
 An invalid override is a ValueError naming its source and the choices. Where the chosen cuDNN
 path cannot run (no cuDNN, interpret mode, fp32, a shape cuDNN does not take, or a q_offset
-that is not a static 0 for causal / window attention), the Pallas kernel runs.
+that is not a static 0 for causal / window attention), the Pallas kernel runs; likewise
+where the chosen Mosaic GPU kernel cannot (not a Hopper GPU nor the interpreter, fp32, a shape
+it does not take, or a traced q_offset).
 
 Implementations:
   causal_attention   cuDNN flash attention, or the Pallas flash kernel (runtime q_offset);
-                     "xla": none (the reference runs as XLA fusions).
+                     "xla": none (the reference runs as XLA fusions); "mgpu": the Mosaic
+                     GPU kernel (wgmma + TMA, warp-specialised; static q_offset).
   window_attention   "cudnn" (cuDNN's sliding-window mask), "cudnn_chunked" (two causal cuDNN
                      calls over window-sized chunks + LSE-merged sinks) or "pallas" (one flash
-                     kernel with the sink + window rule, runtime q_offset).
+                     kernel with the sink + window rule, runtime q_offset) or "mgpu" (the
+                     Mosaic GPU kernel with that rule, static q_offset).
   cache_causal_attention  a prefill chunk over the KV cache in place ([b, kv, T, d]): the
                      Pallas flash kernel (kv_major, traced offset) or "cudnn", a prefix call
                      (padding mask) + a causal call on the chunk, merged by LSE.
@@ -61,6 +65,7 @@ from pallas_kernels.gpu import prefill_select as prefill_select_k
 from pallas_kernels.gpu import sparse_prefill as sparse_prefill_k
 from pallas_kernels.gpu import topp_select as topp_select_k
 from pallas_kernels.gpu import window_attention as flash_k
+from pallas_kernels.gpu import window_attention_mgpu as mgpu_k
 
 # ---------------------------------------------------------------------------
 # Implementation choice.
@@ -130,7 +135,7 @@ def gpu_arch(compute_capability=None, device_kind: str | None = None) -> str | N
 
 def select_impl(op: str, *, dtype, cudnn_available: bool, compute_capability=None,
                 device_kind: str | None = None, override: str | None = None,
-                source: str | None = None) -> str:
+                source: str | None = None, interpret: bool = False) -> str:
   """The implementation of `op` (a key of `IMPLS`) to run: pure, no device or environment read.
 
   override: an implementation name (case-insensitive; None or "" = none), validated against
@@ -139,7 +144,9 @@ def select_impl(op: str, *, dtype, cudnn_available: bool, compute_capability=Non
   Without an override: `MEASURED[gpu_arch(...)]` (`UNMEASURED` for an architecture not
   listed there), "pallas" for an op it does not list.
   float32 inputs take `MEASURED_FP32[arch]` over that table where it has the op.
-  A cuDNN choice becomes "pallas" unless cuDNN is available and `dtype` is bf16 / fp16.
+  A cuDNN choice becomes "pallas" unless cuDNN is available and `dtype` is bf16 / fp16; a
+  Mosaic GPU choice ("mgpu") unless `dtype` is bf16 / fp16 and the device is a Hopper GPU or
+  the Pallas interpreter runs (`interpret`).
   """
   if op not in IMPLS:
     raise ValueError(f"unknown GPU operation {op!r}; expected one of {sorted(IMPLS)}")
@@ -152,6 +159,9 @@ def select_impl(op: str, *, dtype, cudnn_available: bool, compute_capability=Non
       table = {**table, **MEASURED_FP32.get(arch, {})}
     want = table.get(op, "pallas")
   if want.startswith("cudnn") and not (cudnn_available and jnp.dtype(dtype) in CUDNN_DTYPES):
+    return "pallas"
+  if want == "mgpu" and not ((interpret or gpu_arch(compute_capability, device_kind) == "hopper")
+                             and jnp.dtype(dtype) in CUDNN_DTYPES):
     return "pallas"
   return want
 
@@ -175,7 +185,7 @@ def impl_for(op: str, dtype, kernels: KernelConfig) -> str:
   default device, whether cuDNN can run here and the config's override."""
   kind, cc = device_info()
   return select_impl(op, dtype=dtype, cudnn_available=_cudnn_ok(kernels), compute_capability=cc,
-                     device_kind=kind, override=kernels.impl(op))
+                     device_kind=kind, override=kernels.impl(op), interpret=kernels.interpret)
 
 
 def current_impls(dtype, kernels: KernelConfig | None = None) -> dict[str, str]:
@@ -196,7 +206,12 @@ def _cudnn_ok(kernels: KernelConfig) -> bool:
 
 def _static_zero(q_offset) -> bool:
   """q_offset is a concrete 0 (a traced scalar is never: its value is unknown here)."""
-  return not isinstance(q_offset, jax.core.Tracer) and int(q_offset) == 0
+  return _static_int(q_offset) == 0
+
+
+def _static_int(q_offset) -> int | None:
+  """q_offset's value when it is concrete, else None."""
+  return None if isinstance(q_offset, jax.core.Tracer) else int(q_offset)
 
 
 def _heads(kv_heads) -> tuple[int, ...]:
@@ -216,6 +231,11 @@ def causal_attention(q, k, v, kv_heads, *, q_offset=0, chunk: int = 512,
     return None
   if impl == "cudnn" and _static_zero(q_offset) and cudnn.supported(q, k, v, kv_heads):
     return functools.partial(cudnn.causal_attention, q, k, v, kv_heads)
+  offset = _static_int(q_offset)
+  if impl == "mgpu" and offset is not None and mgpu_k.supported(q, k, v, kv_heads,
+                                                                q_offset=offset):
+    return functools.partial(mgpu_k.causal_attention, q, k, v, kv_heads, q_offset=offset,
+                             interpret=kernels.interpret)
   if _pallas_ok(kernels) and flash_k.supported(q, k, v, kv_heads):
     return functools.partial(flash_k.causal_attention, q, k, v, kv_heads, q_offset=q_offset,
                              interpret=kernels.interpret)
@@ -244,6 +264,11 @@ def window_attention(q, k, v, kv_heads, *, sinks: int, window: int, q_offset=0,
   if impl.startswith("cudnn") and _static_zero(q_offset) and cudnn.supported(q, k, v, kv_heads):
     return functools.partial(cudnn.window_attention, q, k, v, kv_heads, sinks=sinks,
                              window=window, chunked=impl == "cudnn_chunked")
+  offset = _static_int(q_offset)
+  if impl == "mgpu" and offset is not None and mgpu_k.supported(q, k, v, kv_heads,
+                                                                q_offset=offset):
+    return functools.partial(mgpu_k.window_attention, q, k, v, kv_heads, sinks=sinks,
+                             window=window, q_offset=offset, interpret=kernels.interpret)
   if _pallas_ok(kernels) and flash_k.supported(q, k, v, kv_heads):
     return functools.partial(flash_k.window_attention, q, k, v, kv_heads, sinks=sinks,
                              window=window, q_offset=q_offset, interpret=kernels.interpret)
