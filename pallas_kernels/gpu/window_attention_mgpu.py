@@ -145,6 +145,9 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_smem, lse_sme
       acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
       p16 = p.astype(dtype)
       if tiles.pingpong:  # softmax done: let the other warpgroup's S = Q K^T go first
+        # Keep the softmax before the hand-over (the scheduler may otherwise sink it past
+        # the barrier, into the other warpgroup's turn).
+        acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
         plgpu.barrier_arrive(turn)
         plgpu.barrier_wait(v_full.at[slot])
         plgpu.barrier_wait(turn)
