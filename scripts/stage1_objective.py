@@ -8,7 +8,9 @@ the objective or the width; the committed indexer is the first row. The teacher 
 committed). `token_r32` widens the indexer to 32 dimensions: the committed 16 plus 16 new ones
 whose query rows start at zero (so it starts as exactly the committed scorer) and whose key
 rows start random, at the committed rows' scale; it asks whether the 16-d fit's plateau is the
-dimension's. Held-out plays (never trained on), every query position: recall of the teacher's
+dimension's. `token_pos` adds a learned bias per head and log2 block distance to the indexer
+score (beyond the method, whose 16-d score is position-free), starting at zero: it asks how
+much of the gap to the teacher's own top-p is recency the indexer cannot see. Held-out plays (never trained on), every query position: recall of the teacher's
 attention mass inside the indexer's top-p blocks, the fraction of causal blocks selected, and
 the fraction the teacher's own top-p needs, at several top_p values (the recall / budget
 trade-off). Intervals: 95% bootstrap over (window, head) pairs of the difference to the
@@ -19,6 +21,9 @@ The teacher activations of the training windows are computed once and kept in ho
 
   python scripts/stage1_objective.py --out results/stage1_objective      # ~20 min, 2 CPU cores
   python scripts/stage1_objective.py --variants token,token_r32 --out results/indexer_width
+  python scripts/stage1_objective.py --variants token,token_pos --out results/distance_bias
+  python scripts/stage1_objective.py --variants token,token_pos --load results/distance_bias \
+      --heldout_len 8192 --out results/distance_bias_8k      # the same indexers, 8K windows
   python scripts/stage1_objective.py --smoke --out /tmp/x                  # seconds
 """
 
@@ -45,16 +50,20 @@ from rtpurbo_jax import assets  # noqa: E402
 from rtpurbo_jax.train import losses  # noqa: E402
 from rtpurbo_jax.train import stages  # noqa: E402
 
-VARIANTS = ("token", "block", "token_r32")
+VARIANTS = ("token", "block", "token_r32", "token_pos")
+DISTANCE_BUCKETS = 16  # log2 block distance: own block, 1, 2-3, ..., >= 2^14 blocks back
 
 
-def parse_variant(name: str) -> tuple[str, int | None]:
-  """"token" / "block" -> (objective, None: the committed width); "<objective>_r<dim>" ->
-  (objective, dim)."""
-  objective, _, width = name.partition("_r")
+def parse_variant(name: str) -> tuple[str, int | None, bool]:
+  """"token" / "block" -> (objective, None: the committed width, False);
+  "<objective>_r<dim>" -> (objective, dim, False); a "_pos" suffix on either adds the learned
+  distance bias (True)."""
+  base = name.removesuffix("_pos")
+  objective, _, width = base.partition("_r")
   if objective not in losses.STAGE1_OBJECTIVES or (width and not width.isdigit()):
-    raise SystemExit(f"--variants: {name!r} is not one of {VARIANTS} (or <objective>_r<dim>)")
-  return objective, int(width) if width else None
+    raise SystemExit(f"--variants: {name!r} is not one of {VARIANTS} "
+                     "(or <objective>[_r<dim>][_pos])")
+  return objective, int(width) if width else None, base != name
 
 
 def widen(wq, wk, dim: int, seed: int):
@@ -89,12 +98,21 @@ def collect_acts(model, windows: np.ndarray) -> list:
   return [jax.device_get(run(state, jnp.asarray(w)[None])) for w in windows]
 
 
-def train(wq, wk, acts: list, *, objective: str, steps: int, lr: float, chunk: int,
-          top_p: float, block_size: int, log_every: int, label: str = "") -> tuple:
-  """AdamW (as stage 1: warmup then cosine, weight decay 0.01, clip 1.0), one window a step."""
-  sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 10, 1), steps)
-  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.01))
-  params = (jnp.asarray(wq), jnp.asarray(wk))
+def train(wq, wk, bias, acts: list, *, objective: str, steps: int, lr: float, chunk: int,
+          top_p: float, block_size: int, log_every: int, label: str = "",
+          bias_lr: float = 0.03) -> tuple:
+  """AdamW (as stage 1: warmup then cosine, weight decay 0.01, clip 1.0), one window a step.
+  bias: None, or the [n_ret, buckets] distance bias trained with the indexer, by Adam at its
+  own rate `bias_lr` (it starts at zero and is measured in units of log-mass, where the
+  indexer's rate would move it by at most ~lr per step)."""
+  def opt(rate, decay):
+    sched = optax.warmup_cosine_decay_schedule(0.0, rate, max(steps // 10, 1), steps)
+    return optax.adamw(sched, weight_decay=decay)
+
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.multi_transform(
+      {"indexer": opt(lr, 0.01), "bias": opt(bias_lr, 0.0)},
+      lambda p: ("indexer", "indexer", None if p[2] is None else "bias")))
+  params = (jnp.asarray(wq), jnp.asarray(wk), None if bias is None else jnp.asarray(bias))
   opt = tx.init(params)
   queries = np.arange(acts[0].q.shape[1], dtype=np.int32)
 
@@ -103,7 +121,7 @@ def train(wq, wk, acts: list, *, objective: str, steps: int, lr: float, chunk: i
     def loss(p):
       value, _, metrics = losses.stage1_loss(p[0], p[1], a, queries, chunk=chunk, top_p=top_p,
                                              block_size=block_size, stats_stride=16,
-                                             objective=objective)
+                                             objective=objective, distance_bias=p[2])
       return value, metrics
     (value, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params)
     updates, opt = tx.update(grads, opt, params)
@@ -117,10 +135,10 @@ def train(wq, wk, acts: list, *, objective: str, steps: int, lr: float, chunk: i
              **{k: round(float(v), 4) for k, v in metrics.items()}}
       log.append(rec)
       print(f"  {label or objective} {rec}", flush=True)
-  return params[0], params[1], log
+  return params, log
 
 
-def heldout(wq, wk, acts: list, *, top_ps, chunk: int, block_size: int) -> dict:
+def heldout(wq, wk, bias, acts: list, *, top_ps, chunk: int, block_size: int) -> dict:
   """Per top_p: [windows, heads] arrays of token KL, recall, fraction, oracle fraction.
 
   The query positions are traced, so the chunks run as one scan (one chunk's scores live at a
@@ -128,9 +146,10 @@ def heldout(wq, wk, acts: list, *, top_ps, chunk: int, block_size: int) -> dict:
   queries = jnp.arange(acts[0].q.shape[1], dtype=jnp.int32)
   out = {}
   for p in top_ps:
-    f = jax.jit(lambda wq, wk, a, p=p: losses.per_head_means(losses.stage1_sums(
-        wq, wk, a, queries, chunk=chunk, top_p=p, block_size=block_size)))
-    rows = [jax.device_get(f(wq, wk, a)) for a in acts]
+    f = jax.jit(lambda wq, wk, bias, a, p=p: losses.per_head_means(losses.stage1_sums(
+        wq, wk, a, queries, chunk=chunk, top_p=p, block_size=block_size,
+        distance_bias=bias)))
+    rows = [jax.device_get(f(wq, wk, bias, a)) for a in acts]
     out[p] = {k: np.concatenate([np.asarray(r[k]) for r in rows], axis=0)
               for k in ("kl", "recall", "fraction", "oracle_fraction")}
   return out
@@ -184,6 +203,8 @@ def main(argv=None):
   ap.add_argument("--train_windows", type=int, default=12)
   ap.add_argument("--steps", type=int, default=60)
   ap.add_argument("--lr", type=float, default=3e-4)
+  ap.add_argument("--bias_lr", type=float, default=0.03,
+                  help="Adam rate of the _pos variants' distance bias")
   ap.add_argument("--heldout_len", type=int, default=4096)
   ap.add_argument("--heldout_windows", type=int, default=4)
   ap.add_argument("--top_p", default="0.8,0.9,0.95")
@@ -191,8 +212,12 @@ def main(argv=None):
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--variants", default="token,block",
                   help="comma-separated: token, block (the stage-1 objectives at the committed "
-                       "width) or <objective>_r<dim> (a wider indexer); token is the reference "
-                       "row and must be included")
+                       "width) or <objective>_r<dim> (a wider indexer), either with _pos (a "
+                       "learned bias per log2 block distance added to the indexer score, "
+                       "beyond the method); token is the reference row and must be included")
+  ap.add_argument("--load", default=None,
+                  help="a folder of a run's indexer_<variant>.npz: evaluate those instead of "
+                       "training (the settings' steps and lr then describe that run)")
   ap.add_argument("--smoke", action="store_true", help="a tiny random model: checks the script")
   args = ap.parse_args(argv)
   t0 = time.time()
@@ -225,26 +250,33 @@ def main(argv=None):
   bs = model.sparse.block_size
   print(f"teacher activations: {len(train_w)} training + {len(held_w)} held-out windows",
         flush=True)
-  train_acts = collect_acts(model, train_w)
+  train_acts = [] if args.load else collect_acts(model, train_w)
   held_acts = collect_acts(model, held_w)
   wq0, wk0 = jax.device_get(losses.stacked_indexer(model, held_acts[0]))
-  indexers = {"committed": (wq0, wk0)}
+  indexers = {"committed": (wq0, wk0, None)}
   logs = {}
-  for name, (objective, width) in variants.items():
+  for name, (objective, width, pos) in variants.items():
+    if args.load:  # a trained variant, evaluated again (e.g. at another held-out length)
+      z = np.load(os.path.join(args.load, f"indexer_{name}.npz"))
+      indexers[name] = (z["wq"], z["wk"], z["distance_bias"] if pos else None)
+      logs[name] = []
+      continue
     print(f"training ({name})", flush=True)
     start = (wq0, wk0) if width is None else widen(wq0, wk0, width, args.seed)
-    wq, wk, logs[name] = train(*start, train_acts, objective=objective,
-                               steps=args.steps, lr=args.lr, chunk=args.chunk,
-                               top_p=model.sparse.top_p, block_size=bs,
-                               log_every=max(args.steps // 10, 1), label=name)
-    indexers[name] = (wq, wk)
+    bias = np.zeros((wq0.shape[0], DISTANCE_BUCKETS), np.float32) if pos else None
+    indexers[name], logs[name] = train(*start, bias, train_acts, objective=objective,
+                                       steps=args.steps, lr=args.lr, bias_lr=args.bias_lr,
+                                       chunk=args.chunk,
+                                       top_p=model.sparse.top_p, block_size=bs,
+                                       log_every=max(args.steps // 10, 1), label=name)
     os.makedirs(args.out, exist_ok=True)  # kept, so a failed evaluation loses no training
-    np.savez(os.path.join(args.out, f"indexer_{name}.npz"), wq=np.asarray(wq),
-             wk=np.asarray(wk))
+    np.savez(os.path.join(args.out, f"indexer_{name}.npz"),
+             **{k: np.asarray(v) for k, v in zip(("wq", "wk", "distance_bias"),
+                                                 indexers[name]) if v is not None})
   del train_acts
   print("held-out evaluation", flush=True)
-  metrics = {name: heldout(wq, wk, held_acts, top_ps=top_ps, chunk=args.chunk, block_size=bs)
-             for name, (wq, wk) in indexers.items()}
+  metrics = {name: heldout(*ix, held_acts, top_ps=top_ps, chunk=args.chunk, block_size=bs)
+             for name, ix in indexers.items()}
   rep_held = {}
   for p in top_ps:
     rows = {}
@@ -261,9 +293,11 @@ def main(argv=None):
       "jax": jax.__version__, "python": platform.python_version(),
       "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
       "settings": {"train_len": args.train_len, "train_windows": args.train_windows,
-                   "steps": args.steps, "lr": args.lr, "heldout_len": args.heldout_len,
+                   "steps": args.steps, "lr": args.lr, "bias_lr": args.bias_lr,
+                   "heldout_len": args.heldout_len,
                    "heldout_windows": args.heldout_windows, "heldout_plays": held_plays,
                    "chunk": args.chunk, "seed": args.seed, "smoke": args.smoke,
+                   "loaded_from": args.load,
                    "variants": list(variants)},
       "units": int(np.prod(metrics["token"][top_ps[0]]["kl"].shape)),
       "heldout": rep_held,

@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -72,12 +73,16 @@ def test_stage1_speed_smoke_same_loss_before_and_after(tmp_path):
 def test_stage1_objective_smoke(tmp_path):
   _run(["scripts/stage1_objective.py", "--smoke", "--out", str(tmp_path), "--train_len", "64",
         "--train_windows", "2", "--steps", "3", "--heldout_len", "96", "--heldout_windows",
-        "2", "--chunk", "32", "--top_p", "0.9", "--variants", "token,block,token_r12"],
-       tmp_path)
+        "2", "--chunk", "32", "--top_p", "0.9", "--variants",
+        "token,block,token_r12,token_pos"], tmp_path)
   rep = json.loads((tmp_path / "stage1_objective.json").read_text())
   rows = rep["heldout"]["0.9"]
-  assert set(rows) == {"committed", "token", "block", "token_r12"} and rep["units"] == 2 * 3
+  assert set(rows) == {"committed", "token", "block", "token_r12", "token_pos"}
+  assert rep["units"] == 2 * 3
   assert np.load(tmp_path / "indexer_token_r12.npz")["wq"].shape[1] == 12  # smoke r is 8
+  assert "distance_bias" not in np.load(tmp_path / "indexer_token.npz")
+  bias = np.load(tmp_path / "indexer_token_pos.npz")["distance_bias"]
+  assert bias.shape == (3, 16) and np.abs(bias).max() > 0  # trained from zero
   for name, row in rows.items():
     assert 0.0 < row["recall"]["mean"] <= 1.0 and 0.0 < row["fraction"]["mean"] <= 1.0
     assert ("diff" in row["kl"]) == (name != "token")
@@ -85,6 +90,15 @@ def test_stage1_objective_smoke(tmp_path):
   assert rows["token"]["kl"]["mean"] != rows["committed"]["kl"]["mean"]
   assert [r["step"] for r in rep["train_log"]["block"]][-1] == 3
   assert "| block | 0.9 |" in (tmp_path / "stage1_objective.md").read_text()
+  # --load evaluates the saved indexers again, here at another held-out length: no training.
+  again = tmp_path / "again"
+  _run(["scripts/stage1_objective.py", "--smoke", "--out", str(again), "--load", str(tmp_path),
+        "--heldout_len", "128", "--heldout_windows", "2", "--chunk", "32", "--top_p", "0.9",
+        "--variants", "token,token_pos"], tmp_path)
+  rep2 = json.loads((again / "stage1_objective.json").read_text())
+  assert rep2["train_log"] == {"token": [], "token_pos": []}
+  assert rep2["settings"]["loaded_from"] == str(tmp_path)
+  assert rep2["heldout"]["0.9"]["token_pos"]["kl"]["mean"] != rows["token_pos"]["kl"]["mean"]
 
 
 def test_widened_indexer_starts_as_the_committed_scorer(rng):
@@ -100,8 +114,11 @@ def test_widened_indexer_starts_as_the_committed_scorer(rng):
   after = np.einsum("hrd,qd,hre,ke->hqk", wq2, q, wk2, k)
   np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-4)
   assert np.all(np.std(wk2[:, 16:], axis=(1, 2)) > 0.5 * np.std(wk, axis=(1, 2)))
-  assert stage1_objective.parse_variant("token_r32") == ("token", 32)
-  assert stage1_objective.parse_variant("block") == ("block", None)
+  assert stage1_objective.parse_variant("token_r32") == ("token", 32, False)
+  assert stage1_objective.parse_variant("block") == ("block", None, False)
+  assert stage1_objective.parse_variant("token_r32_pos") == ("token", 32, True)
+  with pytest.raises(SystemExit, match="tokens_pos"):
+    stage1_objective.parse_variant("tokens_pos")
 
 
 def test_stage2_step_smoke(tmp_path):

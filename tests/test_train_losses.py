@@ -39,8 +39,14 @@ def np_topp_blocks(mass_tokens, t, bs, p):
   return sel, nb
 
 
-def np_stage1(q_pre, k_pre, q, k, wq, wk, queries, bs, top_p):
-  """Per (batch, head) mean over queries of KL, recall, fraction, oracle fraction."""
+def np_bucket(d_blocks, n_buckets):
+  """0 for the own block, 1 + floor(log2(d)) for d >= 1 blocks back, clipped."""
+  return 0 if d_blocks == 0 else min(1 + int(math.floor(math.log2(d_blocks))), n_buckets - 1)
+
+
+def np_stage1(q_pre, k_pre, q, k, wq, wk, queries, bs, top_p, bias=None):
+  """Per (batch, head) mean over queries of KL, recall, fraction, oracle fraction.
+  bias: optional [h, n_buckets] added to each key's indexer score by its block distance."""
   b, s, h, d = q.shape
   out = {key: np.zeros((b, h)) for key in ("kl", "recall", "fraction", "oracle_fraction")}
   for bi in range(b):
@@ -49,7 +55,11 @@ def np_stage1(q_pre, k_pre, q, k, wq, wk, queries, bs, top_p):
       ki = k_pre[bi, :, hi] @ wk[hi].T
       for t in queries:
         a = np_softmax(q[bi, t, hi] @ k[bi, :t + 1, hi].T / math.sqrt(d))
-        p = np_softmax(qi[t] @ ki[:t + 1].T)
+        sc = qi[t] @ ki[:t + 1].T
+        if bias is not None:
+          sc = sc + np.array([bias[hi, np_bucket(t // bs - j // bs, bias.shape[1])]
+                              for j in range(t + 1)])
+        p = np_softmax(sc)
         out["kl"][bi, hi] += np.sum(a * (np.log(a) - np.log(p)))
         sel, nb = np_topp_blocks(p, t, bs, top_p)
         sel_t, _ = np_topp_blocks(a, t, bs, top_p)
@@ -137,6 +147,53 @@ def test_stage1_gradient_matches_bruteforce(rng):
     g1 = jax.jit(jax.grad(lambda a, b: chunked(a, b, queries), argnums=(0, 1)))(wq, wk)
     for a, b_ in zip(g1, g2):
       np.testing.assert_allclose(a, b_, rtol=2e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_buckets", [3, 16])
+def test_stage1_distance_bias_matches_bruteforce(rng, n_buckets):
+  b, s, h, d, r, bs = 1, 45, 2, 16, 4, 4  # up to 11 blocks back: buckets 0..4 before clipping
+  q_pre, k_pre, q, k = (jnp.asarray(rng.normal(size=(b, s, h, d)) * 1.5, jnp.float32)
+                        for _ in range(4))
+  wq = jnp.asarray(rng.normal(size=(h, r, d)) * 0.5, jnp.float32)
+  wk = jnp.asarray(rng.normal(size=(h, r, d)) * 0.5, jnp.float32)
+  bias = jnp.asarray(rng.normal(size=(h, n_buckets)) * 2.0, jnp.float32)
+  acts = losses.TeacherActs(((0, 0), (0, 1)), q_pre, k_pre, q, k)
+  queries = np.arange(1, s, dtype=np.int32)
+  args = [np.asarray(x, np.float64) for x in (q_pre, k_pre, q, k, wq, wk)]
+  want = np_stage1(*args, queries, bs, 0.7, bias=np.asarray(bias, np.float64))
+  plain = np_stage1(*args, queries, bs, 0.7)
+  assert np.all(np.abs(want["kl"] - plain["kl"]) > 1e-3)  # the bias changes the loss
+  for qs in (queries, jnp.asarray(queries)):  # per-chunk key bounds, and one scan
+    got = losses.per_head_means(losses.stage1_sums(
+        wq, wk, acts, qs, chunk=10, top_p=0.7, block_size=bs, distance_bias=bias))
+    for key in ("kl", "recall", "fraction", "oracle_fraction"):
+      np.testing.assert_allclose(np.asarray(got[key]), want[key], rtol=2e-4, atol=2e-5,
+                                 err_msg=key)
+  # Zero bias is the plain score; the bias gets the gradient of a materialised form.
+  zero = losses.stage1_sums(wq, wk, acts, queries, chunk=10, top_p=0.7, block_size=bs,
+                            distance_bias=jnp.zeros_like(bias))
+  np.testing.assert_allclose(np.asarray(zero["kl"]) / len(queries), plain["kl"], rtol=2e-4)
+  buckets = np.array([[np_bucket(max(t // bs - j // bs, 0), n_buckets) for j in range(s)]
+                      for t in range(s)])
+  causal = jnp.tril(jnp.ones((s, s), bool))
+
+  def dense(bias):
+    tot = 0.0
+    for hi in range(h):
+      a = jax.nn.softmax(jnp.where(causal, q[0, :, hi] @ k[0, :, hi].T / math.sqrt(d), -jnp.inf))
+      sc = (q_pre[0, :, hi] @ wq[hi].T) @ (k_pre[0, :, hi] @ wk[hi].T).T + bias[hi][buckets]
+      logp = jax.nn.log_softmax(jnp.where(causal, sc, -jnp.inf))
+      tot += jnp.sum(jnp.where(causal, a * (jnp.log(jnp.where(causal, a, 1.0)) - logp),
+                               0.0)[queries])
+    return tot
+
+  def chunked(bias):
+    return losses.stage1_sums(wq, wk, acts, queries, chunk=10, top_p=0.7, block_size=bs,
+                              distance_bias=bias)["kl"].sum()
+
+  g1, g2 = jax.jit(jax.grad(chunked))(bias), jax.grad(dense)(bias)
+  assert np.abs(np.asarray(g2)).max() > 1e-3
+  np.testing.assert_allclose(g1, g2, rtol=5e-4, atol=1e-5)
 
 
 def np_block_kl(q_pre, k_pre, q, k, wq, wk, queries, bs):

@@ -40,6 +40,14 @@ def project(w: jax.Array, x_pre: jax.Array) -> jax.Array:
   return jnp.einsum("hrd,bshd->bshr", w.astype(jnp.float32), x_pre.astype(jnp.float32))
 
 
+def distance_bucket(q_block: jax.Array, k_block: jax.Array, n_buckets: int) -> jax.Array:
+  """Log-spaced bucket of how many blocks key block k_block lies behind query block q_block:
+  0 for the query's own block, 1 + floor(log2(d)) for d >= 1 blocks back, at most
+  n_buckets - 1. Integer arrays broadcast; returns int32."""
+  d = jnp.maximum(jnp.asarray(q_block, jnp.int32) - jnp.asarray(k_block, jnp.int32), 0)
+  return jnp.minimum(32 - jax.lax.clz(d), n_buckets - 1)  # clz(0) = 32: bucket 0
+
+
 def scores(qi: jax.Array, ki: jax.Array) -> jax.Array:
   """qi: [batch, q_len, heads, r], ki: [batch, kv_len, heads, r] -> [batch, heads, q_len, kv_len]."""
   return jnp.einsum("bqhr,bkhr->bhqk", qi.astype(jnp.float32), ki.astype(jnp.float32))

@@ -128,7 +128,8 @@ STAGE1_OBJECTIVES = ("token", "block")
 
 
 def stage1_sums(wq, wk, acts: TeacherActs, queries, *, chunk: int, top_p: float,
-                block_size: int, stats_stride: int = 1, objective: str = "token") -> dict:
+                block_size: int, stats_stride: int = 1, objective: str = "token",
+                distance_bias=None) -> dict:
   """Per-head sums over queries of KL(teacher attention || softmax(indexer scores)).
 
   objective "token": the KL over keys (the method's stage-1 loss). "block": the KL between
@@ -136,7 +137,11 @@ def stage1_sums(wq, wk, acts: TeacherActs, queries, *, chunk: int, top_p: float,
   / indexer's mass in block b: what block top-p reads, so the indexer is free to spread
   mass inside a block and is fitted only where selection depends on it.
 
-  wq, wk: [n_ret, r, head_dim] (the only differentiable inputs), in `acts`' head order.
+  wq, wk: [n_ret, r, head_dim] (the differentiable inputs), in `acts`' head order.
+  distance_bias: optional [n_ret, n_buckets] (differentiable), beyond the method: added to the
+  indexer score of every key by `indexer.distance_bucket` of its block's distance behind the
+  query's block, a learned recency prior that the position-free 16-d score cannot express.
+  Constant within a key block, so block top-p reads it as a per-block offset.
   queries: int32 [n] query positions (-1 = padding, ignored); a numpy array of concrete
   positions lets each query chunk read only the keys up to its last query.
   The teacher's attention row of each query is formed whole ([batch, n_ret, chunk, keys]
@@ -164,12 +169,16 @@ def stage1_sums(wq, wk, acts: TeacherActs, queries, *, chunk: int, top_p: float,
   qidx = jnp.pad(jnp.asarray(queries, jnp.int32), (0, n_chunks * chunk - n),
                  constant_values=-1).reshape(n_chunks, chunk)
 
-  def body(wq, ki, kf, qc, length):
+  def body(wq, bias, ki, kf, qc, length):
     safe = jnp.maximum(qc, 0)
     q = jnp.take(acts.q, safe, axis=1).astype(jnp.float32)  # [b, c, h, d]
     qi = indexer_lib.project(wq, jnp.take(acts.q_pre, safe, axis=1))  # [b, c, h, r]
     z = jnp.einsum("bqhd,bkhd->bhqk", q, kf[:, :length]) / math.sqrt(d)  # [b, h, c, L]
     sc = indexer_lib.scores(qi, ki[:, :length])  # indexer logits [b, h, c, L]
+    if bias is not None:
+      bucket = indexer_lib.distance_bucket(safe[:, None] // bs, jnp.arange(length)[None] // bs,
+                                           bias.shape[-1])  # [c, L]
+      sc = sc + jnp.take(bias.astype(jnp.float32), bucket, axis=1)[None]
     # Padding queries (-1) act as query 0 so that no row is empty (an empty row would give
     # -inf log-sum-exp and NaN gradients); their terms are zeroed below.
     vis = jnp.arange(length)[None, :] <= safe[:, None]  # [c, L]; also hides padded keys
@@ -195,16 +204,17 @@ def stage1_sums(wq, wk, acts: TeacherActs, queries, *, chunk: int, top_p: float,
     out["stats_count"] = jnp.broadcast_to(jnp.sum(sreal), (b, h)).astype(jnp.float32)
     return out
 
-  step = jax.checkpoint(body, static_argnums=(4,))
+  step = jax.checkpoint(body, static_argnums=(5,))
   zero = jnp.zeros((b, h), jnp.float32)
   sums = {k: zero for k in STAGE1_SUMS}
   if len(set(lengths)) == 1:  # one shape: a scan keeps the program small
     def scan_body(carry, qc):
-      return jax.tree.map(jnp.add, carry, step(wq, ki, kf, qc, lengths[0])), None
+      return jax.tree.map(jnp.add, carry,
+                          step(wq, distance_bias, ki, kf, qc, lengths[0])), None
     sums, _ = jax.lax.scan(scan_body, sums, qidx)
     return sums
   for i, length in enumerate(lengths):  # causal: chunk i reads keys up to its last query only
-    sums = jax.tree.map(jnp.add, sums, step(wq, ki, kf, qidx[i], length))
+    sums = jax.tree.map(jnp.add, sums, step(wq, distance_bias, ki, kf, qidx[i], length))
   return sums
 
 
@@ -252,7 +262,8 @@ def per_head_means(sums: dict) -> dict:
 
 
 def stage1_loss(wq, wk, acts: TeacherActs, queries, *, chunk: int, top_p: float,
-                block_size: int, stats_stride: int = 1, objective: str = "token"):
+                block_size: int, stats_stride: int = 1, objective: str = "token",
+                distance_bias=None):
   """Stage-1 objective over all retrieval heads (stacked as in `acts`).
 
   Per sequence the loss is the sum over retrieval heads of the head's KL averaged over the
@@ -261,7 +272,8 @@ def stage1_loss(wq, wk, acts: TeacherActs, queries, *, chunk: int, top_p: float,
   oracle_fraction, summed over the batch).
   """
   sums = stage1_sums(wq, wk, acts, queries, chunk=chunk, top_p=top_p, block_size=block_size,
-                     stats_stride=stats_stride, objective=objective)
+                     stats_stride=stats_stride, objective=objective,
+                     distance_bias=distance_bias)
   means = per_head_means(sums)
   n_heads = acts.q.shape[2]
   loss = jnp.sum(means["kl"])
