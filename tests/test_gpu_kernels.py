@@ -8,7 +8,9 @@ fails to write shows up as a NaN or a wrong index against the oracle.
 The Mosaic GPU kernels (`*_mgpu.py`) run in the Mosaic GPU interpreter (a thread per
 warpgroup, TMA, barriers). Its race detector is not used: in jax 0.11.2 it reports a race for
 a plain SMEM read, an arrive on a barrier, a wait on it in another warpgroup and a TMA write
-into that buffer, the ordering every slot ring relies on.
+into that buffer, the ordering every slot ring relies on. The GPU-only path of those kernels
+(what the interpreter does not run) is lowered for CUDA without a GPU
+(`test_mgpu_lowers_for_cuda`).
 
 `test_compiles_for_sm90` lowers each Triton kernel for an abstract NVIDIA H200 and compiles
 it with the `triton` package to an sm_90 cubin, without a GPU.
@@ -246,6 +248,23 @@ def test_window_attention_mgpu(b, sq, kv_len, q_offset, sinks, window, tiles, d,
   assert got[0].dtype == dtype and got[1].shape == (b, sq, 4)
   _close(got[0], want[0], 2e-2)
   _close(got[1], want[1], 1e-4)
+
+
+@pytest.mark.parametrize("window,tiles,d", [(100, mgpu.Tiles(), 128),
+                                             (None, mgpu.Tiles(64, 64, 4, pingpong=False), 64)])
+def test_mgpu_lowers_for_cuda(window, tiles, d):
+  """The GPU path (wgmma with P from registers, run_state; what the interpreter does not run)
+  goes through the Mosaic GPU lowering without a GPU: a cross-platform lowering for CUDA
+  embeds the kernel's Mosaic GPU module."""
+  q = jax.ShapeDtypeStruct((1, 300, 4, d), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((1, 300, 2, d), jnp.bfloat16)
+  if window is None:
+    fn = lambda q, k, v: mgpu.causal_attention(q, k, v, KV_MIXED, tiles=tiles)  # noqa: E731
+  else:
+    fn = lambda q, k, v: mgpu.window_attention(q, k, v, KV_MIXED, sinks=4,  # noqa: E731
+                                               window=window, tiles=tiles)
+  text = jax.jit(fn).trace(q, k, k).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
 
 
 def test_mgpu_key_schedule_covers_exactly_the_visible_blocks():
