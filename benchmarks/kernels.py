@@ -763,8 +763,8 @@ def main(argv=None):
   p.add_argument("--profile-decode", default=None,
                  help="only run one decode layer step at this context (for ncu)")
   p.add_argument("--variants", default="paper,sparse")
-  p.add_argument("--skip", default="", help="comma list: pallas, cudnn, cudnn_chunked, mgpu, tiles, "
-                 "retrieval_pallas")
+  p.add_argument("--skip", default="", help="comma list: pallas, cudnn, cudnn_chunked, mgpu, "
+                 "tiles, retrieval_pallas")
   p.add_argument("--window-impl", default=None,
                  help="override the dispatch's window implementation (the run's KernelConfig)")
   p.add_argument("--out", default=os.environ.get("OUT"))

@@ -10,9 +10,10 @@ whose query rows start at zero (so it starts as exactly the committed scorer) an
 rows start random, at the committed rows' scale; it asks whether the 16-d fit's plateau is the
 dimension's. `token_pos` adds a learned bias per head and log2 block distance to the indexer
 score (beyond the method, whose 16-d score is position-free), starting at zero: it asks how
-much of the gap to the teacher's own top-p is recency the indexer cannot see. Held-out plays (never trained on), every query position: recall of the teacher's
-attention mass inside the indexer's top-p blocks, the fraction of causal blocks selected, and
-the fraction the teacher's own top-p needs, at several top_p values (the recall / budget
+much of the gap to the teacher's own top-p is recency the indexer cannot see. Held-out plays
+(never trained on), every query position: recall of the teacher's attention mass inside the
+indexer's top-p blocks, the fraction of causal blocks selected, and the fraction the
+teacher's own top-p needs, at several top_p values (the recall / budget
 trade-off). Intervals: 95% bootstrap over (window, head) pairs of the difference to the
 token-KL row.
 
@@ -21,10 +22,12 @@ The teacher activations of the training windows are computed once and kept in ho
 
   python scripts/stage1_objective.py --out results/stage1_objective      # ~20 min, 2 CPU cores
   python scripts/stage1_objective.py --variants token,token_r32 --out results/indexer_width
-  python scripts/stage1_objective.py --variants token,token_pos --out results/distance_bias
-  python scripts/stage1_objective.py --variants token,token_pos --load results/distance_bias \
-      --heldout_len 8192 --out results/distance_bias_8k      # the same indexers, 8K windows
+  python scripts/stage1_objective.py --variants token,token_pos --out /tmp/db   # ~40 min
+  python scripts/stage1_objective.py --variants token,token_pos --load /tmp/db \
+      --heldout_len 8192 --out /tmp/db8k      # the same indexers on 8K windows
   python scripts/stage1_objective.py --smoke --out /tmp/x                  # seconds
+Each run's --out holds its indexer_<variant>.npz, which --load reads; results/ keeps only the
+reports.
 """
 
 from __future__ import annotations
@@ -105,12 +108,12 @@ def train(wq, wk, bias, acts: list, *, objective: str, steps: int, lr: float, ch
   bias: None, or the [n_ret, buckets] distance bias trained with the indexer, by Adam at its
   own rate `bias_lr` (it starts at zero and is measured in units of log-mass, where the
   indexer's rate would move it by at most ~lr per step)."""
-  def opt(rate, decay):
+  def adamw_at(rate, decay):
     sched = optax.warmup_cosine_decay_schedule(0.0, rate, max(steps // 10, 1), steps)
     return optax.adamw(sched, weight_decay=decay)
 
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.multi_transform(
-      {"indexer": opt(lr, 0.01), "bias": opt(bias_lr, 0.0)},
+      {"indexer": adamw_at(lr, 0.01), "bias": adamw_at(bias_lr, 0.0)},
       lambda p: ("indexer", "indexer", None if p[2] is None else "bias")))
   params = (jnp.asarray(wq), jnp.asarray(wk), None if bias is None else jnp.asarray(bias))
   opt = tx.init(params)
