@@ -40,6 +40,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.gpu import common
 from pallas_kernels.reference import causal_attention as reference_causal
 from pallas_kernels.reference import window_attention as reference
 
@@ -77,14 +78,6 @@ def key_schedule(first_q, last_q, *, bk: int, sinks: int, window: int | None, kv
   lo = jnp.minimum(jnp.maximum(first_q - window + 1, 0) // bk, hi)
   n_sink = jnp.minimum((sinks + bk - 1) // bk, lo)
   return n_sink, lo, hi
-
-
-def _select_static(idx, table):
-  """table[idx] for a static tuple of ints and a traced int32 scalar idx."""
-  out = jnp.int32(table[0])
-  for i, v in enumerate(table[1:], 1):
-    out = jnp.where(idx == i, jnp.int32(v), out)
-  return out
 
 
 def _kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_smem, lse_smem, k_full,
@@ -197,7 +190,7 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_smem, lse_sme
   @pl.when(wg == COMPUTE_WGS)
   def _memory():
     plgpu.set_max_registers(40, action="decrease")
-    kv = _select_static(h, kv_heads)
+    kv = common.static_lookup(h, kv_heads)
 
     def load(step, slot):
       keys = (b, pl.ds(block_of(step) * bk, bk), kv)
