@@ -53,6 +53,7 @@ from pallas_kernels import ops  # noqa: E402
 from pallas_kernels import reference as ref  # noqa: E402
 from pallas_kernels.gpu import cudnn_attention  # noqa: E402
 from pallas_kernels.gpu import window_attention as flash  # noqa: E402
+from pallas_kernels.gpu import window_attention_mgpu  # noqa: E402
 from rtpurbo_jax import convert  # noqa: E402
 from rtpurbo_jax.config import ModelConfig, SparseConfig  # noqa: E402
 from rtpurbo_jax.infer import memory  # noqa: E402
@@ -126,11 +127,14 @@ def _causal_fraction(mask, q_offset: int, bs: int) -> float:
 
 
 def _impls():
+  interpret = kernel_config.default().interpret
   return {
       "pallas": lambda q, k, v, off: flash.causal_attention(q, k, v, KV_HEADS, q_offset=off,
-                                                            kv_major=True),
+                                                            kv_major=True, interpret=interpret),
       "cudnn": lambda q, k, v, off: cudnn_attention.cache_causal_attention(
           q, k, v, KV_HEADS, q_offset=off),
+      "mgpu": lambda q, k, v, off: window_attention_mgpu.cache_causal_attention(
+          q, k, v, KV_HEADS, q_offset=off, interpret=interpret),
   }
 
 

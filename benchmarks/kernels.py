@@ -792,6 +792,7 @@ def main(argv=None):
       run.errors.append(dict(name="skipped decode (budget)", ctx=t, error="time budget"))
       continue
     run_decode(run, cfg, t, a.inner, a.reps, a.smoke, dens)
+    run.save()  # each context's rows survive a later timeout
     log(f"  [{time.time() - t_start:.0f}s]")
   for s in parse_sizes(a.prefill):
     if time.time() - t_start > a.budget_s:
@@ -799,6 +800,7 @@ def main(argv=None):
       continue
     reps = a.reps if s < 512 * 1024 else a.big_reps
     run_prefill(run, cfg, s, reps, a.smoke, dens, a.variants.split(","), a.skip.split(","))
+    run.save()
     log(f"  [{time.time() - t_start:.0f}s]")
   run.save()
   print_table(run)

@@ -13,7 +13,7 @@ pass no config get it):
                        races: also the TPU interpreter's race detector
   RTPURBO_CAUSAL_ATTN  GPU implementation of causal_attention        pallas | cudnn | xla
   RTPURBO_WINDOW_ATTN  GPU implementation of window_attention        pallas | cudnn | cudnn_chunked
-  RTPURBO_CACHE_ATTN   GPU implementation of cache_causal_attention  pallas | cudnn
+  RTPURBO_CACHE_ATTN   GPU implementation of cache_causal_attention  pallas | cudnn | mgpu
 An invalid value is a ValueError naming the variable and the choices. The implementation
 variables only matter to the gpu backend (`gpu/dispatch.select_impl`; absent: the
 implementation measured faster on the GPU's architecture) and are read only for it.
@@ -33,7 +33,7 @@ BACKENDS = ("gpu", "tpu", "reference")
 IMPLS: dict[str, tuple[str, ...]] = {
     "causal_attention": ("pallas", "cudnn", "xla", "mgpu"),
     "window_attention": ("pallas", "cudnn", "cudnn_chunked", "mgpu"),
-    "cache_causal_attention": ("pallas", "cudnn"),
+    "cache_causal_attention": ("pallas", "cudnn", "mgpu"),
     "topp_select": ("pallas",),
     "sparse_decode": ("pallas",),
     "ring_decode": ("pallas",),

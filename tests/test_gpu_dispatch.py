@@ -221,33 +221,40 @@ def test_dispatch_entry_points_follow_the_selection(monkeypatch):
 
 
 def test_mgpu_choice_runs_the_mosaic_kernel(monkeypatch):
-  """An "mgpu" override on a Hopper runs the Mosaic GPU kernel for bf16 at a static offset;
-  fp32, a traced offset or another architecture fall back to Pallas. In the interpreter the
-  choice stands on any device."""
+  """An "mgpu" override on a Hopper runs the Mosaic GPU kernel for bf16 at any offset, static
+  or traced, and for the cache attention of a prefill chunk; fp32, head_dim 32, a cache length
+  that is not a whole number of key blocks or another architecture fall back to Pallas. In the
+  interpreter the choice stands on any device."""
   _record(monkeypatch, CALLS)
-  for name in ("window_attention", "causal_attention"):
+  for name, ref_name in (("window_attention", "window_attention"),
+                         ("causal_attention", "causal_attention"),
+                         ("cache_causal_attention", "cache_causal_attention")):
     monkeypatch.setattr(dispatch.mgpu_k, name,
-                        lambda *a, interpret, name=name, **kw: CALLS.append("mgpu")
-                        or getattr(ref, name)(*a, **kw))
+                        lambda *a, interpret, ref_name=ref_name, **kw: CALLS.append("mgpu")
+                        or getattr(ref, ref_name)(*a, **kw))
   _hopper(monkeypatch, cudnn=False)
-  over = GPU.with_impls(window_attention="mgpu", causal_attention="mgpu")
-  want = {"causal_attention": ["mgpu"], "window_attention": ["mgpu"],
-          "cache_causal_attention": ["pallas"]}
-  assert _calls_per_op(jnp.bfloat16, kernels=over, d=64) == want
-  # Queries past the last key (offset 8 + 64 rows over 64 keys): a row could see no key, which
-  # the kernel does not handle, so Pallas runs.
-  assert _calls_per_op(jnp.bfloat16, q_offset=8, kernels=over, d=64)["window_attention"] == [
-      "pallas"]
-  assert _calls_per_op(jnp.bfloat16, kernels=over)["window_attention"] == ["pallas"]  # d 32
+  over = GPU.with_impls(window_attention="mgpu", causal_attention="mgpu",
+                        cache_causal_attention="mgpu")
+  every = {op: ["mgpu"] for op in dispatch.OVERRIDE_ENV}
+  assert _calls_per_op(jnp.bfloat16, kernels=over, d=64) == every
+  # Queries past the last key (offset 8 + 64 rows over 64 keys): the kernel writes a row that
+  # sees no key as the reference does, so it takes them.
+  assert _calls_per_op(jnp.bfloat16, q_offset=8, kernels=over, d=64) == every
+  assert _calls_per_op(jnp.bfloat16, kernels=over) == {op: ["pallas"]  # head_dim 32
+                                                       for op in dispatch.OVERRIDE_ENV}
   assert _calls_per_op(jnp.float32, kernels=over, d=64) == {op: ["pallas"]
-                                                      for op in dispatch.OVERRIDE_ENV}
+                                                            for op in dispatch.OVERRIDE_ENV}
   from pallas_kernels import ops
   q = jnp.ones((1, 64, 4, 64), jnp.bfloat16)
   kv = jnp.ones((1, 64, 2, 64), jnp.bfloat16)
   CALLS.clear()
   jax.jit(lambda off: ops.window_attention(q, kv, kv, KV, sinks=4, window=16, q_offset=off,
                                            kernels=over))(jnp.int32(0))
-  assert CALLS == ["pallas"]  # a traced offset
+  assert CALLS == ["mgpu"]  # a traced offset
+  CALLS.clear()
+  cache = jnp.ones((1, 2, 96, 64), jnp.bfloat16)  # 96 slots: not whole 128-key blocks
+  ops.cache_causal_attention(q, cache, cache, KV, q_offset=16, kernels=over)
+  assert CALLS == ["pallas"]
   monkeypatch.setattr(dispatch, "device_info", lambda: ("NVIDIA A100-SXM4-80GB", "8.0"))
   assert _calls_per_op(jnp.bfloat16, kernels=over, d=64)["window_attention"] == ["pallas"]
   assert dispatch.impl_for("window_attention", jnp.bfloat16,

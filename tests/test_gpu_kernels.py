@@ -250,6 +250,36 @@ def test_window_attention_mgpu(b, sq, kv_len, q_offset, sinks, window, tiles, d,
   _close(got[1], want[1], 1e-4)
 
 
+def test_mgpu_runtime_offset_and_cache_layout():
+  """One compiled Mosaic GPU kernel per shape serves every chunk offset (a traced scalar):
+  the window rule at offsets where some rows see no key (zeros, lse -inf, as the reference),
+  and causal attention over a KV cache read in place ([batch, kv, T, d]; slots past the
+  chunk hold large garbage here, which a key shown by mistake would carry into the row)."""
+  tiles = mgpu.Tiles(64, 64, 2)
+  q = _normal((1, 150, 4, 64), jnp.bfloat16)
+  k, v = _normal((1, 200, 2, 64), jnp.bfloat16), _normal((1, 200, 2, 64), jnp.bfloat16)
+  window = jax.jit(lambda off: mgpu.window_attention(q, k, v, KV_MIXED, sinks=0, window=60,
+                                                     q_offset=off, tiles=tiles,
+                                                     interpret=True))
+  for off in (13, 120):  # 120: rows from position 260 on see none of the 200 keys
+    want = mgpu.reference(q, k, v, KV_MIXED, sinks=0, window=60, q_offset=off)
+    assert (off == 120) == bool(np.any(np.isinf(np.asarray(want[1]))))
+    got = window(jnp.int32(off))
+    _close(got[0], want[0], 2e-2)
+    _close(got[1], want[1], 1e-4)
+  t = 384
+  kc, vc = _normal((1, 2, t, 64), jnp.bfloat16), _normal((1, 2, t, 64), jnp.bfloat16)
+  cache = jax.jit(lambda off, kc, vc: mgpu.cache_causal_attention(
+      q, kc, vc, KV_MIXED, q_offset=off, tiles=tiles, interpret=True))
+  for off in (0, 170):
+    end = off + q.shape[1]  # the chunk's keys end here
+    poison = lambda x: x.at[:, :, end:].set(3e4)  # noqa: E731
+    got = cache(jnp.int32(off), poison(kc), poison(vc))
+    want = mgpu.reference_cache(q, kc, vc, KV_MIXED, q_offset=off)
+    _close(got[0], want[0], 2e-2)
+    _close(got[1], want[1], 1e-4)
+
+
 @pytest.mark.parametrize("window,tiles,d", [(100, mgpu.Tiles(), 128),
                                              (None, mgpu.Tiles(64, 64, 4, pingpong=False), 64)])
 def test_mgpu_lowers_for_cuda(window, tiles, d):

@@ -83,7 +83,7 @@ def test_config_is_frozen_hashable_and_normalised():
     KernelConfig("cuda")
   with pytest.raises(ValueError, match=r"^KernelConfig impls\['cache_causal_attention'\]="
                      r"'cudnn_chunked' is not an implementation of cache_causal_attention: "
-                     r"expected one of pallas, cudnn$"):
+                     r"expected one of pallas, cudnn, mgpu$"):
     KernelConfig("gpu", impls={"cache_causal_attention": "cudnn_chunked"})
   with pytest.raises(ValueError, match="unknown GPU operation 'flash'"):
     KernelConfig("gpu", impls={"flash": "pallas"})
@@ -119,7 +119,7 @@ def test_from_env(env, want):
      "one of pallas, cudnn, xla, mgpu"),
     ({"RTPURBO_KERNELS": "gpu", "RTPURBO_CACHE_ATTN": "xla"},
      "RTPURBO_CACHE_ATTN='xla' is not an implementation of cache_causal_attention: expected "
-     "one of pallas, cudnn"),
+     "one of pallas, cudnn, mgpu"),
 ])
 def test_from_env_errors_name_the_variable_and_the_choices(env, message):
   with pytest.raises(ValueError) as e:

@@ -17,24 +17,25 @@ the cache attention of prefill chunks and everything else). The implementations 
 operation (`IMPLS`):
   causal_attention        pallas | cudnn | xla | mgpu
   window_attention        pallas | cudnn | cudnn_chunked | mgpu
-  cache_causal_attention  pallas | cudnn
+  cache_causal_attention  pallas | cudnn | mgpu
 An invalid override is a ValueError naming its source and the choices. Where the chosen cuDNN
 path cannot run (no cuDNN, interpret mode, fp32, a shape cuDNN does not take, or a q_offset
 that is not a static 0 for causal / window attention), the Pallas kernel runs; likewise
-where the chosen Mosaic GPU kernel cannot (not a Hopper GPU nor the interpreter, fp32, a shape
-it does not take, or a traced q_offset).
+where the chosen Mosaic GPU kernel cannot (not a Hopper GPU nor the interpreter, fp32, or a
+shape it does not take).
 
 Implementations:
   causal_attention   cuDNN flash attention, or the Pallas flash kernel (runtime q_offset);
                      "xla": none (the reference runs as XLA fusions); "mgpu": the Mosaic
-                     GPU kernel (wgmma + TMA, warp-specialised; static q_offset).
+                     GPU kernel (wgmma + TMA, warp-specialised; runtime q_offset).
   window_attention   "cudnn" (cuDNN's sliding-window mask), "cudnn_chunked" (two causal cuDNN
                      calls over window-sized chunks + LSE-merged sinks) or "pallas" (one flash
                      kernel with the sink + window rule, runtime q_offset) or "mgpu" (the
-                     Mosaic GPU kernel with that rule, static q_offset).
+                     Mosaic GPU kernel with that rule, runtime q_offset).
   cache_causal_attention  a prefill chunk over the KV cache in place ([b, kv, T, d]): the
-                     Pallas flash kernel (kv_major, traced offset) or "cudnn", a prefix call
-                     (padding mask) + a causal call on the chunk, merged by LSE.
+                     Pallas flash kernel (kv_major, traced offset), "cudnn", a prefix call
+                     (padding mask) + a causal call on the chunk, merged by LSE, or "mgpu"
+                     (the Mosaic GPU kernel reading the cache in place, traced offset).
   topp_select        block-LSE kernel + register top-p kernel (exact or histogram).
   sparse_decode      mask -> block lists, split-KV decode kernel.
   ring_decode        visible ring blocks -> block list, same decode kernel (GQA-grouped).
@@ -206,12 +207,7 @@ def _cudnn_ok(kernels: KernelConfig) -> bool:
 
 def _static_zero(q_offset) -> bool:
   """q_offset is a concrete 0 (a traced scalar is never: its value is unknown here)."""
-  return _static_int(q_offset) == 0
-
-
-def _static_int(q_offset) -> int | None:
-  """q_offset's value when it is concrete, else None."""
-  return None if isinstance(q_offset, jax.core.Tracer) else int(q_offset)
+  return not isinstance(q_offset, jax.core.Tracer) and int(q_offset) == 0
 
 
 def _heads(kv_heads) -> tuple[int, ...]:
@@ -231,10 +227,8 @@ def causal_attention(q, k, v, kv_heads, *, q_offset=0, chunk: int = 512,
     return None
   if impl == "cudnn" and _static_zero(q_offset) and cudnn.supported(q, k, v, kv_heads):
     return functools.partial(cudnn.causal_attention, q, k, v, kv_heads)
-  offset = _static_int(q_offset)
-  if impl == "mgpu" and offset is not None and mgpu_k.supported(q, k, v, kv_heads,
-                                                                q_offset=offset):
-    return functools.partial(mgpu_k.causal_attention, q, k, v, kv_heads, q_offset=offset,
+  if impl == "mgpu" and mgpu_k.supported(q, k, v, kv_heads, q_offset=q_offset):
+    return functools.partial(mgpu_k.causal_attention, q, k, v, kv_heads, q_offset=q_offset,
                              interpret=kernels.interpret)
   if _pallas_ok(kernels) and flash_k.supported(q, k, v, kv_heads):
     return functools.partial(flash_k.causal_attention, q, k, v, kv_heads, q_offset=q_offset,
@@ -246,7 +240,12 @@ def cache_causal_attention(q, k_cache, v_cache, kv_heads, *, q_offset=0, chunk: 
                            kernels: KernelConfig):
   kv_heads = _heads(kv_heads)
   d = q.shape[-1]
-  if (impl_for("cache_causal_attention", q.dtype, kernels) == "cudnn" and d % 8 == 0
+  impl = impl_for("cache_causal_attention", q.dtype, kernels)
+  if impl == "mgpu" and mgpu_k.supported(q, k_cache, v_cache, kv_heads, q_offset=q_offset,
+                                         kv_major=True):
+    return functools.partial(mgpu_k.cache_causal_attention, q, k_cache, v_cache, kv_heads,
+                             q_offset=q_offset, interpret=kernels.interpret)
+  if (impl == "cudnn" and d % 8 == 0
       and d <= 256 and q.dtype == k_cache.dtype == v_cache.dtype
       and k_cache.shape == v_cache.shape and k_cache.shape[-1] == d):
     return functools.partial(cudnn.cache_causal_attention, q, k_cache, v_cache, kv_heads,
@@ -264,11 +263,9 @@ def window_attention(q, k, v, kv_heads, *, sinks: int, window: int, q_offset=0,
   if impl.startswith("cudnn") and _static_zero(q_offset) and cudnn.supported(q, k, v, kv_heads):
     return functools.partial(cudnn.window_attention, q, k, v, kv_heads, sinks=sinks,
                              window=window, chunked=impl == "cudnn_chunked")
-  offset = _static_int(q_offset)
-  if impl == "mgpu" and offset is not None and mgpu_k.supported(q, k, v, kv_heads,
-                                                                q_offset=offset):
+  if impl == "mgpu" and mgpu_k.supported(q, k, v, kv_heads, q_offset=q_offset):
     return functools.partial(mgpu_k.window_attention, q, k, v, kv_heads, sinks=sinks,
-                             window=window, q_offset=offset, interpret=kernels.interpret)
+                             window=window, q_offset=q_offset, interpret=kernels.interpret)
   if _pallas_ok(kernels) and flash_k.supported(q, k, v, kv_heads):
     return functools.partial(flash_k.window_attention, q, k, v, kv_heads, sinks=sinks,
                              window=window, q_offset=q_offset, interpret=kernels.interpret)

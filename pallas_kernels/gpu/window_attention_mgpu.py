@@ -2,8 +2,10 @@
 
 The same rule as `window_attention.py` (the Triton kernel): query i at absolute position
 q_offset + i sees key j iff j <= q_offset + i, j < kv_len and, with a window, j < sinks or
-q_offset + i - window < j. Here q_offset is static (whole-sequence prefill; chunked prefill
-with a traced offset keeps the Triton and cuDNN paths).
+q_offset + i - window < j. q_offset may be traced (a prefill chunk at a runtime position):
+it travels as a one-element operand read by every warpgroup, so one compiled kernel serves
+every chunk. A query that sees no key (past kv_len + window) gets zeros and lse -inf, as in
+the reference.
 
 One program per (query head, query tile of 2 * block_q rows, batch), three warpgroups:
   * a memory warpgroup streams the program's key blocks by TMA into a ring of `stages`
@@ -20,12 +22,15 @@ key is hidden from one of its rows; the interior of the window is unmasked.
 
 A hidden score is a finite -1e30, not -inf: a row whose first blocks are all hidden takes
 garbage weight there, and its first visible key rescales that weight by exp2(-1e30 - m) = 0.
-Every real row sees at least its own key, so no -inf - -inf NaN can arise.
+A row that sees no key at all keeps a running max at or below -1e30 and is written as
+zeros with lse -inf at the end.
 
-Shapes: q [batch, q_len, q_heads, head_dim]; k, v [batch, kv_len, kv_heads_total, head_dim];
-head_dim 64 or 128, bf16 / f16. Returns out [batch, q_len, q_heads, head_dim] and lse
-[batch, q_len, q_heads] f32 (natural log), as `reference.window_attention` /
-`reference.causal_attention` do.
+Shapes: q [batch, q_len, q_heads, head_dim]; k, v [batch, kv_len, kv_heads_total, head_dim],
+or with `kv_major` (`cache_causal_attention`: a KV cache read in place)
+[batch, kv_heads_total, T, head_dim]; head_dim 64 or 128, bf16 / f16. Returns out
+[batch, q_len, q_heads, head_dim] and lse [batch, q_len, q_heads] f32 (natural log), as
+`reference.window_attention` / `reference.causal_attention` /
+`reference.cache_causal_attention` do.
 """
 
 from __future__ import annotations
@@ -41,11 +46,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.gpu import common
+from pallas_kernels.reference import cache_causal_attention as reference_cache
 from pallas_kernels.reference import causal_attention as reference_causal
 from pallas_kernels.reference import window_attention as reference
 
-__all__ = ["window_attention", "causal_attention", "supported", "Tiles", "reference",
-           "reference_causal"]
+__all__ = ["window_attention", "causal_attention", "cache_causal_attention", "supported",
+           "Tiles", "reference", "reference_causal", "reference_cache"]
 
 HIDDEN = -1e30  # a hidden score (log2 domain): finite, see the module docstring
 COMPUTE_WGS = 2
@@ -80,15 +86,18 @@ def key_schedule(first_q, last_q, *, bk: int, sinks: int, window: int | None, kv
   return n_sink, lo, hi
 
 
-def _kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_smem, lse_smem, k_full,
-            v_full, q_full, k_free, v_free, turn, *, tiles, kv_heads, sinks, window, kv_len,
-            q_offset, scale, dtype, interpret):
+def _kernel(offset_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_smem, lse_smem,
+            k_full, v_full, q_full, k_free, v_free, turn, *, tiles, kv_heads, sinks, window,
+            q_len, kv_len, kv_major, scale, dtype, interpret):
   bq, bk, stages = tiles.block_q, tiles.block_kv, tiles.stages
   b, h, t = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_tiles")
   wg = lax.axis_index("wg")
+  q_offset = offset_ref[0]
   tile_q0 = t * (COMPUTE_WGS * bq)  # first row of the program, relative to q
-  n_sink, lo, hi = key_schedule(q_offset + tile_q0, q_offset + tile_q0 + COMPUTE_WGS * bq - 1,
-                                bk=bk, sinks=sinks, window=window, kv_len=kv_len)
+  # The tile's last real query bounds the keys read (padding rows past q_len need none).
+  last_q = q_offset + jnp.minimum(tile_q0 + COMPUTE_WGS * bq, q_len) - 1
+  n_sink, lo, hi = key_schedule(q_offset + tile_q0, last_q, bk=bk, sinks=sinks, window=window,
+                                kv_len=kv_len)
   n_steps = n_sink + hi - lo
 
   def block_of(step):
@@ -179,9 +188,10 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_smem, lse_sme
     acc, m, l = lax.fori_loop(s2, n_steps, functools.partial(step, masked=True), carry)
     if tiles.pingpong:
       pl.when(wg == 0)(take_turn)
-    acc = acc / lax.broadcast_in_dim(l, acc.shape, [0])
+    seen = m > 0.5 * HIDDEN  # some key was visible to the row
+    acc = acc * lax.broadcast_in_dim(jnp.where(seen, 1.0 / l, 0.0), acc.shape, [0])
     q_tile[...] = acc.astype(dtype)
-    lse_smem.at[wg][...] = (m + jnp.log2(l)) * math.log(2.0)
+    lse_smem.at[wg][...] = jnp.where(seen, (m + jnp.log2(l)) * math.log(2.0), -jnp.inf)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(q_tile, o_ref.at[b, pl.ds(row0, bq), h])
     plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(row0, bq)])
@@ -193,7 +203,8 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_smem, lse_sme
     kv = common.static_lookup(h, kv_heads)
 
     def load(step, slot):
-      keys = (b, pl.ds(block_of(step) * bk, bk), kv)
+      rows = pl.ds(block_of(step) * bk, bk)
+      keys = (b, kv, rows) if kv_major else (b, rows, kv)
       plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_full.at[slot])
       plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_full.at[slot])
 
@@ -224,37 +235,45 @@ def _interpret_params(interpret):
   return plgpu.InterpretGPUParams() if interpret else None
 
 
-def supported(q, k, v, kv_heads, *, q_offset=0, tiles: Tiles = Tiles()) -> bool:
-  """Whether this kernel takes the call (a static offset, Hopper-friendly shapes)."""
-  if not isinstance(q_offset, int):
+def supported(q, k, v, kv_heads, *, q_offset=0, kv_major: bool = False,
+              tiles: Tiles = Tiles()) -> bool:
+  """Whether this kernel takes the call: Hopper-friendly shapes and dtypes, a non-negative
+  offset where it is static (a traced one is the caller's to keep >= 0). With `kv_major` the
+  cache length must be a multiple of `tiles.block_kv` (padding would copy the cache)."""
+  if not isinstance(q_offset, jax.core.Tracer) and int(q_offset) < 0:
     return False
   d = q.shape[-1]
-  return (q.ndim == 4 and k.ndim == 4 and k.shape == v.shape and k.shape[-1] == d
+  if not (q.ndim == 4 and k.ndim == 4 and k.shape == v.shape and k.shape[-1] == d
           and d in (64, 128) and q.dtype == k.dtype == v.dtype
           and q.dtype in (jnp.bfloat16, jnp.float16) and len(kv_heads) == q.shape[2]
-          and all(0 <= kv < k.shape[2] for kv in kv_heads) and q_offset >= 0
-          and q_offset + q.shape[1] <= k.shape[1] and tiles.block_kv <= 256)
+          and tiles.block_kv <= 256):
+    return False
+  kv_total = k.shape[1] if kv_major else k.shape[2]
+  if not all(0 <= kv < kv_total for kv in kv_heads):
+    return False
+  return not kv_major or k.shape[2] % tiles.block_kv == 0
 
 
-@functools.partial(jax.jit, static_argnames=("kv_heads", "sinks", "window", "q_offset",
-                                             "tiles", "interpret"))
-def _flash(q, k, v, *, kv_heads, sinks, window, q_offset, tiles, interpret):
+@functools.partial(jax.jit, static_argnames=("kv_heads", "sinks", "window", "kv_major", "tiles",
+                                             "interpret"))
+def _flash(q, k, v, q_offset, *, kv_heads, sinks, window, kv_major, tiles, interpret):
   b, sq, hq, d = q.shape
-  kv_len = k.shape[1]
+  kv_len = k.shape[2] if kv_major else k.shape[1]
   rows = COMPUTE_WGS * tiles.block_q
   sq_pad = -(-sq // rows) * rows
-  kv_pad = -(-kv_len // tiles.block_kv) * tiles.block_kv
   q = jnp.pad(q, ((0, 0), (0, sq_pad - sq), (0, 0), (0, 0)))
-  k, v = (jnp.pad(x, ((0, 0), (0, kv_pad - kv_len), (0, 0), (0, 0))) for x in (k, v))
+  if not kv_major:
+    kv_pad = -(-kv_len // tiles.block_kv) * tiles.block_kv
+    k, v = (jnp.pad(x, ((0, 0), (0, kv_pad - kv_len), (0, 0), (0, 0))) for x in (k, v))
   smem = functools.partial(plgpu.SMEM, transforms=(plgpu.TilingTransform((8, 64)),
                                                     plgpu.SwizzleTransform(128)))
   kernel = functools.partial(_kernel, tiles=tiles, kv_heads=kv_heads, sinks=sinks,
-                             window=window, kv_len=kv_len, q_offset=q_offset,
+                             window=window, q_len=sq, kv_len=kv_len, kv_major=kv_major,
                              scale=1.0 / math.sqrt(d), dtype=q.dtype, interpret=interpret)
 
-  def entry(q_ref, k_ref, v_ref, o_ref, lse_ref):
+  def entry(offset_ref, q_ref, k_ref, v_ref, o_ref, lse_ref):
     pl.run_scoped(
-        lambda *scratch: kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *scratch),
+        lambda *scratch: kernel(offset_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *scratch),
         smem((COMPUTE_WGS, tiles.block_q, d), q.dtype),
         smem((tiles.stages, tiles.block_kv, d), q.dtype),
         smem((tiles.stages, tiles.block_kv, d), q.dtype),
@@ -278,23 +297,32 @@ def _flash(q, k, v, *, kv_heads, sinks, window, q_offset, tiles, interpret):
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=_interpret_params(interpret),
-  )(q, k, v)
+  )(jnp.reshape(jnp.asarray(q_offset, jnp.int32), (1,)), q, k, v)
   return out[:, :sq], jnp.swapaxes(lse, 1, 2)[:, :sq]
 
 
-def window_attention(q, k, v, kv_heads, *, sinks: int, window: int, q_offset: int = 0,
+def window_attention(q, k, v, kv_heads, *, sinks: int, window: int, q_offset=0,
                      tiles: Tiles = Tiles(), interpret=False):
-  """Sink + sliding-window causal prefill (module docstring). Returns (out, lse).
+  """Sink + sliding-window causal prefill (module docstring); q_offset an int or a traced
+  int32 scalar. Returns (out, lse).
 
   interpret: False (the GPU), True or an `InterpretGPUParams` (the Mosaic GPU interpreter on
   the CPU)."""
-  return _flash(q, k, v, kv_heads=tuple(int(x) for x in kv_heads), sinks=int(sinks),
-                window=int(window), q_offset=int(q_offset), tiles=tiles,
-                interpret=interpret or False)
+  return _flash(q, k, v, q_offset, kv_heads=tuple(int(x) for x in kv_heads), sinks=int(sinks),
+                window=int(window), kv_major=False, tiles=tiles, interpret=interpret or False)
 
 
-def causal_attention(q, k, v, kv_heads, *, q_offset: int = 0, tiles: Tiles = Tiles(),
+def causal_attention(q, k, v, kv_heads, *, q_offset=0, tiles: Tiles = Tiles(),
                      interpret=False):
   """Dense causal prefill with the same kernel. Returns (out, lse)."""
-  return _flash(q, k, v, kv_heads=tuple(int(x) for x in kv_heads), sinks=0, window=None,
-                q_offset=int(q_offset), tiles=tiles, interpret=interpret or False)
+  return _flash(q, k, v, q_offset, kv_heads=tuple(int(x) for x in kv_heads), sinks=0,
+                window=None, kv_major=False, tiles=tiles, interpret=interpret or False)
+
+
+def cache_causal_attention(q, k_cache, v_cache, kv_heads, *, q_offset=0,
+                           tiles: Tiles = Tiles(), interpret=False):
+  """Dense causal attention of a prefill chunk over a KV cache in place (k_cache, v_cache
+  [batch, kv_heads, T, head_dim], T a multiple of `tiles.block_kv`; slots past the chunk's
+  last query are never read). Returns (out, lse)."""
+  return _flash(q, k_cache, v_cache, q_offset, kv_heads=tuple(int(x) for x in kv_heads),
+                sinks=0, window=None, kv_major=True, tiles=tiles, interpret=interpret or False)
