@@ -677,6 +677,23 @@ def run_decode(run, cfg, t, inner, reps, smoke, densities, profile=False):
            inner=inner, bytes_=nr * t * cfg.r * 2.0, **ph)
   lm0 = topp_select_k.block_logmass(qi0, copies[0]["ckeys"], lengths, block_size=cfg.bs,
                                     interpret=kernels.interpret)
+  # Blocks per program of the log-mass pass (default 32): fewer, larger programs or more,
+  # smaller ones; the same values, checked first.
+  for cb in (8, 16, 64, 128):
+    got = topp_select_k.block_logmass(qi0, copies[0]["ckeys"], lengths, block_size=cfg.bs,
+                                      chunk_blocks=cb, interpret=kernels.interpret)
+    same = jnp.where(jnp.isfinite(lm0), jnp.abs(got - lm0) <= 1e-5, got == lm0)
+    run.check(f"topp_logmass_cb{cb}", t, mismatched_blocks=int(jnp.sum(~same)))
+
+    def logmass_cb_step(carry, ci, arrays, cb=cb):
+      q, qi, acc = carry
+      lm = topp_select_k.block_logmass(qi, unpack(arrays, ci)["ckeys"], lengths,
+                                       block_size=cfg.bs, chunk_blocks=cb,
+                                       interpret=kernels.interpret)
+      return q, qi + 1e-3, acc + jnp.sum(lm[..., -1])
+
+    run.time(f"topp_logmass_cb{cb}_5h", t, looped(logmass_cb_step), (q0, qi0, *flat),
+             reps=reps, inner=inner, bytes_=nr * t * cfg.r * 2.0, **ph)
 
   def rows_step(carry, ci, arrays, search="bisect", warps=None):
     q, qi, acc = carry
