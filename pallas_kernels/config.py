@@ -11,8 +11,9 @@ pass no config get it):
                        JAX device; gpu / tpu elsewhere run the jnp references)
   RTPURBO_INTERPRET    1: the accelerator kernels run in the Pallas interpreter (CPU tests);
                        races: also the TPU interpreter's race detector
-  RTPURBO_CAUSAL_ATTN  GPU implementation of causal_attention        pallas | cudnn | xla
-  RTPURBO_WINDOW_ATTN  GPU implementation of window_attention        pallas | cudnn | cudnn_chunked
+  RTPURBO_CAUSAL_ATTN  GPU implementation of causal_attention        pallas | cudnn | xla | mgpu
+  RTPURBO_WINDOW_ATTN  GPU implementation of window_attention        pallas | cudnn |
+                                                                     cudnn_chunked | mgpu
   RTPURBO_CACHE_ATTN   GPU implementation of cache_causal_attention  pallas | cudnn | mgpu
 An invalid value is a ValueError naming the variable and the choices. The implementation
 variables only matter to the gpu backend (`gpu/dispatch.select_impl`; absent: the

@@ -103,11 +103,12 @@ def collect_acts(model, windows: np.ndarray) -> list:
 
 def train(wq, wk, bias, acts: list, *, objective: str, steps: int, lr: float, chunk: int,
           top_p: float, block_size: int, log_every: int, label: str = "",
-          bias_lr: float = 0.03) -> tuple:
+          bias_lr: float = 0.03, query_stride: int = 1) -> tuple:
   """AdamW (as stage 1: warmup then cosine, weight decay 0.01, clip 1.0), one window a step.
   bias: None, or the [n_ret, buckets] distance bias trained with the indexer, by Adam at its
   own rate `bias_lr` (it starts at zero and is measured in units of log-mass, where the
-  indexer's rate would move it by at most ~lr per step)."""
+  indexer's rate would move it by at most ~lr per step). query_stride: the loss reads every
+  k-th query position (the stage-1 recipe's `query_fraction` in a fixed form)."""
   def adamw_at(rate, decay):
     sched = optax.warmup_cosine_decay_schedule(0.0, rate, max(steps // 10, 1), steps)
     return optax.adamw(sched, weight_decay=decay)
@@ -117,7 +118,7 @@ def train(wq, wk, bias, acts: list, *, objective: str, steps: int, lr: float, ch
       lambda p: ("indexer", "indexer", None if p[2] is None else "bias")))
   params = (jnp.asarray(wq), jnp.asarray(wk), None if bias is None else jnp.asarray(bias))
   opt = tx.init(params)
-  queries = np.arange(acts[0].q.shape[1], dtype=np.int32)
+  queries = np.arange(acts[0].q.shape[1] - 1, -1, -query_stride, dtype=np.int32)[::-1].copy()
 
   @jax.jit
   def step(params, opt, a):
@@ -168,13 +169,15 @@ def bootstrap_diff(x: np.ndarray, y: np.ndarray, seed: int, n_boot: int = 2000):
 
 def markdown(rep: dict) -> str:
   st = rep["settings"]
+  stride = st.get("query_stride", 1)
+  queries = "every query" if stride == 1 else f"every {stride}th query"
   lines = [
       "# Stage-1 indexer variants on SmolLM2-135M: " + ", ".join(st["variants"]),
       "",
       f"Every variant continues from the committed indexer for {st['steps']} steps "
       f"(lr {st['lr']}, "
       f"one {st['train_len']}-token window per step, {st['train_windows']} windows of the "
-      f"training plays, every query); held out: {st['heldout_windows']} windows of "
+      f"training plays, {queries}); held out: {st['heldout_windows']} windows of "
       f"{st['heldout_len']} tokens of {', '.join(st['heldout_plays'])}, every query. Means over "
       f"{rep['units']} (window, head) pairs; [95% bootstrap interval] of the difference to "
       "`token`. Produced by `scripts/stage1_objective.py`; "
@@ -212,6 +215,9 @@ def main(argv=None):
   ap.add_argument("--heldout_windows", type=int, default=4)
   ap.add_argument("--top_p", default="0.8,0.9,0.95")
   ap.add_argument("--chunk", type=int, default=256)
+  ap.add_argument("--query_stride", type=int, default=1,
+                  help="train on every k-th query position (the last one always); the "
+                  "held-out evaluation reads every query")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--variants", default="token,block",
                   help="comma-separated: token, block (the stage-1 objectives at the committed "
@@ -271,7 +277,8 @@ def main(argv=None):
                                        steps=args.steps, lr=args.lr, bias_lr=args.bias_lr,
                                        chunk=args.chunk,
                                        top_p=model.sparse.top_p, block_size=bs,
-                                       log_every=max(args.steps // 10, 1), label=name)
+                                       log_every=max(args.steps // 10, 1), label=name,
+                                       query_stride=args.query_stride)
     os.makedirs(args.out, exist_ok=True)  # kept, so a failed evaluation loses no training
     np.savez(os.path.join(args.out, f"indexer_{name}.npz"),
              **{k: np.asarray(v) for k, v in zip(("wq", "wk", "distance_bias"),
@@ -300,6 +307,7 @@ def main(argv=None):
                    "heldout_len": args.heldout_len,
                    "heldout_windows": args.heldout_windows, "heldout_plays": held_plays,
                    "chunk": args.chunk, "seed": args.seed, "smoke": args.smoke,
+                   "query_stride": args.query_stride,
                    "loaded_from": args.load,
                    "variants": list(variants)},
       "units": int(np.prod(metrics["token"][top_ps[0]]["kl"].shape)),
