@@ -170,7 +170,7 @@ def bootstrap_diff(x: np.ndarray, y: np.ndarray, seed: int, n_boot: int = 2000):
 def markdown(rep: dict) -> str:
   st = rep["settings"]
   stride = st.get("query_stride", 1)
-  queries = "every query" if stride == 1 else f"every {stride}th query"
+  queries = "every query" if stride == 1 else f"one query in {stride}"
   lines = [
       "# Stage-1 indexer variants on SmolLM2-135M: " + ", ".join(st["variants"]),
       "",

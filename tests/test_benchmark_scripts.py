@@ -73,7 +73,7 @@ def test_stage1_speed_smoke_same_loss_before_and_after(tmp_path):
 def test_stage1_objective_smoke(tmp_path):
   _run(["scripts/stage1_objective.py", "--smoke", "--out", str(tmp_path), "--train_len", "64",
         "--train_windows", "2", "--steps", "3", "--heldout_len", "96", "--heldout_windows",
-        "2", "--chunk", "32", "--top_p", "0.9", "--variants",
+        "2", "--chunk", "32", "--top_p", "0.9", "--query_stride", "3", "--variants",
         "token,block,token_r12,token_pos"], tmp_path)
   rep = json.loads((tmp_path / "stage1_objective.json").read_text())
   rows = rep["heldout"]["0.9"]
@@ -89,7 +89,9 @@ def test_stage1_objective_smoke(tmp_path):
   # Training moved the indexers: their held-out KL differs from the committed one's.
   assert rows["token"]["kl"]["mean"] != rows["committed"]["kl"]["mean"]
   assert [r["step"] for r in rep["train_log"]["block"]][-1] == 3
-  assert "| block | 0.9 |" in (tmp_path / "stage1_objective.md").read_text()
+  report = (tmp_path / "stage1_objective.md").read_text()
+  assert "| block | 0.9 |" in report and "one query in 3" in report
+  assert rep["settings"]["query_stride"] == 3
   # --load evaluates the saved indexers again, here at another held-out length: no training.
   again = tmp_path / "again"
   _run(["scripts/stage1_objective.py", "--smoke", "--out", str(again), "--load", str(tmp_path),
