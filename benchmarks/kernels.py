@@ -667,10 +667,11 @@ def run_decode(run, cfg, t, inner, reps, smoke, densities, profile=False):
            bytes_=nr * t * cfg.r * 2.0, **ph)
 
   # Its two kernels apart: the block log-mass pass (memory-bound) and the top-p rows.
-  def logmass_step(carry, ci, arrays):
+  def logmass_step(carry, ci, arrays, cb=32):
     q, qi, acc = carry
     lm = topp_select_k.block_logmass(qi, unpack(arrays, ci)["ckeys"], lengths,
-                                     block_size=cfg.bs, interpret=kernels.interpret)
+                                     block_size=cfg.bs, chunk_blocks=cb,
+                                     interpret=kernels.interpret)
     return q, qi + 1e-3, acc + jnp.sum(lm[..., -1])
 
   run.time("topp_logmass_5h", t, looped(logmass_step), (q0, qi0, *flat), reps=reps,
@@ -684,16 +685,8 @@ def run_decode(run, cfg, t, inner, reps, smoke, densities, profile=False):
                                       chunk_blocks=cb, interpret=kernels.interpret)
     same = jnp.where(jnp.isfinite(lm0), jnp.abs(got - lm0) <= 1e-5, got == lm0)
     run.check(f"topp_logmass_cb{cb}", t, mismatched_blocks=int(jnp.sum(~same)))
-
-    def logmass_cb_step(carry, ci, arrays, cb=cb):
-      q, qi, acc = carry
-      lm = topp_select_k.block_logmass(qi, unpack(arrays, ci)["ckeys"], lengths,
-                                       block_size=cfg.bs, chunk_blocks=cb,
-                                       interpret=kernels.interpret)
-      return q, qi + 1e-3, acc + jnp.sum(lm[..., -1])
-
-    run.time(f"topp_logmass_cb{cb}_5h", t, looped(logmass_cb_step), (q0, qi0, *flat),
-             reps=reps, inner=inner, bytes_=nr * t * cfg.r * 2.0, **ph)
+    run.time(f"topp_logmass_cb{cb}_5h", t, looped(functools.partial(logmass_step, cb=cb)),
+             (q0, qi0, *flat), reps=reps, inner=inner, bytes_=nr * t * cfg.r * 2.0, **ph)
 
   def rows_step(carry, ci, arrays, search="bisect", warps=None):
     q, qi, acc = carry
