@@ -228,9 +228,23 @@ def block_logmass(scores, key_valid, block_size: int):
 SELECTORS = {"exact": topp_from_block_logmass, "histogram": histogram_from_block_logmass}
 
 
+def decode_logmass(qi, ckeys, lengths, block_size: int, block_offset=None):
+  """The decode selection's block log-masses: (logmass [batch, r_heads, nb] f32, valid
+  [batch, r_heads, nb] bool, own block [batch, r_heads] int32). block_offset: optional
+  [batch, r_heads, nb] float added to every block's log-mass (a learned distance bias)."""
+  t = ckeys.shape[2]
+  scores = jnp.einsum("bhr,bhtr->bht", qi.astype(jnp.float32), ckeys.astype(jnp.float32))
+  key_valid = jnp.arange(t)[None, None, :] < lengths[:, None, None]
+  lm, valid = block_logmass(scores, key_valid, block_size)
+  if block_offset is not None:
+    lm = lm + block_offset.astype(jnp.float32)
+  own = jnp.broadcast_to(((lengths - 1) // block_size)[:, None], lm.shape[:2])
+  return lm, valid, own
+
+
 @functools.partial(jax.jit, static_argnames=("top_p", "block_size", "selector"))
 def topp_select(qi, ckeys, lengths, *, top_p: float, block_size: int = 64,
-                selector: str = "exact"):
+                selector: str = "exact", block_offset=None):
   """Fused decode selection: score the compressed keys and pick the top-p blocks.
 
   Args:
@@ -238,23 +252,18 @@ def topp_select(qi, ckeys, lengths, *, top_p: float, block_size: int = 64,
     ckeys: [batch, r_heads, T, r] compressed keys (W_k k_pre); T % block_size == 0.
     lengths: [batch] keys written so far, the current token included (it sits at
       position lengths - 1).
+    block_offset: optional [batch, r_heads, T // block_size] float, added to each block's
+      log-mass before the rule (the indexer's distance bias; None: none).
   Returns: bool [batch, r_heads, T // block_size].
   """
-  t = ckeys.shape[2]
-  scores = jnp.einsum("bhr,bhtr->bht", qi.astype(jnp.float32), ckeys.astype(jnp.float32))
-  key_valid = jnp.arange(t)[None, None, :] < lengths[:, None, None]
-  lm, valid = block_logmass(scores, key_valid, block_size)
-  own = jnp.broadcast_to(((lengths - 1) // block_size)[:, None], lm.shape[:2])
+  lm, valid, own = decode_logmass(qi, ckeys, lengths, block_size, block_offset)
   return SELECTORS[selector](lm, valid, own, top_p)
 
 
-def topk_select(qi, ckeys, lengths, *, k_tokens: int, block_size: int = 64):
+def topk_select(qi, ckeys, lengths, *, k_tokens: int, block_size: int = 64,
+                block_offset=None):
   """Top-k baseline on the same interface: ceil(k / block_size) blocks by indexer mass."""
-  t = ckeys.shape[2]
-  scores = jnp.einsum("bhr,bhtr->bht", qi.astype(jnp.float32), ckeys.astype(jnp.float32))
-  key_valid = jnp.arange(t)[None, None, :] < lengths[:, None, None]
-  lm, valid = block_logmass(scores, key_valid, block_size)
-  own = jnp.broadcast_to(((lengths - 1) // block_size)[:, None], lm.shape[:2])
+  lm, valid, own = decode_logmass(qi, ckeys, lengths, block_size, block_offset)
   return topk_from_block_logmass(lm, valid, own, -(-k_tokens // block_size))
 
 

@@ -104,6 +104,12 @@ class SparseConfig:
   # `min_blocks` heaviest blocks, so a head whose indexer mass piles on a few blocks (the
   # sink block) still reads more than those. Decode-style selection only.
   min_blocks: int = 0
+  # A learned recency prior (beyond the paper, 0 = off): each selected head adds
+  # bias[head, bucket] to the indexer log-mass of every key block, bucket 0 for the query's
+  # own block and 1 + floor(log2(blocks back)) beyond, capped at `distance_buckets - 1`
+  # (`indexer.distance_bucket`). The bias is an indexer parameter, trained in stage 1.
+  # Decode-style selection only (top-p, its floor, top-k).
+  distance_buckets: int = 0
   # Query rows per chunk in the reference attention (memory O(S x chunk)).
   chunk_size: int = 512
 
@@ -135,6 +141,13 @@ class SparseConfig:
                         "sparse_prefill's per-query-block selection does not take it: with "
                         "sparse_prefill=True set sparse.min_blocks=0 (configs/smollm2_135m.py "
                         "sets 8)")
+    if self.distance_buckets < 0:
+      raise ConfigError(f"sparse.distance_buckets={self.distance_buckets} must be >= 0 "
+                        "(0: no distance bias)")
+    if self.distance_buckets and self.sparse_prefill:
+      raise ConfigError("sparse.distance_buckets (the indexer's distance bias) applies to the "
+                        "decode-style selection; sparse_prefill's per-query-block kernels do "
+                        "not take it: with sparse_prefill=True set sparse.distance_buckets=0")
 
   @property
   def ring_capacity(self) -> int:
@@ -212,7 +225,11 @@ def run_config():
       # objective: "token" (the method's KL over keys) or "block" (KL of per-block masses).
       "stage1": _train_stage(steps=600, lr=1e-3, warmup=100, schedule="cosine", batch_size=1,
                              seq_len=32768, query_chunk=256, query_fraction=1.0,
-                             query_min_pos=0, stats_stride=8, objective="token"),
+                             query_min_pos=0, stats_stride=8, objective="token",
+                             # The indexer's distance bias (sparse.distance_buckets > 0) at
+                             # its own peak rate, same schedule, no weight decay: a bias of
+                             # order 1 is out of reach of W's rate in a few hundred steps.
+                             bias_lr=0.1),
       # docs/METHOD.md §4: top-10 KL on label tokens, global batch 8 by accumulation.
       # lora_rank 0: every backbone weight is trained (the paper); r > 0: only rank-r LoRA
       # factors of the attention / MLP weights (scale lora_alpha / r), plus full deltas of

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from pallas_kernels.config import KernelConfig
@@ -57,6 +59,30 @@ def set_indexer(model: Transformer, weights: IndexerWeights) -> None:
     attn.indexer_wk[...] = jnp.asarray(wk, attn.indexer_wk[...].dtype)
 
 
+def distance_biases(model: Transformer) -> dict[int, jax.Array]:
+  """{layer: distance bias [n_ret, distance_buckets]} for layers with retrieval heads; empty
+  when the model's sparse config has no distance bias."""
+  return {i: layer.attn.distance_bias for i, layer in enumerate(model.layers)
+          if layer.attn.heads.retrieval and layer.attn.distance_bias is not None}
+
+
+def set_distance_bias(model: Transformer, biases: dict) -> None:
+  """Set every retrieval layer's distance bias ({layer: [n_ret, distance_buckets]})."""
+  for i, layer in enumerate(model.layers):
+    attn = layer.attn
+    if not attn.heads.retrieval:
+      continue
+    if attn.distance_bias is None:
+      raise ConfigError("the model has no distance bias (sparse.distance_buckets=0)")
+    if i not in biases:
+      raise ConfigError(f"no distance bias for layer {i}")
+    want = tuple(attn.indexer_bias.shape)
+    if tuple(np.shape(biases[i])) != want:
+      raise ConfigError(f"distance bias of layer {i} has shape {tuple(np.shape(biases[i]))}, "
+                        f"expected {want} (retrieval heads x distance_buckets)")
+    attn.indexer_bias.set_value(jnp.asarray(biases[i], jnp.float32))
+
+
 def scale_indexer_queries(model: Transformer, scale: float) -> Transformer:
   """Multiply every layer's indexer W_q by `scale` in place (scores scale by it: a sharper or
   flatter top-p selection, e.g. a synthetic selection on random weights). Returns `model`."""
@@ -72,7 +98,8 @@ def rebuild(model: Transformer, *, plan: HeadPlan | None = None,
   model's) and the same backbone weights.
 
   Built abstractly (no second copy of the backbone is allocated); the indexer is the
-  source model's when the plan and width match, otherwise the rotary initialisation.
+  source model's when the plan and width match, otherwise the rotary initialisation (the
+  distance bias likewise, when its buckets match too, otherwise zero).
   Another kernel config alone gives the same model with another graph definition: its jitted
   programs are traced (and compiled) afresh with those kernels.
   """
@@ -91,10 +118,17 @@ def rebuild(model: Transformer, *, plan: HeadPlan | None = None,
     if n and i not in ws:
       w = rotary_init(n, sparse.indexer_dim, model.cfg.head_dim)
       ws[i] = (w, w)
+  # The distance bias carries over with the indexer when its buckets match; else it starts
+  # at zero (no prior).
+  biases = distance_biases(model) if (
+      same and sparse.distance_buckets == model.sparse.distance_buckets) else {}
   for i, layer in enumerate(new.layers):
     if i in ws:
       layer.attn.indexer_wq.set_value(jnp.asarray(ws[i][0], jnp.float32))
       layer.attn.indexer_wk.set_value(jnp.asarray(ws[i][1], jnp.float32))
+    if layer.attn.heads.retrieval and sparse.distance_buckets:
+      bias = biases.get(i, jnp.zeros(layer.attn.indexer_bias.shape, jnp.float32))
+      layer.attn.indexer_bias.set_value(jnp.asarray(bias, jnp.float32))
   return new
 
 

@@ -75,7 +75,8 @@ def make_eval_fn(model, *, chunk: int = 512, stats: bool = False):
       if stats and layer.attn.routing.selected:
         q_pre, k_pre, _, _, _ = layer.attn.project_qkv(layer.input_norm(x), pos, inv)
         qi, ki = layer.attn.indexer_qk(q_pre, k_pre)
-        mask = per_query_selection(qi, ki, pos, pos, sp, s_pad)[0]  # [h, S, nb]
+        mask = per_query_selection(qi, ki, pos, pos, sp, s_pad,
+                                   bias=layer.attn.distance_bias)[0]  # [h, S, nb]
         t = jnp.arange(s)[:, None]
         in_block = jnp.clip(t + 1 - jnp.arange(s_pad // bs)[None, :] * bs, 0, bs)  # [S, nb]
         fracs.append(jnp.sum(mask, -1) / (t[:, 0] // bs + 1))

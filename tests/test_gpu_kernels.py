@@ -23,6 +23,7 @@ import pytest
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as pl_mgpu
 
+from pallas_kernels import ops
 from pallas_kernels import reference as ref
 from pallas_kernels.config import KernelConfig
 from pallas_kernels.gpu import compact
@@ -435,6 +436,26 @@ def test_topp_select_decode(selector):
     np.testing.assert_array_equal(got, want)
   assert bool(jnp.all(got == (jnp.arange(t // 64)[None, None] < (lengths[:, None, None] + 63)
                               // 64)))  # p = 1: every block with a key
+
+
+def test_topp_select_decode_with_block_offset():
+  """The distance bias as a per-block offset: the kernel path equals the reference with the
+  same offset, and the offset changes the selection (the control)."""
+  b, h, t, r = 2, 3, 512, 16
+  qi = _normal((b, h, r), scale=1.0)
+  ck = _normal((b, h, t, r))
+  lengths = jnp.asarray([512, 200], jnp.int32)
+  offset = _normal((b, h, t // 64), scale=2.0)
+  got = topp_select_k.topp_select(qi, ck, lengths, top_p=0.7, block_offset=offset,
+                                  interpret=True)
+  want = topp_select_k.reference(qi, ck, lengths, top_p=0.7, block_offset=offset)
+  np.testing.assert_array_equal(got, want)
+  assert bool(jnp.any(got != topp_select_k.reference(qi, ck, lengths, top_p=0.7)))
+  # The dispatch hands the offset to the kernel.
+  assert ops.supports("topp_select", qi, ck, lengths, top_p=0.7, block_offset=offset,
+                      kernels=GPU)
+  np.testing.assert_array_equal(
+      ops.topp_select(qi, ck, lengths, top_p=0.7, block_offset=offset, kernels=GPU), want)
 
 
 def test_prefill_select():

@@ -5,6 +5,7 @@ transformers for sharded folders it wrote, and llama.cpp's q/k row permutation f
 reader.
 """
 
+import dataclasses
 import json
 import os
 
@@ -19,7 +20,7 @@ from hf_fixtures import hf_logits, make_hf_folder
 from rtpurbo_jax.attention.indexer import rotary_init
 from rtpurbo_jax.attention.plan import HeadPlan
 from rtpurbo_jax.config import ConfigError, ModelConfig, SparseConfig
-from rtpurbo_jax.convert import indexer_weights, to_rtpurbo
+from rtpurbo_jax.convert import distance_biases, indexer_weights, set_distance_bias, to_rtpurbo
 from rtpurbo_jax.hf import api, gguf_io, safetensors_io
 from rtpurbo_jax.models.transformer import Transformer
 
@@ -165,6 +166,45 @@ def test_artifacts_overlay_equals_full_save(tmp_path, rng, seed):
   back = api.from_pretrained(api.overlay_folder(tmp_path / "sharded", tmp_path / "art",
                                                 tmp_path / "overlay2"))
   _assert_same_params(other, back)
+
+
+def test_distance_bias_round_trip(tmp_path, rng, seed):
+  """The indexer's distance bias saves with the indexer (full folder and artifacts), loads
+  back exactly, and is what the loaded model selects with; sparse.distance_buckets=0 on load
+  turns it off."""
+  plain = _rtpurbo_model(seed, rng)
+  model = to_rtpurbo(plain, plain.plan, window=8, sinks=2, top_p=0.6, block_size=8,
+                     seqlen_threshold=0, distance_buckets=5)
+  n = int(model.plan.mask()[0].sum())
+  set_distance_bias(model, {0: rng.standard_normal((n, 5)).astype(np.float32) * 2})
+  api.save_pretrained(model, tmp_path / "m")
+  stored = load_file(tmp_path / "m" / "model.safetensors")
+  assert stored["model.layers.0.self_attn.indexer.distance_bias"].shape == (n, 5)
+  assert "model.layers.1.self_attn.indexer.distance_bias" not in stored
+  base = api.save_pretrained(_random_model(seed, "qwen3"), tmp_path / "base")
+  api.save_artifacts(model, tmp_path / "art")
+  ids = _ids(rng)
+  sq = jnp.asarray(rng.random(ids.shape) < 0.5)
+  want = np.asarray(model(ids, sparse_queries=sq))
+  for folder in (tmp_path / "m", api.overlay_folder(base, tmp_path / "art", tmp_path / "ov")):
+    back = api.from_pretrained(folder)
+    assert back.sparse.distance_buckets == 5
+    np.testing.assert_array_equal(np.asarray(distance_biases(back)[0]),
+                                  np.asarray(distance_biases(model)[0]))
+    np.testing.assert_array_equal(np.asarray(back(ids, sparse_queries=sq)), want)
+  # Turned off on load: the stored bias is not read, the selection is the method's.
+  off = api.from_pretrained(tmp_path / "m", sparse=dataclasses.replace(model.sparse,
+                                                                        distance_buckets=0))
+  assert not distance_biases(off)
+  np.testing.assert_array_equal(np.asarray(off(ids, sparse_queries=sq)),
+                                np.asarray(plain(ids, sparse_queries=sq)))
+  assert np.abs(np.asarray(plain(ids, sparse_queries=sq)) - want).max() > 1e-3
+  # A folder without bias tensors loads a zero bias (the method's score).
+  f = tmp_path / "m" / "model.safetensors"
+  save_file({k: v for k, v in stored.items() if "distance_bias" not in k}, f,
+            metadata={"format": "pt"})
+  zero = api.from_pretrained(tmp_path / "m")
+  assert float(np.abs(np.asarray(distance_biases(zero)[0])).max()) == 0.0
 
 
 def test_artifacts_errors(tmp_path, seed):

@@ -20,7 +20,7 @@ from flax import nnx
 from rtpurbo_jax.attention.mixed import SelectionStats
 from rtpurbo_jax.attention.plan import HeadPlan
 from rtpurbo_jax.config import ModelConfig
-from rtpurbo_jax.convert import indexer_weights, to_rtpurbo
+from rtpurbo_jax.convert import indexer_weights, set_distance_bias, to_rtpurbo
 from rtpurbo_jax.models.transformer import Transformer
 
 CFG = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=2,
@@ -106,6 +106,11 @@ def _harness(mode, seed, overrides):
   model = to_rtpurbo(dense_model(seed), PLAN, mode=mode, **kw)
   if mode in ("rtpurbo", "topk"):
     model = to_rtpurbo(model, PLAN, random_indexer(model, seed + 1), mode=mode, **kw)
+  if kw.get("distance_buckets"):
+    rng = np.random.default_rng(seed + 2)
+    set_distance_bias(model, {l: rng.standard_normal((len(model.plan.layer(l).retrieval),
+                                                      kw["distance_buckets"])) * 1.5
+                              for l in indexer_weights(model)})
   return Harness(model)
 
 
@@ -197,10 +202,18 @@ def test_cached_forward_names_its_phase():
 # One layer vs a numpy brute force with the docs/DESIGN.md §1 rules (mixed GQA groups).
 
 
-def _np_topp_blocks(scores, t, p, bs, floor=0):
+def _np_bucket(q_block, k_block, n):
+  d = max(q_block - k_block, 0)
+  return 0 if d == 0 else min(1 + int(np.floor(np.log2(d))), n - 1)
+
+
+def _np_topp_blocks(scores, t, p, bs, floor=0, bias=None):
   """Selected blocks of one query (float64): top-p, plus the `floor` heaviest blocks; and
-  whether float32 could differ."""
+  whether float32 could differ. bias: the head's distance bias [n_buckets], added to every
+  key's score by its block's distance bucket."""
   s = np.asarray(scores[: t + 1], np.float64)
+  if bias is not None:
+    s = s + np.array([bias[_np_bucket(t // bs, j // bs, len(bias))] for j in range(t + 1)])
   w = np.exp(s - s.max())
   w /= w.sum()
   mass = np.zeros(t // bs + 1)
@@ -239,8 +252,9 @@ def _np_layer(attn, x, positions, sparse_queries, sp, inv_freq):
       vis = j <= t
       if sparse_queries[bi, t]:
         r = heads.retrieval.index(hh)
+        bias = None if attn.distance_bias is None else np.asarray(attn.distance_bias[r])
         sel, amb = _np_topp_blocks(ki[bi, :, r] @ qi[bi, t, r], t, sp.top_p, sp.block_size,
-                                   sp.min_blocks)
+                                   sp.min_blocks, bias)
         if amb:
           ambiguous.add((bi, t))
         vis &= np.isin(j // sp.block_size, list(sel))
@@ -253,10 +267,13 @@ def _np_layer(attn, x, positions, sparse_queries, sp, inv_freq):
   return y, ambiguous
 
 
-@pytest.mark.parametrize("layer,floor", [(0, 0), (1, 0), (1, 2)])
-def test_layer_matches_bruteforce_rules(layer, floor, rng):
+@pytest.mark.parametrize("layer,floor,buckets", [(0, 0, 0), (1, 0, 0), (1, 2, 0), (1, 0, 4),
+                                                 (0, 2, 3)])
+def test_layer_matches_bruteforce_rules(layer, floor, buckets, rng):
   # Fresh inputs every run (the rng fixture); float32-ambiguous selections are skipped.
-  model = rtpurbo("rtpurbo", **({"min_blocks": floor} if floor else {})).model
+  extra = {**({"min_blocks": floor} if floor else {}),
+           **({"distance_buckets": buckets} if buckets else {})}
+  model = rtpurbo("rtpurbo", **extra).model
   attn = model.layers[layer].attn
   # Layer 0: a ring-only KV head and a mixed group; layer 1: two mixed groups.
   assert len(attn.routing.full_kv) and (layer == 1 or len(attn.routing.ring_kv))
@@ -308,6 +325,44 @@ def test_min_blocks_floor_is_one_rule_for_decode_and_prefill():
   every = rtpurbo("rtpurbo", min_blocks=-(-S // BS), window=S + 5)
   assert max_diff(every(ids, sparse_queries=q), dense(ids)) < ATOL
   assert max_diff(every.cached(ids, P), dense(ids)) < ATOL
+
+
+# ---------------------------------------------------------------------------
+# The indexer's distance bias (`distance_buckets`).
+
+
+@pytest.mark.parametrize("mode,extra", [("rtpurbo", {}), ("rtpurbo", {"min_blocks": 2}),
+                                        ("topk", {})])
+def test_distance_bias_is_one_rule_for_decode_and_prefill(mode, extra):
+  ids = token_ids(2)
+  q = decode_queries(1, S, P)
+  biased = rtpurbo(mode, distance_buckets=4, **extra)
+  want = biased(ids, sparse_queries=q)
+  assert max_diff(biased.cached(ids, P), want) < ATOL
+  # The control: the bias changes which blocks this model reads.
+  assert max_diff(want, rtpurbo(mode, **extra)(ids, sparse_queries=q)) > 1e-3
+
+
+def test_distance_bias_zero_is_the_method():
+  ids = token_ids(3)
+  q = decode_queries(1, S, P)
+  zero = to_rtpurbo(rtpurbo("rtpurbo").model, PLAN, distance_buckets=4, **SPARSE)
+  assert all(float(jnp.max(jnp.abs(b))) == 0.0
+             for b in (l.attn.distance_bias for l in zero.layers) if b is not None)
+  want = rtpurbo("rtpurbo")(ids, sparse_queries=q)
+  assert max_diff(Harness(zero)(ids, sparse_queries=q), want) == 0.0
+
+
+def test_distance_bias_is_checked():
+  from rtpurbo_jax.config import ConfigError, SparseConfig
+  with pytest.raises(ConfigError, match="distance_buckets=-1"):
+    SparseConfig(distance_buckets=-1)
+  with pytest.raises(ConfigError, match="sparse_prefill"):
+    SparseConfig(distance_buckets=4, sparse_prefill=True)
+  model = rtpurbo("rtpurbo", distance_buckets=4).model
+  with pytest.raises(Exception, match="shape"):
+    set_distance_bias(model, {l: np.zeros((len(model.plan.layer(l).retrieval), 3))
+                              for l in indexer_weights(model)})
 
 
 def test_min_blocks_is_checked():

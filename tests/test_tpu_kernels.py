@@ -159,6 +159,29 @@ def test_topp_select_exact_random():
                                                                          (2, 3)))
 
 
+def test_topp_select_with_block_offset():
+  """A per-block log-mass offset (the indexer's distance bias): the kernel equals the
+  reference with the same offset, directly and through the dispatch, for both selectors; the
+  offset changes the selection (the control)."""
+  from pallas_kernels import ops
+
+  kq, kc, ko = fresh_keys(3)
+  qi, ck, lengths = _selection_inputs(kq, kc, jnp.float32)
+  offset = jax.random.normal(ko, (2, 3, ck.shape[2] // 64), jnp.float32) * 2
+  for selector in ("exact", "histogram"):
+    got = run(topp_k.topp_select, qi, ck, lengths, top_p=0.7, selector=selector,
+              block_offset=offset)
+    want = ref.topp_select(qi, ck, lengths, top_p=0.7, selector=selector, block_offset=offset)
+    np.testing.assert_array_equal(got, want, err_msg=selector)
+  assert bool(jnp.any(got != ref.topp_select(qi, ck, lengths, top_p=0.7, selector=selector)))
+  kernels = KernelConfig("tpu", interpret=True)
+  assert ops.supports("topp_select", qi, ck, lengths, top_p=0.7, block_offset=offset,
+                      kernels=kernels)
+  np.testing.assert_array_equal(
+      ops.topp_select(qi, ck, lengths, top_p=0.7, block_offset=offset, kernels=kernels),
+      ref.topp_select(qi, ck, lengths, top_p=0.7, block_offset=offset))
+
+
 def test_topp_select_ties_and_own_block_only():
   """Row 0: identical keys (every block ties: lower index first). Row 1: the own block holds
   nearly all the mass, so only it is selected."""

@@ -66,6 +66,10 @@ KERNELS = {
         qi, ck, n, top_p=0.9, selector="histogram"),
                        (sds(4, 5, 16, dtype=jnp.float32), sds(4, 5, CTX, 16),
                         sds(4, dtype=jnp.int32))),
+    "topp_offset": ("rtpurbo_topp_select", lambda qi, ck, n, o: topp_k.topp_select(
+        qi, ck, n, top_p=0.9, block_offset=o),
+                    (sds(1, 5, 16, dtype=jnp.float32), sds(1, 5, CTX, 16),
+                     sds(1, dtype=jnp.int32), sds(1, 5, NB, dtype=jnp.float32))),
     "prefill_select": ("rtpurbo_topp_select", lambda qi, ki: topp_k.prefill_select(
         qi, ki, top_p=0.9), (sds(1, CTX, 5, 16, dtype=jnp.float32), sds(1, CTX, 5, 16))),
     "sparse_decode": ("rtpurbo_sparse_decode", lambda q, k, v, m, n: decode_k.sparse_decode(

@@ -84,6 +84,36 @@ def test_stage1_loss_decreases_and_backbone_is_untouched(tmp_path, seed):
   assert any((tmp_path / "s1" / "tb").rglob("events.out.tfevents*"))
 
 
+def test_stage1_trains_the_distance_bias_at_its_own_rate(tmp_path, seed):
+  """With sparse.distance_buckets the indexer's distance bias is a stage-1 parameter; Adam's
+  first step moves every element with a gradient by its peak rate, so the bias moves by
+  bias_lr (weight decay does not reach it) and W_q / W_k by lr (plus their decay)."""
+  import dataclasses
+
+  base = tiny(seed)
+  sp = dataclasses.replace(base.sparse, distance_buckets=4)
+  model = Transformer_(base.cfg, sp, base.plan, seed)
+  o = run_config().train.stage1
+  o.update(steps=1, lr=1e-3, bias_lr=0.05, warmup=0, schedule="constant", seq_len=64,
+           query_chunk=16, clip=0.0, weight_decay=0.5)
+  before = values(model, IndexerParam)
+  assert any("indexer_bias" in k for k in before)
+  ids = np.asarray(jax.random.randint(jax.random.key(seed), (1, 64), 0, V), np.int32)
+  task = stages.stage1_task(ParamSplit(model, IndexerParam), o, model.sparse)
+  tr = Trainer(task, model, o, run_opts(tmp_path, "s1b"), one_device_mesh())
+  tr.fit(FixedBatches([{"ids": ids}]))
+  tr.finish()
+  after = values(model, IndexerParam)
+  for k in before:
+    step = np.abs(after[k] - before[k])
+    moved = step[step > 0]
+    assert moved.size > 0.5 * step.size, k  # the gradient reaches (almost) every element
+    if "indexer_bias" in k:
+      np.testing.assert_allclose(moved, 0.05, rtol=1e-3, err_msg=k)
+    else:  # 1e-3 x (1 + decay 0.5 x |w| / 1): within a factor of two of lr
+      assert 5e-4 < float(np.median(moved)) < 2e-3, k
+
+
 def stage2_batches(seed, teacher, n, s=32, k=5):
   """Random examples with right padding and labels on the last tokens, plus the dense
   teacher's top-k logits (as stages.TeacherStore would serve them)."""

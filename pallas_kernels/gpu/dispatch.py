@@ -273,13 +273,13 @@ def window_attention(q, k, v, kv_heads, *, sinks: int, window: int, q_offset=0,
 
 
 def topp_select(qi, ckeys, lengths, *, top_p: float, block_size: int = 64,
-                selector: str = "exact", kernels: KernelConfig):
+                selector: str = "exact", block_offset=None, kernels: KernelConfig):
   if not (_pallas_ok(kernels)
           and topp_select_k.supported(qi, ckeys, lengths, block_size=block_size)):
     return None
   return functools.partial(topp_select_k.topp_select, qi, ckeys, lengths, top_p=top_p,
                            block_size=block_size, selector=selector,
-                           interpret=kernels.interpret)
+                           block_offset=block_offset, interpret=kernels.interpret)
 
 
 def sparse_decode(q, k_cache, v_cache, kv_heads, block_mask, lengths, *, block_size: int = 64,

@@ -74,10 +74,13 @@ def supported(qi, ckeys, lengths, *, block_size: int) -> bool:
 
 
 def topp_select(qi, ckeys, lengths, *, top_p: float, block_size: int = 64,
-                selector: str = "exact", interpret: bool | None = None):
-  """Same contract as `pallas_kernels.reference.topp_select`."""
+                selector: str = "exact", block_offset=None, interpret: bool | None = None):
+  """Same contract as `pallas_kernels.reference.topp_select`. A `block_offset` (the
+  indexer's distance bias, [batch, r_heads, nb]) is one XLA add between the two passes."""
   interpret = common.interpret_flag(interpret)
   lengths = lengths.astype(jnp.int32)
   lm = block_logmass(qi, ckeys, lengths, block_size=block_size, interpret=interpret)
+  if block_offset is not None:
+    lm = lm + block_offset.astype(jnp.float32)  # -inf (no visible key) stays -inf
   return topp_rows.select_rows_decode(lm, lengths, block_size=block_size, top_p=top_p,
                                       selector=selector, interpret=interpret)

@@ -57,11 +57,11 @@ def window_attention(q, k, v, kv_heads, *, sinks: int, window: int, q_offset=0,
 
 
 def topp_select(qi, ckeys, lengths, *, top_p: float, block_size: int = 64,
-                selector: str = "exact", kernels: KernelConfig):
+                selector: str = "exact", block_offset=None, kernels: KernelConfig):
   if _topp.unsupported(ckeys.shape[2], ckeys.shape[3], block_size):
     return None
   return functools.partial(_topp.topp_select, qi, ckeys, lengths, top_p=top_p,
-                           block_size=block_size, selector=selector,
+                           block_size=block_size, selector=selector, block_offset=block_offset,
                            interpret=interpret_params(kernels))
 
 

@@ -146,7 +146,8 @@ def _select_histogram(mass, valid, top_p):
   return valid & (bin_id >= thr)
 
 
-def _kernel(lengths_ref, p_ref, q_ref, x_ref, out_ref, mass_sc, max_sc, *, plan: _Plan):
+def _kernel(lengths_ref, p_ref, q_ref, x_ref, *refs, plan: _Plan, offset: bool):
+  off_ref, (out_ref, mass_sc, max_sc) = (refs[0], refs[1:]) if offset else (None, refs)
   bi, c = pl.program_id(0), pl.program_id(2)
   length = lengths_ref[bi]
 
@@ -183,7 +184,13 @@ def _kernel(lengths_ref, p_ref, q_ref, x_ref, out_ref, mass_sc, max_sc, *, plan:
     blk = (jax.lax.broadcasted_iota(jnp.int32, shape, 0) * plan.cols
            + jax.lax.broadcasted_iota(jnp.int32, shape, 1))
     valid = blk * plan.bs < length
-    mass = jnp.where(valid, mass_sc[...], 0.0)
+    mass = mass_sc[...]
+    if off_ref is not None:
+      # A log-mass offset per block multiplies its mass; shifted by its largest valid value
+      # so that no factor overflows (the masses are normalised next).
+      off = jnp.where(valid, off_ref[...].astype(jnp.float32), -jnp.inf)
+      mass = mass * jnp.exp(off - _peak(off))
+    mass = jnp.where(valid, mass, 0.0)
     total = _total(mass)
     mass = mass / jnp.where(total > 0, total, 1.0)
     own = valid & (blk == (length - 1) // plan.bs)
@@ -222,11 +229,18 @@ def _plan(t: int, r: int, block_size: int, selector: str) -> _Plan:
                selector=selector)
 
 
-def _select(plan: _Plan, qi, x, lengths, top_p, *, key_rows: int, interpret):
+def _select(plan: _Plan, qi, x, lengths, top_p, *, key_rows: int, interpret,
+            block_offset=None):
   """The selection kernel. qi: [rows, h, r]; x: [rows / key_rows, h, T / kpr, 128] (row i
-  scores the keys of x[i // key_rows]); lengths: [rows]. Returns bool [rows, h, nb]."""
+  scores the keys of x[i // key_rows]); lengths: [rows]; block_offset: optional
+  [rows, h, nb] log-mass offsets. Returns bool [rows, h, nb]."""
   n, h, _ = qi.shape
   qbd = _block_diagonal_query(qi, plan.kpr)
+  whole = pl.BlockSpec((None, None, plan.rows, plan.cols), lambda bi, hi, c, L: (bi, hi, 0, 0))
+  extra_specs, extra = [], []
+  if block_offset is not None:
+    extra_specs = [whole]
+    extra = [block_offset.astype(jnp.float32).reshape(n, h, plan.rows, plan.cols)]
 
   def x_map(bi, hi, c, lengths_ref):
     # Past the sequence end, repeat the last useful chunk: the pipeline skips the copy.
@@ -234,16 +248,16 @@ def _select(plan: _Plan, qi, x, lengths, top_p, *, key_rows: int, interpret):
     return bi // key_rows, hi, jnp.minimum(c, last), 0
 
   mask = pl.pallas_call(
-      functools.partial(_kernel, plan=plan),
+      functools.partial(_kernel, plan=plan, offset=block_offset is not None),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=1,
           grid=(n, h, plan.rows),
           in_specs=[pl.BlockSpec((1, 1), lambda bi, hi, c, L: (0, 0)),
                     pl.BlockSpec((None, None, plan.kpr, LANES),
                                  lambda bi, hi, c, L: (bi, hi, 0, 0)),
-                    pl.BlockSpec((None, None, plan.tc // plan.kpr, LANES), x_map)],
-          out_specs=pl.BlockSpec((None, None, plan.rows, plan.cols),
-                                 lambda bi, hi, c, L: (bi, hi, 0, 0)),
+                    pl.BlockSpec((None, None, plan.tc // plan.kpr, LANES), x_map),
+                    *extra_specs],
+          out_specs=whole,
           scratch_shapes=[pltpu.VMEM((plan.rows, plan.cols), jnp.float32),
                           pltpu.VMEM((1, 1), jnp.float32)]),
       out_shape=jax.ShapeDtypeStruct((n, h, plan.rows, plan.cols), jnp.int32),
@@ -251,18 +265,21 @@ def _select(plan: _Plan, qi, x, lengths, top_p, *, key_rows: int, interpret):
           dimension_semantics=("parallel", "parallel", "arbitrary")),
       interpret=interpret,
       name="rtpurbo_topp_select",
-  )(lengths.astype(jnp.int32), jnp.reshape(jnp.asarray(top_p, jnp.float32), (1, 1)), qbd, x)
+  )(lengths.astype(jnp.int32), jnp.reshape(jnp.asarray(top_p, jnp.float32), (1, 1)), qbd, x,
+    *extra)
   return mask.reshape(n, h, plan.nb) != 0
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "selector", "interpret"))
 def topp_select(qi, ckeys, lengths, *, top_p, block_size: int = 64,
-                selector: str = "exact", interpret=False):
+                selector: str = "exact", block_offset=None, interpret=False):
   """The `reference.topp_select` contract on TPU.
 
   Args:
     qi: [batch, r_heads, r]; ckeys: [batch, r_heads, T, r]; lengths: [batch] int32.
     top_p: a float or a traced scalar (one compiled kernel serves every p).
+    block_offset: optional [batch, r_heads, T // block_size] added to the block log-masses
+      (the indexer's distance bias): each block's mass is multiplied by exp(offset).
     Needs 128 % r == 0, T % block_size == 0 and block_size % (128 / r) == 0.
   Returns: bool [batch, r_heads, T // block_size].
   """
@@ -272,7 +289,11 @@ def topp_select(qi, ckeys, lengths, *, top_p, block_size: int = 64,
                      f"ckeys {ckeys.shape}")
   plan = _plan(t, r, block_size, selector)
   x = ckeys.reshape(b, h, t // plan.kpr, LANES)  # free: rows of kpr consecutive keys
-  return _select(plan, qi, x, lengths, top_p, key_rows=1, interpret=interpret)
+  if block_offset is not None and block_offset.shape != (b, h, plan.nb):
+    raise ValueError(f"topp_select: block_offset {block_offset.shape}, expected "
+                     f"{(b, h, plan.nb)}")
+  return _select(plan, qi, x, lengths, top_p, key_rows=1, interpret=interpret,
+                 block_offset=block_offset)
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "interpret"))

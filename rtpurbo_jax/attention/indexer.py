@@ -3,6 +3,11 @@
 Score s(t, j) = (W_q q_pre_t) . (W_k k_pre_j), float32, no scale, where q_pre / k_pre are
 the head's query and key after any q/k norm and before RoPE. W_k belongs to the query head,
 so every retrieval query head has its own r-wide compressed key stream.
+
+With `SparseConfig.distance_buckets` > 0 (beyond the paper) each head also has a distance
+bias [n_buckets]: bias[distance_bucket(query block, key block)] is added to the score of every
+key, i.e. to each key block's log-mass (`block_bias`), a learned recency prior the
+position-free 16-d score cannot express.
 """
 
 from __future__ import annotations
@@ -46,6 +51,17 @@ def distance_bucket(q_block: jax.Array, k_block: jax.Array, n_buckets: int) -> j
   n_buckets - 1. Integer arrays broadcast; returns int32."""
   d = jnp.maximum(jnp.asarray(q_block, jnp.int32) - jnp.asarray(k_block, jnp.int32), 0)
   return jnp.minimum(32 - jax.lax.clz(d), n_buckets - 1)  # clz(0) = 32: bucket 0
+
+
+def block_bias(bias: jax.Array, q_block: jax.Array, n_blocks: int) -> jax.Array:
+  """The distance bias as a log-mass offset per key block.
+
+  bias: [heads, n_buckets]; q_block: int [...], the query's block. Returns float32
+  [heads, ..., n_blocks]: bias[h, distance_bucket(q_block, k)] for key block k (blocks after
+  the query's fall in bucket 0; selection never reads them)."""
+  bucket = distance_bucket(jnp.asarray(q_block)[..., None], jnp.arange(n_blocks),
+                           bias.shape[-1])
+  return jnp.take(bias.astype(jnp.float32), bucket, axis=1)
 
 
 def scores(qi: jax.Array, ki: jax.Array) -> jax.Array:

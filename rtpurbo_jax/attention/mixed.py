@@ -90,6 +90,15 @@ class MixedHeadAttention(nnx.Module):
       w = indexer_lib.rotary_init(n_ret, sparse.indexer_dim, d)
       self.indexer_wq = IndexerVar(w, ("heads", None, None))
       self.indexer_wk = IndexerVar(w, ("heads", None, None))
+      if sparse.distance_buckets:
+        # Starts at zero: the position-free score of the method.
+        self.indexer_bias = IndexerVar(jnp.zeros((n_ret, sparse.distance_buckets),
+                                                 jnp.float32), ("heads", None))
+
+  @property
+  def distance_bias(self):
+    """[n_retrieval, distance_buckets] float32, or None (no distance bias)."""
+    return self.indexer_bias[...] if hasattr(self, "indexer_bias") else None
 
   # -- projections -----------------------------------------------------------
 
@@ -215,7 +224,8 @@ class MixedHeadAttention(nnx.Module):
       return o[:, :s]
     if sparse_queries is None:
       sparse_queries = valid
-    mask = select.per_query_selection(qi, ki, positions, k_pos, sp, s_pad)  # [b, h, s, nb]
+    mask = select.per_query_selection(qi, ki, positions, k_pos, sp, s_pad,
+                                      bias=self.distance_bias)  # [b, h, s, nb]
     use = (sparse_queries & active[:, None])[:, None, :, None]
     mask = mask | ~use
     o, _ = ops.masked_attention(q_sel, k, v, positions, k_pos, sel.kv, key_block_mask=mask,
@@ -248,7 +258,8 @@ class MixedHeadAttention(nnx.Module):
     q0, q_pos = q[:, 0], positions[:, 0]
     mask = None
     if r.selected:
-      mask = select.decode_blocks(qi[:, 0], new.ckeys, new.length, active, sp, self.kernels)
+      mask = select.decode_blocks(qi[:, 0], new.ckeys, new.length, active, sp, self.kernels,
+                                  bias=self.distance_bias)
       rows = select.selected_fraction(mask, (new.length - 1)[:, None], sp.block_size)
       self.sow(SelectionStats, "selected_fraction", jnp.mean(rows, axis=0))
       self.sow(RowSelectionStats, "selected_fraction_rows", rows)

@@ -27,7 +27,8 @@ The model's entry points take a `SparseConfig` and pick the rule of its mode (to
 `decode_blocks` (one decode step over the compressed-key cache), `chunk_blocks` (a
 `sparse_prefill` chunk), `prefill_topp` (a whole sequence with
 `sparse_prefill`) and `per_query_selection` (the decode rule at every query of a sequence:
-stage 2, decode-style scoring, the sparsity report).
+stage 2, decode-style scoring, the sparsity report). The decode-style ones take the indexer's
+distance bias (`SparseConfig.distance_buckets`), a per-block log-mass offset every rule reads.
 """
 
 from __future__ import annotations
@@ -135,12 +136,14 @@ def block_mask_to_tokens(block_mask, num_keys: int, block_size: int = 64):
 
 
 def decode_topp(qi, ckeys, lengths, p: float, block_size: int = 64, *,
-                selector: str = "exact", kernels: KernelConfig | None = None):
+                selector: str = "exact", kernels: KernelConfig | None = None,
+                block_offset=None):
   """Decode selection from the compressed key cache (kernel-dispatched by `kernels`; None:
   the process default).
 
   qi: [batch, heads, r] indexer query of the newest token; ckeys: [batch, heads, T, r]
-  with T % block_size == 0; lengths: [batch] tokens written, the newest included.
+  with T % block_size == 0; lengths: [batch] tokens written, the newest included;
+  block_offset: optional [batch, heads, T // block_size] added to the block log-masses.
   Returns bool [batch, heads, T // block_size].
   """
   _check(p, block_size)
@@ -150,16 +153,18 @@ def decode_topp(qi, ckeys, lengths, p: float, block_size: int = 64, *,
   if selector not in ref.SELECTORS:
     raise ValueError(f"selector={selector!r}: expected one of {sorted(ref.SELECTORS)}")
   return ops.topp_select(qi, ckeys, lengths, top_p=float(p), block_size=block_size,
-                         selector=selector, kernels=kernels)
+                         selector=selector, block_offset=block_offset, kernels=kernels)
 
 
-def decode_topk(qi, ckeys, lengths, k_tokens: int, block_size: int = 64):
+def decode_topk(qi, ckeys, lengths, k_tokens: int, block_size: int = 64, *,
+                block_offset=None):
   """Decode top-k baseline on the same interface as `decode_topp`."""
   _check(block_size=block_size)
   if ckeys.shape[2] % block_size:
     raise ValueError(f"compressed key cache length {ckeys.shape[2]} is not a multiple of "
                      f"block_size={block_size}")
-  return ops.topk_select(qi, ckeys, lengths, k_tokens=int(k_tokens), block_size=block_size)
+  return ops.topk_select(qi, ckeys, lengths, k_tokens=int(k_tokens), block_size=block_size,
+                         block_offset=block_offset)
 
 
 def prefill_topp(qi, ki, p: float, block_size: int = 64, *,
@@ -199,24 +204,40 @@ def selected_fraction(block_mask, query_positions, block_size: int = 64):
 # The model's selection for its selected heads, by the rule of the configured mode.
 
 
+def _check_bias(bias, heads: int, sp: SparseConfig):
+  if bias is None:
+    return
+  if bias.shape != (heads, sp.distance_buckets):
+    raise ValueError(f"distance bias of shape {tuple(bias.shape)}: expected [heads={heads}, "
+                     f"sparse.distance_buckets={sp.distance_buckets}]")
+
+
 def decode_blocks(qi, ckeys, lengths, active, sp: SparseConfig,
-                  kernels: KernelConfig | None = None):
+                  kernels: KernelConfig | None = None, *, bias=None):
   """Key blocks each selected head reads in one decode step (top-p through `kernels`).
 
   qi: [batch, heads, r] indexer query of the new token; ckeys: [batch, heads, T, r], the new
   token already written; lengths: [batch] tokens written; active: [batch] bool, False below
-  the dense-fallback threshold, where a row reads every written block.
+  the dense-fallback threshold, where a row reads every written block; bias: the indexer's
+  distance bias [heads, sp.distance_buckets] or None, added to every rule's block log-mass.
   Returns bool [batch, heads, T // block_size].
   """
+  _check_bias(bias, qi.shape[1], sp)
+  offset = None
+  if bias is not None:
+    own = (lengths - 1) // sp.block_size  # [batch]
+    offset = jnp.swapaxes(indexer_lib.block_bias(bias, own, ckeys.shape[2] // sp.block_size),
+                          0, 1)  # [batch, heads, nb]
   if sp.mode == "topk":
-    mask = decode_topk(qi, ckeys, lengths, sp.topk_tokens, sp.block_size)
+    mask = decode_topk(qi, ckeys, lengths, sp.topk_tokens, sp.block_size, block_offset=offset)
   else:
     mask = decode_topp(qi, ckeys, lengths, sp.top_p, sp.block_size, selector=sp.selector,
-                       kernels=kernels)
+                       kernels=kernels, block_offset=offset)
     if sp.min_blocks:
       # The floor scores the compressed keys a second time (r-wide, small beside the
       # attention it selects for); one pass would need the top-p kernels to take the floor.
-      mask |= decode_topk(qi, ckeys, lengths, sp.min_blocks * sp.block_size, sp.block_size)
+      mask |= decode_topk(qi, ckeys, lengths, sp.min_blocks * sp.block_size, sp.block_size,
+                          block_offset=offset)
   return mask | ~active[:, None, None]
 
 
@@ -251,17 +272,19 @@ def chunk_blocks(qi, ckeys, lengths, p0, active, sp: SparseConfig,
   return mask, pairs.astype(jnp.float32)
 
 
-def per_query_selection(qi, ki, positions, k_pos, sp: SparseConfig, s_pad: int):
+def per_query_selection(qi, ki, positions, k_pos, sp: SparseConfig, s_pad: int, *,
+                        bias=None):
   """Decode-style block selection for every query of a sequence, chunked over queries.
 
   qi: [batch, seq, heads, r], ki: [batch, kv_len, heads, r] (kv_len may differ from seq: a
   subset of queries); positions [batch, seq] / k_pos [batch, kv_len] as in masked attention
   (k_pos -1: an empty key). The rule of `sp.mode` (top-k in `topk`, else `sp.selector`
   top-p with the `min_blocks` floor) over each query's causal keys, as a decode step at that
-  position selects.
+  position selects; bias: the indexer's distance bias [heads, sp.distance_buckets] or None.
   Returns bool [batch, heads, seq, s_pad // block_size].
   """
   b, s, h, r = qi.shape
+  _check_bias(bias, h, sp)
   bs = sp.block_size
   nb = s_pad // bs
   ki_p = jnp.pad(ki, ((0, 0), (0, s_pad - ki.shape[1]), (0, 0), (0, 0)))
@@ -278,6 +301,8 @@ def per_query_selection(qi, ki, positions, k_pos, sp: SparseConfig, s_pad: int):
     sc = indexer_lib.scores(qc, ki_p)  # [b, h, c, s_pad]
     vis = (kpos_p[:, None, None, :] >= 0) & (kpos_p[:, None, None, :] <= pc[:, None, :, None])
     lm, ok = ref.block_logmass(sc, jnp.broadcast_to(vis, sc.shape), bs)
+    if bias is not None:
+      lm = lm + jnp.moveaxis(indexer_lib.block_bias(bias, pc // bs, nb), 0, 1)  # [b, h, c, nb]
     own = jnp.broadcast_to((pc // bs)[:, None, :], lm.shape[:-1])
     if sp.mode == "topk":
       return ref.topk_from_block_logmass(lm, ok, own, -(-sp.topk_tokens // bs))

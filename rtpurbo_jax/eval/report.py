@@ -129,7 +129,9 @@ def markdown(results: dict) -> str:
       f"KV heads keep a full cache",
       f"- sparse: window {sp['window']}, sinks {sp['sinks']}, top_p {sp['top_p']}, block "
       f"{sp['block_size']}, threshold {sp['seqlen_threshold']}, selector {sp['selector']}"
-      f"{', min_blocks ' + str(sp['min_blocks']) if sp.get('min_blocks') else ''}; topk "
+      f"{', min_blocks ' + str(sp['min_blocks']) if sp.get('min_blocks') else ''}"
+      f"{', distance_buckets ' + str(sp['distance_buckets']) if sp.get('distance_buckets') else ''}"
+      f"; topk "
       f"budget {st.get('topk_budget', sp['topk_tokens'])}",
       f"- run: {_samples(st)} samples per task (depths {st['depths']}), seed "
       f"{st['seed']}, {st.get('ppl_samples', 1)} held-out windows per length "

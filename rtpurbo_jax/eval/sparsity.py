@@ -63,7 +63,9 @@ def _layer_stats(attn, x_norm, positions, inv_freq, qpos, sparse_configs):
   causal_blocks = pos_q // bs + 1
   out = {}
   for i, sp in enumerate(sparse_configs):
-    mask = per_query_selection(qi[:, qpos], ki, pos_q, positions, sp, s_pad)  # [b, h, nq, nb]
+    bias = attn.distance_bias if sp.distance_buckets else None
+    mask = per_query_selection(qi[:, qpos], ki, pos_q, positions, sp, s_pad,
+                               bias=bias)  # [b, h, nq, nb]
     recall = jnp.sum(jnp.where(mask, block_mass, 0.0), axis=-1)
     tokens = jnp.sum(jnp.where(mask, per_block, 0), axis=-1).astype(jnp.float32)
     fraction = jnp.sum(mask, axis=-1) / causal_blocks[:, None, :]

@@ -8,7 +8,8 @@ model hub.
 
 RTPurbo models carry `headwise_config` (the head plan, docs/DESIGN.md §1) in config.json and
 their indexer as `model.layers.{i}.self_attn.indexer.wq` / `.wk` tensors
-([n_retrieval_heads_of_layer, r, head_dim], float32).
+([n_retrieval_heads_of_layer, r, head_dim], float32), and with `sparse.distance_buckets` > 0
+its distance bias as `.distance_bias` ([n_retrieval_heads_of_layer, distance_buckets]).
 """
 
 from __future__ import annotations
@@ -243,6 +244,47 @@ def _load_tensor(reader, entry: mapping.Entry, want_ours: tuple[int, ...]) -> np
   return entry.to_ours(reader.get(entry.hf), want_ours)
 
 
+def _load_all_or_none(model, reader, entries, folder, what: str, default) -> None:
+  """Load a set of float32 tensors that a folder stores all of or none of; where it stores
+  none, each variable gets `default(shape)`."""
+  stored = [e for e in entries if e.hf in reader]
+  if stored and len(stored) != len(entries):
+    missing = sorted({e.hf for e in entries} - {e.hf for e in stored})
+    raise ValueError(f"{what} tensors are incomplete in {folder}: missing {missing[:4]}")
+  for e in entries:
+    var = _var(model, e.ours)
+    shape = tuple(var.shape)
+    w = _load_tensor(reader, e, shape) if stored else default(shape)
+    var.set_value(jnp.asarray(w, jnp.float32))
+
+
+def _load_indexer(model, reader, folder, expected: set) -> None:
+  """W_q / W_k of every retrieval layer (the rotary initialisation where the folder stores
+  none), and the distance bias when the model's sparse config has one (zero, the
+  position-free score, where the folder stores none; stored bias tensors are accepted but
+  unused when it has none: sparse.distance_buckets=0 turns the prior off)."""
+  layers = _retrieval_layers(model)
+  idx = mapping.indexer_entries(layers)
+  _load_all_or_none(model, reader, idx, folder, "indexer", lambda s: rotary_init(*s))
+  expected.update(e.hf for e in idx)
+  bias = mapping.distance_bias_entries(layers)
+  expected.update(e.hf for e in bias if e.hf in reader)
+  if model.sparse.distance_buckets:
+    _load_all_or_none(model, reader, bias, folder, "distance-bias",
+                      lambda s: np.zeros(s, np.float32))
+
+
+def _indexer_tensors(model) -> dict:
+  """HF name -> float32 array of every indexer tensor (W_q, W_k, and the distance bias when
+  the model has one)."""
+  layers = _retrieval_layers(model)
+  entries = mapping.indexer_entries(layers)
+  if model.sparse.distance_buckets:
+    entries += mapping.distance_bias_entries(layers)
+  return {e.hf: np.ascontiguousarray(np.asarray(_var(model, e.ours)[...], np.float32))
+          for e in entries}
+
+
 def from_pretrained(path_or_name, dtype="float32", *, sparse: SparseConfig | None = None,
                     kernels: KernelConfig | None = None) -> Transformer:
   """Load a Transformer from an HF folder or a registered name.
@@ -272,21 +314,7 @@ def from_pretrained(path_or_name, dtype="float32", *, sparse: SparseConfig | Non
       var = _var(model, e.ours)
       var.set_value(jnp.asarray(_load_tensor(reader, e, tuple(var.shape)), dt))
       expected.add(e.hf)
-    layers = _retrieval_layers(model)
-    idx = mapping.indexer_entries(layers)
-    stored = [e for e in idx if e.hf in reader]
-    if stored and len(stored) != len(idx):
-      missing = sorted({e.hf for e in idx} - {e.hf for e in stored})
-      raise ValueError(f"indexer tensors are incomplete in {folder}: missing {missing[:4]}")
-    for e in idx:
-      var = _var(model, e.ours)
-      shape = tuple(var.shape)
-      if stored:
-        w = _load_tensor(reader, e, shape)
-      else:
-        w = rotary_init(shape[0], shape[1], shape[2])
-      var.set_value(jnp.asarray(w, jnp.float32))
-      expected.add(e.hf)
+    _load_indexer(model, reader, folder, expected)
     if cfg.tie_embeddings:
       expected.add(mapping.LM_HEAD.hf)  # some tied checkpoints still store it
     extra = sorted(n for n in reader.names() - expected
@@ -315,8 +343,7 @@ def save_pretrained(model: Transformer, path, *, max_shard_bytes: int | None = N
   for e in mapping.entries(cfg):
     arr = np.asarray(_var(model, e.ours)[...]).astype(model.dtype, copy=False)
     tensors[e.hf] = e.to_hf(arr)
-  for e in mapping.indexer_entries(_retrieval_layers(model)):
-    tensors[e.hf] = np.ascontiguousarray(np.asarray(_var(model, e.ours)[...], np.float32))
+  tensors.update(_indexer_tensors(model))
   with safetensors_io.staged_folder(path) as tmp:
     safetensors_io.write_weights(tmp, tensors, max_shard_bytes)
     safetensors_io.write_json(os.path.join(tmp, "config.json"), config)
@@ -346,8 +373,7 @@ def save_artifacts(model: Transformer, path, *, base: Transformer | None = None,
     raise ValueError(f"save_artifacts(base=...) needs delta_rank >= 1 (got {delta_rank})")
   if delta_dtype not in ("float16", "float32"):
     raise ValueError(f"delta_dtype={delta_dtype!r}: float16 or float32")
-  tensors = {e.hf: np.ascontiguousarray(np.asarray(_var(model, e.ours)[...], np.float32))
-             for e in mapping.indexer_entries(_retrieval_layers(model))}
+  tensors = _indexer_tensors(model)
   config = config_io.sparse_to_hf(model.plan, model.sparse)
   delta = errors = None
   if base is not None:

@@ -108,5 +108,15 @@ def entries(cfg: ModelConfig) -> list[Entry]:
   return out
 
 
+# The indexer's distance bias (`SparseConfig.distance_buckets` > 0): [n_retrieval_heads_of_layer,
+# distance_buckets], float32.
+DISTANCE_BIAS = Entry(_LAYER + "self_attn.indexer.distance_bias", _OURS + "attn.indexer_bias",
+                      COPY)
+
+
 def indexer_entries(layers_with_retrieval) -> list[Entry]:
   return [e.at(i) for i in layers_with_retrieval for e in INDEXER]
+
+
+def distance_bias_entries(layers_with_retrieval) -> list[Entry]:
+  return [DISTANCE_BIAS.at(i) for i in layers_with_retrieval]

@@ -92,6 +92,16 @@ def stacked_indexer(model, acts: TeacherActs) -> tuple[jax.Array, jax.Array]:
   return wq, wk
 
 
+def stacked_distance_bias(model, acts: TeacherActs):
+  """The indexer's distance bias [n_ret, distance_buckets] in `acts`' head order, or None
+  (the model has none)."""
+  layers = [layer for layer, _ in acts.layer_counts()]
+  biases = [model.layers[i].attn.distance_bias for i in layers]
+  if any(b is None for b in biases):
+    return None
+  return jnp.concatenate(biases, axis=0)
+
+
 def query_positions(seq_len: int, fraction: float, min_pos: int, rng):
   """Query positions for stage 1: all of [min_pos, seq_len) when fraction >= 1, else a
   seeded uniform subset of round(fraction * (seq_len - min_pos)) of them (sorted).

@@ -90,6 +90,9 @@ def validate_train(cfg) -> None:
     raise ConfigError("train.stage1.query_chunk must be >= 1")
   if o.stats_stride < 1:
     raise ConfigError("train.stage1.stats_stride must be >= 1")
+  if o.get("bias_lr") is not None and o.bias_lr <= 0:
+    raise ConfigError(f"train.stage1.bias_lr={o.bias_lr} must be > 0 (the distance bias's "
+                      "peak rate)")
   if o.objective not in losses.STAGE1_OBJECTIVES:
     raise ConfigError(f"train.stage1.objective={o.objective!r}: one of "
                       f"{', '.join(losses.STAGE1_OBJECTIVES)}")
@@ -240,7 +243,8 @@ def stage1_task(split: ParamSplit, o, sparse: SparseConfig) -> Task:
     wq, wk = losses.stacked_indexer(model, acts)
     return losses.stage1_loss(wq, wk, acts, queries, chunk=o.query_chunk, top_p=sparse.top_p,
                               block_size=sparse.block_size, stats_stride=o.stats_stride,
-                              objective=o.objective)
+                              objective=o.objective,
+                              distance_bias=losses.stacked_distance_bias(model, acts))
 
   return Task("stage1", split, loss, prepare, batch_axes={"ids": ("seq",)},
               tokens_per_example=o.seq_len)

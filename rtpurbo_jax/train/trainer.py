@@ -133,9 +133,9 @@ class Trainer:
       raise ValueError(f"{task.name}.batch_size={opts.batch_size} is not a multiple of "
                        f"micro_batch={opts.micro_batch}")
     self.accum = opts.batch_size // opts.micro_batch
-    self.tx, self.schedule = make_optimizer(opts)
     split = task.split
     tr, fr = split.values(model)
+    self.tx, self.schedule = make_optimizer(opts, tr)
     self.tr_sh = split.shardings("trainable", mesh, tr)
     self.fr_sh = split.shardings("frozen", mesh, fr)
     self.repl = NamedSharding(mesh, P())
