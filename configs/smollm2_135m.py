@@ -20,8 +20,14 @@ def get_config():
   # dense is +1.1 / +0.8 / +1.8 points at 2K / 4K / 8K (top-p alone -4.9 / -4.6 / -0.5) and
   # perplexity +0.28% / +0.37% at 4K / 8K (top-p alone +0.61% / +0.67%), for 2-21% more tokens
   # per retrieval head (eval_results/smollm2_h200/vs_stage2_tasks/, vs_stage2_ppl/).
-  c.sparse.update(mode="rtpurbo", window=1024, sinks=4, top_p=0.9, block_size=64,
-                  seqlen_threshold=0, indexer_dim=16, min_blocks=8)
+  # distance_buckets=8 with top_p=0.8: the indexer's learned distance bias (beyond the paper;
+  # fitted with the indexer on 8K windows, results/distance_bias_8k_fit/) ranks recent blocks
+  # up and far ones down, so top_p 0.8 reads 26-27% of the causal blocks at 8K (48% before)
+  # at +0.41% / +0.48% perplexity over dense at 4K / 8K and +0.7 / +0.6 / +1.5 task points
+  # at 2K / 4K / 8K (eval_results/smollm2_h200/vs_distance_bias/). Stage 1 trains the bias
+  # with the indexer (train.stage1.bias_lr).
+  c.sparse.update(mode="rtpurbo", window=1024, sinks=4, top_p=0.8, block_size=64,
+                  seqlen_threshold=0, indexer_dim=16, min_blocks=8, distance_buckets=8)
   c.plan.retrieval_ratio = 0.15
   # infer.py and the evaluation's rtpurbo / topk run the base + its committed plan and indexer
   # (assets/; a stage-2 backbone when it carries one); the evaluation's dense / streaming

@@ -193,6 +193,28 @@ PRESETS["ratio020_s1"] = {
         f"r020s1ppl:{_PAPER0} {_PPL}",
     ])}
 
+# The learned distance bias (issue 15; results/distance_bias_8k_fit/, fitted on the CPU): the
+# committed model with that fit's indexer and bias exported into assets/
+# (scripts/export_indexer.py --npz .../indexer_token_pos.npz --train_len 8192), the floor of 8,
+# at top_p 0.8 (28% of the blocks held out at 8K) and 0.9: the tasks at 2K / 4K / 8K and
+# perplexity at 4K / 8K, paired with the committed model's floor runs (vs_stage2_*).
+_BIAS = "--config.sparse.distance_buckets=8 " + _FLOOR
+PRESETS["distance_bias"] = {
+    "steps": "", "stage2": "",
+    "evals": ";".join([
+        f"db08tasks:{_BIAS} --config.sparse.top_p=0.8 {_TASKS}",
+        f"db08ppl:{_BIAS} --config.sparse.top_p=0.8 {_PPL}",
+        f"db09tasks:{_BIAS} {_TASKS}",
+    ])}
+# The binding top-k against the committed selection (the bias, the floor, top_p 0.8: the
+# config's defaults since): both modes on the same prompts at 8K and 4K, the budget set by
+# rtpurbo's reading at each length. Not run yet.
+_BOTH = "--config.sparse.top_p=0.8 --config.eval.modes=rtpurbo,topk --config.eval.ppl_samples=0"
+PRESETS["distance_bias_topk"] = {
+    "steps": "", "stage2": "",
+    "evals": f"dbtopk8K:{_BIAS} {_BOTH} --config.eval.lengths=8K;"
+             f"dbtopk4K:{_BIAS} {_BOTH} --config.eval.lengths=4K"}
+
 # The presets above ran with the paper's top-p (min_blocks 0, the config's value then); the
 # SmolLM2 config now sets a floor of 8, so they pin 0 to stay the runs they recorded.
 for _preset in ("stage2_lora", "stage2", "levers", "stage2_levers"):

@@ -43,6 +43,15 @@ def test_registered_name_overlays_committed_plan_indexer_and_delta(artifacts):
   for i, (wq, wk) in ws.items():
     np.testing.assert_array_equal(np.asarray(wq), tensors[f"model.layers.{i}.self_attn.indexer.wq"])
     np.testing.assert_array_equal(np.asarray(wk), tensors[f"model.layers.{i}.self_attn.indexer.wk"])
+  # The learned distance bias: loaded where the artifacts set buckets, one row per head.
+  from rtpurbo_jax.convert import distance_biases
+  n = config["rtpurbo_sparse"].get("distance_buckets", 0)
+  assert model.sparse.distance_buckets == n
+  biases = distance_biases(model)
+  assert sorted(biases) == (sorted(ws) if n else [])
+  for i, b in biases.items():
+    np.testing.assert_array_equal(np.asarray(b),
+                                  tensors[f"model.layers.{i}.self_attn.indexer.distance_bias"])
   # The backbone is the base model's plus the committed stage-2 delta (rank-r LoRA factors of
   # each linear weight, full deltas of the norm gains), in the HF layout.
   from rtpurbo_jax import lowrank
@@ -77,6 +86,47 @@ def test_registered_name_overlays_committed_plan_indexer_and_delta(artifacts):
     np.testing.assert_array_equal(_param(stage1, key), _param(base, key))
   for i, (wq, _) in indexer_weights(stage1).items():
     np.testing.assert_array_equal(np.asarray(wq), tensors[f"model.layers.{i}.self_attn.indexer.wq"])
+
+
+def test_export_indexer_writes_artifacts_the_registered_name_loads(tmp_path):
+  """`scripts/export_indexer.py`: the npz's W_q / W_k and its distance bias cut to the buckets
+  the fit reached, the chosen top_p, and the committed backbone delta byte for byte; the
+  overlay of those artifacts loads exactly that."""
+  sys.path.insert(0, os.path.join(ROOT, "scripts"))
+  import export_indexer
+  import rtpurbo_jax as rj
+  from rtpurbo_jax.convert import distance_biases, indexer_weights
+  from rtpurbo_jax.hf import api
+
+  assert [export_indexer.reached_buckets(n, 64) for n in (64, 128, 4096, 8192)] == [1, 2, 7, 8]
+  model = rj.from_pretrained(api.SMOLLM2_RTPURBO)
+  ws = indexer_weights(model)
+  rng = np.random.default_rng(0)
+  wq = np.concatenate([np.asarray(ws[i][0]) for i in sorted(ws)]) * 1.5
+  wk = np.concatenate([np.asarray(ws[i][1]) for i in sorted(ws)])
+  bias = rng.standard_normal((len(wq), 16)).astype(np.float32)
+  np.savez(tmp_path / "ix.npz", wq=wq, wk=wk, distance_bias=bias)
+  out = tmp_path / "assets" / api.SMOLLM2_RTPURBO
+  _ = subprocess.run([sys.executable, "scripts/export_indexer.py", "--npz",
+                      str(tmp_path / "ix.npz"), "--train_len", "4096", "--top_p", "0.7",
+                      "--out", str(out)], cwd=ROOT, check=True, capture_output=True)
+  src = os.path.join(api.artifacts_dir(), api.SMOLLM2_RTPURBO)
+  delta = json.load(open(os.path.join(src, api.ARTIFACT_CONFIG)))["backbone_delta"]
+  with open(os.path.join(src, delta["file"]), "rb") as a, open(out / delta["file"], "rb") as b:
+    assert a.read() == b.read()
+  folder = api.overlay_folder(api.smollm2_folder(), str(out), str(tmp_path / "overlay"))
+  back = rj.from_pretrained(folder)
+  assert back.sparse.top_p == 0.7 and back.sparse.distance_buckets == 7
+  got_ws, got_b = indexer_weights(back), distance_biases(back)
+  start = 0
+  for i in sorted(ws):
+    n = len(ws[i][0])
+    np.testing.assert_array_equal(np.asarray(got_ws[i][0]), wq[start:start + n])
+    np.testing.assert_array_equal(np.asarray(got_ws[i][1]), wk[start:start + n])
+    np.testing.assert_array_equal(np.asarray(got_b[i]), bias[start:start + n, :7])
+    start += n
+  for key in ("layers/5/attn/q_proj", "layers/3/input_norm/scale"):  # the same backbone
+    np.testing.assert_array_equal(_param(back, key), _param(model, key))
 
 
 def _param(model, key: str) -> np.ndarray:
