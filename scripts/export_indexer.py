@@ -9,7 +9,7 @@ The backbone delta of `--model`'s artifacts is copied unchanged (the indexer is 
 it).
 
   python scripts/export_indexer.py --npz /tmp/db8/indexer_token_pos.npz --train_len 8192 \\
-      --out /tmp/art/smollm2-135m-rtpurbo
+      --top_p 0.8 --out /tmp/art/smollm2-135m-rtpurbo
   RTPURBO_ASSETS=/tmp/art python -m rtpurbo_jax.eval ...   # evaluates them
 """
 
