@@ -72,13 +72,13 @@ def main(argv=None):
   sparse = model.sparse
   if args.top_p is not None:
     sparse = dataclasses.replace(sparse, top_p=args.top_p)
+  n = reached_buckets(args.train_len, sparse.block_size) if "distance_bias" in z else 0
+  if n > (z["distance_bias"].shape[1] if n else 0):
+    raise SystemExit(f"the npz has {z['distance_bias'].shape[1]} buckets; {n} are reached")
+  sparse = dataclasses.replace(sparse, distance_buckets=n)
+  if sparse != model.sparse:
     model = rebuild(model, sparse=sparse)
-  if "distance_bias" in z:
-    n = reached_buckets(args.train_len, sparse.block_size)
-    if n > z["distance_bias"].shape[1]:
-      raise SystemExit(f"the npz has {z['distance_bias'].shape[1]} buckets; {n} are reached")
-    sparse = dataclasses.replace(sparse, distance_buckets=n)
-    model = rebuild(model, sparse=sparse)
+  if n:
     set_distance_bias(model, split_by_layer(np.asarray(z["distance_bias"][:, :n]), counts))
   wq, wk = split_by_layer(z["wq"], counts), split_by_layer(z["wk"], counts)
   set_indexer(model, {i: (wq[i], wk[i]) for i in wq})
